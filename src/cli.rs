@@ -1,0 +1,296 @@
+//! Command line: `serve`, and the client commands `generate`, `embed` and
+//! `info` that let a person try a running server without writing a client.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+
+use crate::service::proto::{self, intern_vl_client::InternVlClient};
+
+/// InternVL3 vision-language models over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "internvl-grpc", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model over gRPC.
+    Serve(ServeArgs),
+    /// Stream a reply from a running server.
+    Generate(GenerateArgs),
+    /// Embed text and images with a running server.
+    Embed(EmbedArgs),
+    /// Show what a running server serves.
+    Info(ClientArgs),
+}
+
+/// Flags of `serve`; each one overrides the file and the environment. Unset
+/// flags are left out of the overrides.
+#[derive(Debug, Args, Serialize)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Language model: preset (tiny, internvl3-1b, internvl3-2b, internvl3-8b), path, or hf://owner/repo/file.gguf.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Vision encoder (mmproj): path or hf://owner/repo/file.gguf; defaults to the preset's.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmproj: Option<String>,
+    /// Address to listen on, e.g. 0.0.0.0:50051.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Hugging Face cache directory.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hf_cache: Option<PathBuf>,
+    /// Only use cached hub files.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline: Option<bool>,
+    /// Context length (0 = the model's).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_ctx: Option<u32>,
+    /// Most positions per decode.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_batch: Option<u32>,
+    /// Physical micro-batch.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_ubatch: Option<u32>,
+    /// CPU threads (0 = all cores).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    /// Layers on the GPU (-1 = all).
+    #[arg(long, allow_hyphen_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_gpu_layers: Option<i32>,
+    /// GPU for the whole model with split_mode none.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub main_gpu: Option<i32>,
+    /// none, layer or row.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_mode: Option<String>,
+    /// Share per GPU, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor_split: Option<Vec<f32>>,
+    /// Run the vision encoder on the GPU.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmproj_offload: Option<bool>,
+    /// auto, on or off.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flash_attn: Option<String>,
+    /// KV cache type for K (f16, q8_0, …).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_type_k: Option<String>,
+    /// KV cache type for V.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_type_v: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_json: Option<bool>,
+}
+
+/// Where the server is.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+}
+
+/// Flags of `generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Image file to show the model (repeat for several).
+    #[arg(long)]
+    pub image: Vec<PathBuf>,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// The question.
+    pub prompt: String,
+}
+
+/// Flags of `embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Image placed before the text.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Scale to unit length.
+    #[arg(long)]
+    pub normalize: bool,
+    /// Text to embed.
+    #[arg(default_value = "")]
+    pub text: String,
+}
+
+type ClientResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn connect(
+    args: &ClientArgs,
+) -> Result<InternVlClient<tonic::transport::Channel>, Box<dyn std::error::Error>> {
+    Ok(InternVlClient::connect(args.addr.clone())
+        .await?
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+fn image_part(path: &PathBuf) -> Result<proto::Content, std::io::Error> {
+    Ok(proto::Content {
+        part: Some(proto::content::Part::Image(proto::Image {
+            data: std::fs::read(path)?,
+            max_tiles: 0,
+            min_tiles: 0,
+        })),
+    })
+}
+
+fn text_part(text: String) -> proto::Content {
+    proto::Content {
+        part: Some(proto::content::Part::Text(text)),
+    }
+}
+
+/// `generate`: streams the reply to stdout, then usage to stderr.
+pub async fn generate(args: GenerateArgs) -> ClientResult {
+    let mut client = connect(&args.client).await?;
+    let mut messages = Vec::new();
+    if let Some(system) = args.system {
+        messages.push(proto::Message {
+            role: "system".into(),
+            content: vec![text_part(system)],
+        });
+    }
+    let mut content = args
+        .image
+        .iter()
+        .map(image_part)
+        .collect::<Result<Vec<_>, _>>()?;
+    content.push(text_part(args.prompt));
+    messages.push(proto::Message {
+        role: "user".into(),
+        content,
+    });
+    let request = proto::GenerateRequest {
+        messages,
+        sampling: Some(proto::SamplingParams {
+            temperature: args.temperature,
+            ..Default::default()
+        }),
+        max_new_tokens: args.max_new_tokens,
+        ..Default::default()
+    };
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(response) = stream.next().await {
+        match response?.event {
+            Some(proto::generate_response::Event::Delta(delta)) => {
+                stdout.write_all(delta.text.as_bytes())?;
+                stdout.flush()?;
+            }
+            Some(proto::generate_response::Event::Done(done)) => {
+                let reason = proto::FinishReason::try_from(done.finish_reason)
+                    .map_or("unknown", |r| r.as_str_name());
+                let usage = done.usage.unwrap_or_default();
+                let timings = done.timings.unwrap_or_default();
+                writeln!(stdout)?;
+                eprintln!(
+                    "[{reason}] prompt {} tokens ({} image), completion {}, ttft {:.0} ms, decode {:.0} ms",
+                    usage.prompt_tokens, usage.image_tokens, usage.completion_tokens, timings.ttft_ms, timings.decode_ms
+                );
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// `embed`: prints the vector as JSON.
+pub async fn embed(args: EmbedArgs) -> ClientResult {
+    let mut client = connect(&args.client).await?;
+    let mut content = Vec::new();
+    if let Some(image) = &args.image {
+        content.push(image_part(image)?);
+    }
+    if !args.text.is_empty() {
+        content.push(text_part(args.text));
+    }
+    let response = client
+        .embed(proto::EmbedRequest {
+            inputs: vec![proto::EmbedInput { content }],
+            normalize: args.normalize,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    for e in response.embeddings {
+        println!(
+            "{}",
+            serde_json::json!({ "tokens": e.tokens, "values": e.values })
+        );
+    }
+    Ok(())
+}
+
+/// `info`: prints the model description.
+pub async fn info(args: ClientArgs) -> ClientResult {
+    let mut client = connect(&args).await?;
+    let info = client
+        .get_model_info(proto::GetModelInfoRequest {})
+        .await?
+        .into_inner();
+    println!("name:          {}", info.name);
+    println!(
+        "architecture:  {} ({})",
+        info.architecture, info.quantization
+    );
+    println!(
+        "context:       {} (trained {})",
+        info.context_size, info.training_context_size
+    );
+    println!("vocabulary:    {}", info.vocab_size);
+    println!("embedding:     {}", info.embedding_size);
+    println!(
+        "tiles:         {} px, {}..={} per image, {} tokens each ({})",
+        info.tile_size, info.min_tiles, info.max_tiles, info.image_tokens_per_tile, info.projector
+    );
+    println!("offload:       {}", info.offload);
+    Ok(())
+}

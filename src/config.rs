@@ -1,0 +1,270 @@
+//! Deployment configuration, layered: built-in defaults < TOML file
+//! (`--config`) < environment (`INTERNVL_…`) < command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::llama::{ContextParams, ModelParams, VisionParams};
+use crate::engine::{DecodeLimits, EngineSettings};
+
+/// Everything a deployment can set. Field names are the TOML keys and, upper-cased
+/// with the `INTERNVL_` prefix, the environment variables.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Language model: a preset name, a local path, or `hf://owner/repo/file.gguf`.
+    pub model: String,
+    /// Vision encoder (mmproj): same forms; empty = the preset's.
+    pub mmproj: String,
+    /// Address to serve gRPC on.
+    pub listen: String,
+    /// Hugging Face cache directory; empty = `HF_HOME` or `~/.cache/huggingface/hub`.
+    pub hf_cache: Option<PathBuf>,
+    /// Never download; only use files already cached.
+    pub offline: bool,
+    /// Context length in tokens (0 = the model's training context).
+    pub n_ctx: u32,
+    /// Most positions per decode call.
+    pub n_batch: u32,
+    /// Physical micro-batch.
+    pub n_ubatch: u32,
+    /// CPU threads (0 = all available cores).
+    pub threads: u32,
+    /// Language-model layers on the GPU (-1 = all).
+    pub n_gpu_layers: i32,
+    /// GPU for the whole model when `split_mode` is `none`.
+    pub main_gpu: i32,
+    /// `none`, `layer` or `row`.
+    pub split_mode: String,
+    /// Share of the model per GPU, e.g. `[3, 1]`.
+    pub tensor_split: Vec<f32>,
+    /// Run the vision encoder on the GPU.
+    pub mmproj_offload: bool,
+    /// `auto`, `on` or `off`.
+    pub flash_attn: String,
+    /// KV cache type for K: `f32`, `f16`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `iq4_nl`.
+    pub cache_type_k: String,
+    /// KV cache type for V (quantized V needs flash attention).
+    pub cache_type_v: String,
+    /// Requests waiting beyond the running one.
+    pub queue_depth: usize,
+    /// Events buffered per stream.
+    pub stream_buffer: usize,
+    /// Largest request message in bytes.
+    pub max_message_bytes: usize,
+    /// Largest image width or height accepted.
+    pub max_image_side: u32,
+    /// Largest image area accepted, in pixels.
+    pub max_image_pixels: u64,
+    /// Emit logs as JSON lines.
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            model: "tiny".into(),
+            mmproj: String::new(),
+            listen: "127.0.0.1:50051".into(),
+            hf_cache: None,
+            offline: false,
+            n_ctx: 8192,
+            n_batch: 2048,
+            n_ubatch: 512,
+            threads: 0,
+            n_gpu_layers: -1,
+            main_gpu: 0,
+            split_mode: "layer".into(),
+            tensor_split: Vec::new(),
+            mmproj_offload: true,
+            flash_attn: "auto".into(),
+            cache_type_k: "f16".into(),
+            cache_type_v: "f16".into(),
+            queue_depth: 64,
+            stream_buffer: 32,
+            max_message_bytes: 32 * 1024 * 1024,
+            max_image_side: 16_384,
+            max_image_pixels: 64 * 1024 * 1024,
+            log_json: false,
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading or merging the layers failed.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A key has a value outside what it accepts.
+    #[error("configuration key {key}: {message}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Merges the layers. `overrides` is any serializable map of the keys the
+    /// command line set (unset flags must be left out).
+    pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Self, ConfigError> {
+        let mut builder =
+            config::Config::builder().add_source(config::Config::try_from(&Config::default())?);
+        if let Some(file) = file {
+            builder = builder.add_source(
+                config::File::from(file)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let config: Config = builder
+            .add_source(
+                config::Environment::with_prefix("INTERNVL")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("tensor_split"),
+            )
+            .add_source(config::Config::try_from(overrides)?)
+            .build()?
+            .try_deserialize()?;
+        config.engine_settings()?;
+        Ok(config)
+    }
+
+    /// The engine's view of this configuration, checked.
+    pub fn engine_settings(&self) -> Result<EngineSettings, ConfigError> {
+        let threads = if self.threads == 0 {
+            std::thread::available_parallelism().map_or(4, |n| n.get()) as i32
+        } else {
+            self.threads as i32
+        };
+        let split_mode = match self.split_mode.as_str() {
+            "none" => llama_cpp_sys_2::LLAMA_SPLIT_MODE_NONE,
+            "layer" => llama_cpp_sys_2::LLAMA_SPLIT_MODE_LAYER,
+            "row" => llama_cpp_sys_2::LLAMA_SPLIT_MODE_ROW,
+            other => {
+                return Err(invalid(
+                    "split_mode",
+                    format!("{other:?} is not none, layer or row"),
+                ))
+            }
+        };
+        let flash_attn = match self.flash_attn.as_str() {
+            "auto" => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on" | "true" => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off" | "false" => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            other => {
+                return Err(invalid(
+                    "flash_attn",
+                    format!("{other:?} is not auto, on or off"),
+                ))
+            }
+        };
+        if self.n_batch == 0 || self.n_ubatch == 0 || self.n_ubatch > self.n_batch {
+            return Err(invalid(
+                "n_ubatch",
+                format!(
+                    "need 0 < n_ubatch ({}) <= n_batch ({})",
+                    self.n_ubatch, self.n_batch
+                ),
+            ));
+        }
+        if self.tensor_split.iter().any(|s| !s.is_finite() || *s < 0.0) {
+            return Err(invalid(
+                "tensor_split",
+                "shares must be finite and non-negative",
+            ));
+        }
+        if self.queue_depth == 0 || self.stream_buffer == 0 {
+            return Err(invalid(
+                "queue_depth",
+                "queue_depth and stream_buffer must be at least 1",
+            ));
+        }
+        Ok(EngineSettings {
+            model: ModelParams {
+                n_gpu_layers: self.n_gpu_layers,
+                main_gpu: self.main_gpu,
+                split_mode,
+                tensor_split: self.tensor_split.clone(),
+            },
+            context: ContextParams {
+                n_ctx: self.n_ctx,
+                n_batch: self.n_batch,
+                n_ubatch: self.n_ubatch,
+                threads,
+                flash_attn,
+                type_k: cache_type("cache_type_k", &self.cache_type_k)?,
+                type_v: cache_type("cache_type_v", &self.cache_type_v)?,
+            },
+            vision: VisionParams {
+                use_gpu: self.mmproj_offload,
+                threads,
+                flash_attn,
+            },
+            decode_limits: DecodeLimits {
+                max_side: self.max_image_side,
+                max_pixels: self.max_image_pixels,
+                ..DecodeLimits::default()
+            },
+            queue_depth: self.queue_depth,
+            stream_buffer: self.stream_buffer,
+        })
+    }
+}
+
+fn cache_type(key: &'static str, name: &str) -> Result<u32, ConfigError> {
+    use llama_cpp_sys_2 as sys;
+    Ok(match name {
+        "f32" => sys::GGML_TYPE_F32,
+        "f16" => sys::GGML_TYPE_F16,
+        "bf16" => sys::GGML_TYPE_BF16,
+        "q8_0" => sys::GGML_TYPE_Q8_0,
+        "q4_0" => sys::GGML_TYPE_Q4_0,
+        "q4_1" => sys::GGML_TYPE_Q4_1,
+        "q5_0" => sys::GGML_TYPE_Q5_0,
+        "q5_1" => sys::GGML_TYPE_Q5_1,
+        "iq4_nl" => sys::GGML_TYPE_IQ4_NL,
+        other => return Err(invalid(key, format!("unknown KV cache type {other:?}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = std::env::temp_dir().join(format!("internvl-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "n_ctx = 1024\nn_batch = 1024\nthreads = 3\n").unwrap();
+        // Environment beats the file; flags beat the environment.
+        std::env::set_var("INTERNVL_N_BATCH", "600");
+        std::env::set_var("INTERNVL_THREADS", "5");
+        let flags = BTreeMap::from([("threads", 7)]);
+        let c = Config::load(Some(&file), &flags).unwrap();
+        std::env::remove_var("INTERNVL_N_BATCH");
+        std::env::remove_var("INTERNVL_THREADS");
+        assert_eq!((c.n_ctx, c.n_batch, c.threads), (1024, 600, 7));
+        assert_eq!(c.n_ubatch, Config::default().n_ubatch);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let flags = BTreeMap::from([("split_mode", "diagonal")]);
+        let err = Config::load(None, &flags).unwrap_err().to_string();
+        assert!(err.contains("split_mode"), "{err}");
+    }
+}

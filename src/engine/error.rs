@@ -1,0 +1,71 @@
+//! Errors of the engine layer. The service maps each variant to one gRPC status.
+
+use std::path::PathBuf;
+
+/// Everything the engine can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A request field is out of range; `field` names it as the client sent it.
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        /// Path of the offending field, e.g. `messages[0].role`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Image bytes that cannot be decoded or exceed the limits.
+    #[error("{0}")]
+    InvalidImage(String),
+    /// The chat template failed to render these messages.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A model file is missing, unreadable or not what the engine needs.
+    #[error("{path}: {message}")]
+    ModelFile {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The engine is still loading the model.
+    #[error("the model is still loading")]
+    NotReady,
+    /// The request queue is full; the client should retry later.
+    #[error("the request queue is full, retry later")]
+    QueueFull,
+    /// The engine thread has stopped (shutdown or a failed load).
+    #[error("the engine has stopped")]
+    Stopped,
+    /// llama.cpp reported a failure while running a request.
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl EngineError {
+    /// Shorthand for [`EngineError::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Prefixes the field path of an invalid-argument or image error with `prefix`.
+    pub fn in_field(self, prefix: &str) -> Self {
+        match self {
+            Self::InvalidArgument { field, message } => Self::InvalidArgument {
+                field: if field.is_empty() {
+                    prefix.to_string()
+                } else {
+                    format!("{prefix}.{field}")
+                },
+                message,
+            },
+            Self::InvalidImage(message) => Self::InvalidArgument {
+                field: prefix.to_string(),
+                message,
+            },
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Checks of the model files made in Rust before llama.cpp opens them, and the
+//! vision encoder's tiling read from the mmproj metadata.
+
+use std::io::Read;
+use std::path::Path;
+
+use llama_cpp_2::gguf::GgufContext;
+use llama_cpp_sys_2 as sys;
+
+use super::vision::TileSpec;
+use super::EngineError;
+
+fn file_error(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::ModelFile {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Refuses a file that is missing, unreadable or does not start like a GGUF
+/// (magic `GGUF`, version 2 or 3), so llama.cpp never parses garbage.
+pub fn check_header(path: &Path) -> Result<(), EngineError> {
+    let mut file =
+        std::fs::File::open(path).map_err(|e| file_error(path, format!("cannot open: {e}")))?;
+    let mut header = [0u8; 8];
+    file.read_exact(&mut header)
+        .map_err(|_| file_error(path, "file is too short to be a GGUF model"))?;
+    if &header[..4] != b"GGUF" {
+        return Err(file_error(path, "not a GGUF file (bad magic)"));
+    }
+    let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if !(2..=3).contains(&version) {
+        return Err(file_error(
+            path,
+            format!("unsupported GGUF version {version}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Typed, assert-free access to GGUF metadata.
+struct Meta<'a> {
+    ctx: GgufContext,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn uint(&self, key: &str) -> Result<Option<u64>, EngineError> {
+        let idx = self.ctx.find_key(key);
+        if idx < 0 {
+            return Ok(None);
+        }
+        match self.ctx.kv_type(idx) {
+            sys::GGUF_TYPE_UINT32 => Ok(Some(u64::from(self.ctx.val_u32(idx)))),
+            sys::GGUF_TYPE_INT32 => u64::try_from(self.ctx.val_i32(idx))
+                .map(Some)
+                .map_err(|_| file_error(self.path, format!("{key} is negative"))),
+            sys::GGUF_TYPE_UINT64 => Ok(Some(self.ctx.val_u64(idx))),
+            other => Err(file_error(
+                self.path,
+                format!("{key} has type {other}, expected an integer"),
+            )),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, EngineError> {
+        let idx = self.ctx.find_key(key);
+        if idx < 0 {
+            return Ok(None);
+        }
+        if self.ctx.kv_type(idx) != sys::GGUF_TYPE_STRING {
+            return Err(file_error(self.path, format!("{key} is not a string")));
+        }
+        Ok(self.ctx.val_str(idx).map(str::to_string))
+    }
+}
+
+/// Most tiles an mmproj may ask for; beyond this a file is taken as corrupt.
+const MAX_TILES_LIMIT: u64 = 64;
+
+/// Reads and checks the mmproj's tiling: an InternVL projector, a tile size the
+/// patch size and pixel shuffle divide, and sane tile limits.
+pub fn read_tile_spec(path: &Path) -> Result<(TileSpec, String), EngineError> {
+    check_header(path)?;
+    let ctx =
+        GgufContext::from_file(path).ok_or_else(|| file_error(path, "GGUF metadata is corrupt"))?;
+    let meta = Meta { ctx, path };
+    let projector = meta
+        .string("clip.projector_type")?
+        .ok_or_else(|| file_error(path, "missing clip.projector_type: is this an mmproj file?"))?;
+    if projector != "internvl" {
+        return Err(file_error(
+            path,
+            format!("projector type is {projector:?}, expected \"internvl\""),
+        ));
+    }
+    let required = |key: &str| -> Result<u64, EngineError> {
+        meta.uint(key)?
+            .ok_or_else(|| file_error(path, format!("missing {key}")))
+    };
+    let image_size = required("clip.vision.image_size")?;
+    let patch_size = required("clip.vision.patch_size")?;
+    let scale = meta
+        .uint("clip.vision.projector.scale_factor")?
+        .unwrap_or(2);
+    let min_tiles = meta.uint("clip.vision.preproc_min_tiles")?.unwrap_or(1);
+    let max_tiles = meta.uint("clip.vision.preproc_max_tiles")?.unwrap_or(12);
+    if image_size == 0 || image_size > 4096 || patch_size == 0 || scale == 0 {
+        return Err(file_error(path, format!("implausible image_size {image_size}, patch_size {patch_size}, scale_factor {scale}")));
+    }
+    let patches = image_size / patch_size;
+    if image_size % patch_size != 0 || patches % scale != 0 {
+        return Err(file_error(path, format!("image_size {image_size} is not a multiple of patch_size {patch_size} × scale_factor {scale}")));
+    }
+    if min_tiles == 0 || min_tiles > max_tiles || max_tiles > MAX_TILES_LIMIT {
+        return Err(file_error(
+            path,
+            format!("tile limits {min_tiles}..={max_tiles} are not within 1..={MAX_TILES_LIMIT}"),
+        ));
+    }
+    let per_side = patches / scale;
+    Ok((
+        TileSpec {
+            tile_size: image_size as u32,
+            min_tiles: min_tiles as u32,
+            max_tiles: max_tiles as u32,
+            tokens_per_tile: (per_side * per_side) as u32,
+        },
+        projector,
+    ))
+}

@@ -1,0 +1,529 @@
+//! From chat messages to what the model reads: the GGUF's own chat template,
+//! rendered with a Jinja engine, then media placeholders expanded into
+//! `<img>` + tile embeddings + `</img>` exactly as the reference processor does.
+
+use std::sync::Arc;
+
+use minijinja::{context, Environment, Value};
+use serde::Serialize;
+
+use super::llama::Model;
+use super::vision::{self, DecodeLimits, TileSpec, TiledImage};
+use super::EngineError;
+
+/// What the template renders for an image part, replaced by the image block.
+pub const IMAGE_PLACEHOLDER: &str = "<IMG_CONTEXT>";
+/// What the template renders for a video part, replaced by the frame blocks.
+pub const VIDEO_PLACEHOLDER: &str = "<video>";
+const IMAGE_START: &str = "<img>";
+const IMAGE_END: &str = "</img>";
+
+/// Who speaks a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Instructions ahead of the conversation.
+    System,
+    /// The person asking.
+    User,
+    /// The model's earlier replies.
+    Assistant,
+}
+
+impl Role {
+    /// The role name the chat template expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// An encoded image and its tiling limits (0 = the model's default).
+#[derive(Clone, Debug)]
+pub struct ImageInput {
+    /// Encoded image bytes (untrusted).
+    pub data: Vec<u8>,
+    /// Most tiles, 0 = default.
+    pub max_tiles: u32,
+    /// Fewest tiles, 0 = default.
+    pub min_tiles: u32,
+}
+
+/// A video as encoded frames.
+#[derive(Clone, Debug)]
+pub struct VideoInput {
+    /// Encoded frames in order (untrusted).
+    pub frames: Vec<Vec<u8>>,
+    /// Frames to sample, 0 = 8.
+    pub num_frames: u32,
+}
+
+/// One part of a message.
+#[derive(Clone, Debug)]
+pub enum Part {
+    /// Plain text.
+    Text(String),
+    /// One image.
+    Image(ImageInput),
+    /// One video.
+    Video(VideoInput),
+}
+
+/// One chat message.
+#[derive(Clone, Debug)]
+pub struct ChatMessage {
+    /// Speaker.
+    pub role: Role,
+    /// Parts in order.
+    pub parts: Vec<Part>,
+}
+
+/// Tiling of one image (or one video frame) in a prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageGrid {
+    /// Grid columns.
+    pub cols: u32,
+    /// Grid rows.
+    pub rows: u32,
+    /// Tiles encoded, thumbnail included.
+    pub tiles: u32,
+}
+
+/// A piece of a prepared prompt.
+#[derive(Clone, Debug)]
+pub enum Piece {
+    /// Text tokens.
+    Tokens(Vec<i32>),
+    /// The tiles of one image or frame; each becomes `tokens_per_tile` embeddings.
+    Image(Arc<TiledImage>),
+}
+
+/// A prompt ready for the engine: token runs and tiles in order.
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    /// Pieces in prompt order.
+    pub pieces: Vec<Piece>,
+    /// Per image or frame, its grid.
+    pub grids: Vec<ImageGrid>,
+    /// Every position: text, image embeddings and markers.
+    pub prompt_tokens: u32,
+    /// Image-embedding positions only.
+    pub image_tokens: u32,
+}
+
+impl Prompt {
+    /// Every token id of the text pieces, in order (image positions left out).
+    pub fn text_tokens(&self) -> impl Iterator<Item = i32> + '_ {
+        self.pieces
+            .iter()
+            .flat_map(|p| match p {
+                Piece::Tokens(t) => t.as_slice(),
+                Piece::Image(_) => &[],
+            })
+            .copied()
+    }
+}
+
+#[derive(Serialize)]
+struct TemplatePart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+}
+
+/// Media in the order the rendered prompt mentions them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MediaKind {
+    Image,
+    Video,
+}
+
+/// A rendered prompt split at its media placeholders.
+#[derive(Debug, PartialEq, Eq)]
+enum Segment {
+    Text(String),
+    Media(MediaKind),
+}
+
+/// The model's chat template, compiled once.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    /// Compiles `source` (Hugging Face Jinja, Python-style methods allowed).
+    pub fn new(source: String, bos: String, eos: String) -> Result<Self, EngineError> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source).map_err(|e| {
+            EngineError::Template(format!("cannot compile the model's chat template: {e}"))
+        })?;
+        Ok(Self { env, bos, eos })
+    }
+
+    fn render_with(&self, messages: Vec<Value>) -> Result<String, EngineError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| EngineError::Template(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos.clone(),
+                eos_token => self.eos.clone(),
+            })
+            .map_err(|e| EngineError::Template(e.to_string()))
+    }
+
+    /// Renders the conversation. Media parts are given to the template as typed
+    /// parts first; a template that ignores them (a plain-text template) is
+    /// rendered again with the placeholders written into the text, as
+    /// InternVL's own chat code does.
+    fn render(&self, messages: &[ChatMessage]) -> Result<Vec<Segment>, EngineError> {
+        let media: Vec<MediaKind> = messages
+            .iter()
+            .flat_map(|m| m.parts.iter())
+            .filter_map(|p| match p {
+                Part::Text(_) => None,
+                Part::Image(_) => Some(MediaKind::Image),
+                Part::Video(_) => Some(MediaKind::Video),
+            })
+            .collect();
+        let typed = messages.iter().map(|m| {
+            let all_text = m.parts.iter().all(|p| matches!(p, Part::Text(_)));
+            let content = if all_text {
+                Value::from(join_text(&m.parts))
+            } else {
+                Value::from_serialize(
+                    m.parts
+                        .iter()
+                        .map(|p| match p {
+                            Part::Text(t) => TemplatePart {
+                                kind: "text",
+                                text: Some(t),
+                            },
+                            Part::Image(_) => TemplatePart {
+                                kind: "image",
+                                text: None,
+                            },
+                            Part::Video(_) => TemplatePart {
+                                kind: "video",
+                                text: None,
+                            },
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            };
+            message_value(m.role, content)
+        });
+        let segments = split_placeholders(&self.render_with(typed.collect())?);
+        if media_of(&segments) == media {
+            return Ok(segments);
+        }
+        let inline = messages.iter().map(|m| {
+            let text: String = m
+                .parts
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => t.as_str(),
+                    Part::Image(_) => "<IMG_CONTEXT>\n",
+                    Part::Video(_) => "<video>\n",
+                })
+                .collect();
+            message_value(m.role, Value::from(text))
+        });
+        let segments = split_placeholders(&self.render_with(inline.collect())?);
+        if media_of(&segments) == media {
+            Ok(segments)
+        } else {
+            Err(EngineError::Template(
+                "the model's chat template drops image or video parts".into(),
+            ))
+        }
+    }
+}
+
+fn join_text(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Text(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn message_value(role: Role, content: Value) -> Value {
+    context! { role => role.as_str(), content => content }
+}
+
+fn media_of(segments: &[Segment]) -> Vec<MediaKind> {
+    segments
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Media(k) => Some(*k),
+            Segment::Text(_) => None,
+        })
+        .collect()
+}
+
+fn split_placeholders(rendered: &str) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let mut rest = rendered;
+    loop {
+        let image = rest
+            .find(IMAGE_PLACEHOLDER)
+            .map(|i| (i, MediaKind::Image, IMAGE_PLACEHOLDER.len()));
+        let video = rest
+            .find(VIDEO_PLACEHOLDER)
+            .map(|i| (i, MediaKind::Video, VIDEO_PLACEHOLDER.len()));
+        let next = match (image, video) {
+            (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        match next {
+            Some((at, kind, len)) => {
+                if at > 0 {
+                    out.push(Segment::Text(rest[..at].to_string()));
+                }
+                out.push(Segment::Media(kind));
+                rest = &rest[at + len..];
+            }
+            None => {
+                if !rest.is_empty() {
+                    out.push(Segment::Text(rest.to_string()));
+                }
+                return out;
+            }
+        }
+    }
+}
+
+/// Turns messages or embed inputs into a [`Prompt`]: decodes and tiles media,
+/// tokenizes text runs. Runs on a blocking thread, never on the engine thread.
+pub struct PromptBuilder<'a> {
+    model: &'a Model,
+    spec: TileSpec,
+    limits: DecodeLimits,
+    text: String,
+    pieces: Vec<Piece>,
+    grids: Vec<ImageGrid>,
+    text_tokens: u32,
+}
+
+impl<'a> PromptBuilder<'a> {
+    /// A builder for `model` with the encoder's tiling and the decode limits.
+    pub fn new(model: &'a Model, spec: TileSpec, limits: DecodeLimits) -> Self {
+        Self {
+            model,
+            spec,
+            limits,
+            text: String::new(),
+            pieces: Vec::new(),
+            grids: Vec::new(),
+            text_tokens: 0,
+        }
+    }
+
+    fn flush_text(&mut self) -> Result<(), EngineError> {
+        if self.text.is_empty() {
+            return Ok(());
+        }
+        let first = self.pieces.is_empty();
+        let tokens = self.model.tokenize(&self.text, first, true)?;
+        self.text.clear();
+        self.text_tokens += tokens.len() as u32;
+        self.pieces.push(Piece::Tokens(tokens));
+        Ok(())
+    }
+
+    fn push_tiles(&mut self, tiled: TiledImage) -> Result<(), EngineError> {
+        self.text.push_str(IMAGE_START);
+        self.flush_text()?;
+        self.grids.push(ImageGrid {
+            cols: tiled.cols,
+            rows: tiled.rows,
+            tiles: tiled.tile_count(),
+        });
+        self.pieces.push(Piece::Image(Arc::new(tiled)));
+        self.text.push_str(IMAGE_END);
+        Ok(())
+    }
+
+    /// Appends an image block: `<img>`, its tiles, `</img>`.
+    pub fn push_image(&mut self, image: &ImageInput, field: &str) -> Result<(), EngineError> {
+        let min = if image.min_tiles == 0 {
+            self.spec.min_tiles
+        } else {
+            image.min_tiles
+        };
+        let max = if image.max_tiles == 0 {
+            self.spec.max_tiles
+        } else {
+            image.max_tiles
+        };
+        if min > max {
+            return Err(EngineError::invalid(
+                format!("{field}.min_tiles"),
+                format!("min_tiles {min} is above max_tiles {max}"),
+            ));
+        }
+        let rgb = vision::decode_rgb(&image.data, &self.limits)
+            .map_err(|e| e.in_field(&format!("{field}.data")))?;
+        let tiled = vision::tile_image(&rgb, &self.spec, min, max);
+        self.push_tiles(tiled)
+    }
+
+    /// Appends a video: `Frame1: <img>…</img>\nFrame2: …`, one tile per sampled frame.
+    pub fn push_video(&mut self, video: &VideoInput, field: &str) -> Result<(), EngineError> {
+        let n = if video.num_frames == 0 {
+            8
+        } else {
+            video.num_frames
+        } as usize;
+        let indices = vision::sample_frame_indices(video.frames.len(), n);
+        if indices.is_empty() {
+            return Err(EngineError::invalid(
+                format!("{field}.frames"),
+                "a video needs at least one frame",
+            ));
+        }
+        for (k, &index) in indices.iter().enumerate() {
+            let rgb = vision::decode_rgb(&video.frames[index], &self.limits)
+                .map_err(|e| e.in_field(&format!("{field}.frames[{index}]")))?;
+            if k > 0 {
+                self.text.push('\n');
+            }
+            self.text.push_str(&format!("Frame{}: ", k + 1));
+            self.push_tiles(vision::frame_tile(&rgb, &self.spec))?;
+        }
+        Ok(())
+    }
+
+    /// Appends text as is.
+    pub fn push_text(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    /// Finishes the prompt.
+    pub fn finish(mut self) -> Result<Prompt, EngineError> {
+        self.flush_text()?;
+        let tiles: u32 = self.grids.iter().map(|g| g.tiles).sum();
+        let image_tokens = tiles * self.spec.tokens_per_tile;
+        Ok(Prompt {
+            pieces: self.pieces,
+            grids: self.grids,
+            prompt_tokens: self.text_tokens + image_tokens,
+            image_tokens,
+        })
+    }
+}
+
+/// Renders a conversation with the chat template and expands its media.
+pub fn build_chat_prompt(
+    model: &Model,
+    template: &ChatTemplate,
+    spec: TileSpec,
+    limits: DecodeLimits,
+    messages: &[ChatMessage],
+) -> Result<Prompt, EngineError> {
+    for (mi, message) in messages.iter().enumerate() {
+        for (pi, part) in message.parts.iter().enumerate() {
+            if let Part::Text(text) = part {
+                for marker in [IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER] {
+                    if text.contains(marker) {
+                        return Err(EngineError::invalid(
+                            format!("messages[{mi}].content[{pi}].text"),
+                            format!("contains {marker}, which is reserved for media parts; send an image or video part instead"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let segments = template.render(messages)?;
+    let media: Vec<(usize, usize, &Part)> = messages
+        .iter()
+        .enumerate()
+        .flat_map(|(mi, m)| m.parts.iter().enumerate().map(move |(pi, p)| (mi, pi, p)))
+        .filter(|(_, _, p)| !matches!(p, Part::Text(_)))
+        .collect();
+    let mut builder = PromptBuilder::new(model, spec, limits);
+    let mut next_media = media.iter();
+    for segment in segments {
+        match segment {
+            Segment::Text(t) => builder.push_text(&t),
+            Segment::Media(_) => {
+                let (mi, pi, part) = next_media.next().expect("media counts were checked");
+                let field = format!("messages[{mi}].content[{pi}]");
+                match part {
+                    Part::Image(image) => builder.push_image(image, &format!("{field}.image"))?,
+                    Part::Video(video) => builder.push_video(video, &format!("{field}.video"))?,
+                    Part::Text(_) => unreachable!("text parts are filtered out"),
+                }
+            }
+        }
+    }
+    builder.finish()
+}
+
+/// Renders an embed input without chat template: parts in order, text as is,
+/// each image as its block followed by a newline.
+pub fn build_embed_prompt(
+    model: &Model,
+    spec: TileSpec,
+    limits: DecodeLimits,
+    parts: &[Part],
+    field: &str,
+) -> Result<Prompt, EngineError> {
+    let mut builder = PromptBuilder::new(model, spec, limits);
+    for (i, part) in parts.iter().enumerate() {
+        match part {
+            Part::Text(t) => builder.push_text(t),
+            Part::Image(image) => {
+                builder.push_image(image, &format!("{field}.content[{i}].image"))?;
+                builder.push_text("\n");
+            }
+            Part::Video(video) => {
+                builder.push_video(video, &format!("{field}.content[{i}].video"))?;
+                builder.push_text("\n");
+            }
+        }
+    }
+    builder.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_split_in_order() {
+        let s = split_placeholders("a<IMG_CONTEXT>\nb<video>\n");
+        assert_eq!(
+            s,
+            vec![
+                Segment::Text("a".into()),
+                Segment::Media(MediaKind::Image),
+                Segment::Text("\nb".into()),
+                Segment::Media(MediaKind::Video),
+                Segment::Text("\n".into()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! Image and video preprocessing, exactly as the reference processor does it.
+//!
+//! Untrusted bytes are decoded here, in Rust, with decoder limits; llama.cpp only
+//! ever sees 448×448 RGB tiles that this module produced.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage, RgbaImage};
+
+use super::resize::resize_bicubic;
+use super::EngineError;
+
+/// Tiling parameters of the vision encoder, read from the mmproj file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TileSpec {
+    /// Side of one square tile in pixels (448 for InternVL3).
+    pub tile_size: u32,
+    /// Fewest tiles an image may be cut into, the thumbnail not counted.
+    pub min_tiles: u32,
+    /// Most tiles an image may be cut into, the thumbnail not counted.
+    pub max_tiles: u32,
+    /// Embedding positions the projector produces per tile (256 for InternVL3).
+    pub tokens_per_tile: u32,
+}
+
+/// Limits applied while decoding untrusted image bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits {
+    /// Largest accepted width or height in pixels.
+    pub max_side: u32,
+    /// Largest accepted width × height.
+    pub max_pixels: u64,
+    /// Largest allocation the decoder may make, in bytes.
+    pub max_alloc: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_side: 16_384,
+            max_pixels: 64 * 1024 * 1024,
+            max_alloc: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// An image cut into the tiles the vision encoder will see, in prompt order.
+#[derive(Clone, Debug)]
+pub struct TiledImage {
+    /// Grid columns of the dynamic-resolution canvas.
+    pub cols: u32,
+    /// Grid rows of the dynamic-resolution canvas.
+    pub rows: u32,
+    /// Tiles row by row, then the thumbnail when there is more than one tile.
+    pub tiles: Vec<RgbImage>,
+}
+
+impl TiledImage {
+    /// Tiles the encoder runs on, the thumbnail included.
+    pub fn tile_count(&self) -> u32 {
+        self.tiles.len() as u32
+    }
+}
+
+/// Decodes untrusted bytes into RGB the way the reference does: EXIF orientation
+/// applied, then every mode converted through RGBA composited on white.
+pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, EngineError> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| EngineError::InvalidImage(format!("cannot read image bytes: {e}")))?;
+    if reader.format().is_none() {
+        return Err(EngineError::InvalidImage(
+            "unrecognised image format (expected PNG, JPEG, WebP, GIF, BMP or TIFF)".into(),
+        ));
+    }
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(limits.max_side);
+    image_limits.max_image_height = Some(limits.max_side);
+    image_limits.max_alloc = Some(limits.max_alloc);
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| EngineError::InvalidImage(format!("cannot decode image: {e}")))?;
+    decoder
+        .set_limits(image_limits)
+        .map_err(|e| EngineError::InvalidImage(format!("image exceeds limits: {e}")))?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(EngineError::InvalidImage(format!(
+            "image has no pixels ({width}x{height})"
+        )));
+    }
+    if u64::from(width) * u64::from(height) > limits.max_pixels {
+        return Err(EngineError::InvalidImage(format!(
+            "image is {width}x{height}, more than the {} pixels allowed",
+            limits.max_pixels
+        )));
+    }
+    let orientation = decoder.orientation().ok();
+    let mut image = DynamicImage::from_decoder(decoder)
+        .map_err(|e| EngineError::InvalidImage(format!("cannot decode image: {e}")))?;
+    if let Some(orientation) = orientation {
+        image.apply_orientation(orientation);
+    }
+    Ok(to_rgb_like_reference(image))
+}
+
+/// transformers' `convert_to_rgb`: RGB stays as is; anything else goes through
+/// RGBA and is alpha-composited on white with Pillow's integer arithmetic.
+fn to_rgb_like_reference(image: DynamicImage) -> RgbImage {
+    if let DynamicImage::ImageRgb8(rgb) = image {
+        return rgb;
+    }
+    let rgba: RgbaImage = image.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (src, dst) in rgba.pixels().zip(out.pixels_mut()) {
+        let a = u32::from(src.0[3]);
+        for c in 0..3 {
+            dst.0[c] = composite_on_white(u32::from(src.0[c]), a);
+        }
+    }
+    out
+}
+
+/// Pillow's `ImagingAlphaComposite` for one channel over an opaque white
+/// background, where its coefficients reduce to `a << 7` and `(255 - a) << 7`.
+fn composite_on_white(channel: u32, alpha: u32) -> u8 {
+    const PRECISION_BITS: u32 = 7;
+    let tmp = (channel * alpha + 255 * (255 - alpha)) << PRECISION_BITS;
+    let tmp = tmp + (0x80 << PRECISION_BITS);
+    let div255 = ((tmp >> 8) + tmp) >> 8;
+    (div255 >> PRECISION_BITS).min(255) as u8
+}
+
+/// The reference's `get_optimal_tiled_canvas`: the grid (cols, rows) whose aspect
+/// ratio is closest to the image's, preferring the later (larger) grid on a tie
+/// while the image is large enough to fill more than half of it.
+pub fn choose_grid(
+    width: u32,
+    height: u32,
+    min_tiles: u32,
+    max_tiles: u32,
+    tile: u32,
+) -> (u32, u32) {
+    let mut grids = Vec::new();
+    for cols in 1..=max_tiles {
+        for rows in 1..=max_tiles {
+            let n = cols * rows;
+            if n >= min_tiles && n <= max_tiles {
+                grids.push((cols, rows));
+            }
+        }
+    }
+    // Python's `sorted` is stable, and so is `sort_by_key`.
+    grids.sort_by_key(|(c, r)| c * r);
+    let aspect = f64::from(width) / f64::from(height);
+    let area = f64::from(width) * f64::from(height);
+    let mut best = (1, 1);
+    let mut best_diff = f64::INFINITY;
+    for (cols, rows) in grids {
+        let diff = (aspect - f64::from(cols) / f64::from(rows)).abs();
+        if diff < best_diff {
+            best_diff = diff;
+            best = (cols, rows);
+        } else if diff == best_diff
+            && area > 0.5 * f64::from(tile) * f64::from(tile) * f64::from(cols * rows)
+        {
+            best = (cols, rows);
+        }
+    }
+    best
+}
+
+/// Cuts an image into the reference's tiles: resize to the grid canvas, cut row
+/// by row, and add a thumbnail of the original image when there are several tiles.
+pub fn tile_image(image: &RgbImage, spec: &TileSpec, min_tiles: u32, max_tiles: u32) -> TiledImage {
+    let t = spec.tile_size;
+    let (cols, rows) = choose_grid(image.width(), image.height(), min_tiles, max_tiles, t);
+    let canvas = resize_bicubic(image, cols * t, rows * t);
+    let mut tiles = Vec::with_capacity((cols * rows + 1) as usize);
+    for row in 0..rows {
+        for col in 0..cols {
+            tiles.push(image::imageops::crop_imm(&canvas, col * t, row * t, t, t).to_image());
+        }
+    }
+    if tiles.len() != 1 {
+        tiles.push(resize_bicubic(image, t, t));
+    }
+    TiledImage { cols, rows, tiles }
+}
+
+/// The reference video sampler: `n` indices spread uniformly over `total`
+/// frames with a half-step initial shift.
+pub fn sample_frame_indices(total: usize, n: usize) -> Vec<usize> {
+    if total == 0 || n == 0 {
+        return Vec::new();
+    }
+    let step = total as f64 / n as f64;
+    (0..n)
+        .map(|k| ((step / 2.0 + k as f64 * step).floor() as usize).min(total - 1))
+        .collect()
+}
+
+/// One video frame as the reference feeds it: a single 448×448 tile.
+pub fn frame_tile(frame: &RgbImage, spec: &TileSpec) -> TiledImage {
+    TiledImage {
+        cols: 1,
+        rows: 1,
+        tiles: vec![resize_bicubic(frame, spec.tile_size, spec.tile_size)],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_match_the_reference_rule() {
+        assert_eq!(choose_grid(448, 448, 1, 12, 448), (1, 1));
+        assert_eq!(choose_grid(800, 600, 1, 12, 448), (4, 3));
+        assert_eq!(choose_grid(1000, 250, 1, 12, 448), (4, 1));
+        assert_eq!(choose_grid(300, 900, 1, 12, 448), (1, 3));
+        assert_eq!(choose_grid(64, 48, 1, 12, 448), (4, 3));
+        // A tie between 1x1 and 2x2 goes to 2x2 only for a large enough image.
+        assert_eq!(choose_grid(100, 100, 1, 4, 448), (1, 1));
+        assert_eq!(choose_grid(1000, 1000, 1, 4, 448), (2, 2));
+    }
+
+    #[test]
+    fn frame_sampling_uses_the_initial_shift() {
+        assert_eq!(sample_frame_indices(16, 8), vec![1, 3, 5, 7, 9, 11, 13, 15]);
+        assert_eq!(sample_frame_indices(3, 8), vec![0, 0, 0, 1, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn compositing_matches_pillow_at_the_edges() {
+        assert_eq!(composite_on_white(0, 255), 0);
+        assert_eq!(composite_on_white(200, 255), 200);
+        assert_eq!(composite_on_white(0, 0), 255);
+        assert_eq!(composite_on_white(0, 128), 127);
+    }
+}

@@ -1,0 +1,438 @@
+//! The engine thread: loads the model, then runs one command at a time.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, info_span, warn};
+
+use super::gguf_meta::{check_header, read_tile_spec};
+use super::llama::{self, Context, Model, Outputs, Vision};
+use super::prompt::{ChatTemplate, Piece, Prompt};
+use super::sampling::{logprobs, TextStream, TokenSampler};
+use super::{
+    Command, EmbedJob, Embedding, EngineError, EngineSettings, EngineState, FinishReason,
+    GenerateEvent, GenerateJob, GeneratedToken, Loaded, ModelInfo, ModelPaths, Pooling, Timings,
+    TopToken, Usage,
+};
+
+/// Positions decoded per call when every position produces an output: llama.cpp
+/// reserves logits for each output (n_vocab floats), so large chunks would cost
+/// gigabytes with a real vocabulary.
+const EMBED_CHUNK: usize = 256;
+
+/// Stream events carry either an event or the error that ended the stream.
+pub(crate) type EventResult = Result<GenerateEvent, EngineError>;
+
+pub(super) fn run<F>(
+    settings: EngineSettings,
+    resolve: F,
+    mut commands: mpsc::Receiver<Command>,
+    state: watch::Sender<EngineState>,
+) where
+    F: FnOnce() -> Result<ModelPaths, EngineError>,
+{
+    let mut worker = match Worker::load(&settings, resolve) {
+        Ok((worker, loaded)) => {
+            state.send_replace(EngineState::Ready(loaded));
+            worker
+        }
+        Err(e) => {
+            tracing::error!("model load failed: {e}");
+            state.send_replace(EngineState::Failed(Arc::new(e)));
+            return;
+        }
+    };
+    while let Some(command) = commands.blocking_recv() {
+        match command {
+            Command::Generate(job) => worker.generate(*job),
+            Command::Embed(job) => worker.embed(job),
+        }
+    }
+    state.send_replace(EngineState::Stopped);
+}
+
+struct Worker {
+    model: Arc<Model>,
+    context: Context,
+    vision: Vision,
+    tile_size: u32,
+}
+
+fn token_text(model: &Model, id: i32) -> String {
+    String::from_utf8_lossy(&model.token_bytes(id, true)).into_owned()
+}
+
+impl Worker {
+    fn load<F>(settings: &EngineSettings, resolve: F) -> Result<(Self, Arc<Loaded>), EngineError>
+    where
+        F: FnOnce() -> Result<ModelPaths, EngineError>,
+    {
+        let paths = resolve()?;
+        check_header(&paths.model)?;
+        let (spec, projector) = read_tile_spec(&paths.mmproj)?;
+        llama::init_backend()?;
+        let started = Instant::now();
+        let model = Arc::new(Model::load(&paths.model, &settings.model)?);
+        let file_error = |message: &str| EngineError::ModelFile {
+            path: paths.model.clone(),
+            message: message.to_string(),
+        };
+        let template_source = model
+            .chat_template()
+            .ok_or_else(|| file_error("has no tokenizer.chat_template"))?;
+        let special = |key: &str| {
+            model
+                .meta(key)
+                .and_then(|id| id.parse::<i32>().ok())
+                .filter(|&id| model.is_valid_token(id))
+                .map(|id| token_text(&model, id))
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            template_source.clone(),
+            special("tokenizer.ggml.bos_token_id"),
+            special("tokenizer.ggml.eos_token_id"),
+        )?;
+        for marker in ["<img>", "</img>"] {
+            if model.tokenize(marker, false, true)?.len() != 1 {
+                return Err(file_error(&format!(
+                    "vocabulary has no {marker} token: not an InternVL model"
+                )));
+            }
+        }
+        let vision = Vision::load(&paths.mmproj, model.clone(), &settings.vision)?;
+        let context = Context::new(model.clone(), &settings.context)?;
+        let name = model.meta("general.name").unwrap_or_else(|| {
+            paths
+                .model
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        });
+        let info = ModelInfo {
+            name,
+            architecture: model.meta("general.architecture").unwrap_or_default(),
+            context_size: context.n_ctx(),
+            training_context_size: model.n_ctx_train().max(0) as u32,
+            vocab_size: model.n_vocab() as u32,
+            embedding_size: model.n_embd() as u32,
+            tiles: spec,
+            projector,
+            quantization: model.description(),
+            chat_template: template_source,
+            offload: format!(
+                "n_gpu_layers={} split_mode={} main_gpu={} tensor_split={:?} mmproj_offload={} gpu_offload_supported={}",
+                settings.model.n_gpu_layers,
+                settings.model.split_mode,
+                settings.model.main_gpu,
+                settings.model.tensor_split,
+                settings.vision.use_gpu,
+                llama::gpu_offload_supported(),
+            ),
+        };
+        info!(
+            model = %paths.model.display(),
+            mmproj = %paths.mmproj.display(),
+            n_ctx = info.context_size,
+            load_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        let loaded = Arc::new(Loaded {
+            model: model.clone(),
+            template,
+            spec,
+            limits: settings.decode_limits,
+            info,
+        });
+        let worker = Worker {
+            model,
+            context,
+            vision,
+            tile_size: spec.tile_size,
+        };
+        Ok((worker, loaded))
+    }
+
+    /// Decodes the prompt, calling `on_outputs(context, n)` after each decode
+    /// with `Outputs::All`; returns vision and prefill milliseconds. Stops early
+    /// (returning `Ok(None)`) when `cancelled()` turns true.
+    fn prefill(
+        &mut self,
+        prompt: &Prompt,
+        outputs: Outputs,
+        chunk: usize,
+        cancelled: &dyn Fn() -> bool,
+        on_outputs: &mut dyn FnMut(&Context, usize) -> Result<(), EngineError>,
+    ) -> Result<Option<(f64, f64)>, EngineError> {
+        let mut vision_ms = 0.0;
+        let mut prefill_ms = 0.0;
+        let mut pos = 0i32;
+        let n_pieces = prompt.pieces.len();
+        let n_embd = self.model.n_embd_inp() as usize;
+        for (i, piece) in prompt.pieces.iter().enumerate() {
+            let last_piece = i + 1 == n_pieces;
+            match piece {
+                Piece::Tokens(tokens) => {
+                    let n_chunks = tokens.len().div_ceil(chunk);
+                    for (c, part) in tokens.chunks(chunk).enumerate() {
+                        if cancelled() {
+                            return Ok(None);
+                        }
+                        let want = match outputs {
+                            Outputs::All => Outputs::All,
+                            _ if last_piece && c + 1 == n_chunks => Outputs::Last,
+                            _ => Outputs::None,
+                        };
+                        let t = Instant::now();
+                        self.context.decode_tokens(part, pos, want)?;
+                        prefill_ms += ms(t);
+                        pos += part.len() as i32;
+                        if want == Outputs::All {
+                            on_outputs(&self.context, part.len())?;
+                        }
+                    }
+                }
+                Piece::Image(tiled) => {
+                    for tile in &tiled.tiles {
+                        if cancelled() {
+                            return Ok(None);
+                        }
+                        let t = Instant::now();
+                        let embd = self.vision.encode_tile(tile.as_raw(), self.tile_size)?;
+                        vision_ms += ms(t);
+                        let t = Instant::now();
+                        for part in embd.chunks(chunk * n_embd) {
+                            let n = part.len() / n_embd;
+                            self.context.decode_embeddings(part, pos, outputs)?;
+                            pos += n as i32;
+                            if outputs == Outputs::All {
+                                on_outputs(&self.context, n)?;
+                            }
+                        }
+                        prefill_ms += ms(t);
+                    }
+                }
+            }
+        }
+        Ok(Some((vision_ms, prefill_ms)))
+    }
+
+    fn generate(&mut self, job: GenerateJob) {
+        let span = info_span!("generate", request_id = %job.request.request_id);
+        let _enter = span.enter();
+        let events = job.events.clone();
+        match self.try_generate(job) {
+            Ok(Some(done)) => info!(?done, "generation finished"),
+            Ok(None) => info!("client left; generation cancelled"),
+            Err(e) => {
+                warn!("generation failed: {e}");
+                if events.blocking_send(Err(e)).is_err() {
+                    info!("client left before the error could be sent");
+                }
+            }
+        }
+        self.context.clear();
+    }
+
+    /// Runs one generation; `Ok(None)` when the client went away.
+    fn try_generate(
+        &mut self,
+        job: GenerateJob,
+    ) -> Result<Option<(FinishReason, Usage, Timings)>, EngineError> {
+        let GenerateJob {
+            prompt,
+            request,
+            enqueued,
+            events,
+        } = job;
+        let started = Instant::now();
+        let mut timings = Timings {
+            queue_ms: (started - enqueued).as_secs_f64() * 1e3,
+            ..Timings::default()
+        };
+        self.context.clear();
+        let cancelled = || events.is_closed();
+        let n_batch = self.context.n_batch();
+        let Some((vision_ms, prefill_ms)) =
+            self.prefill(&prompt, Outputs::Last, n_batch, &cancelled, &mut |_, _| {
+                Ok(())
+            })?
+        else {
+            return Ok(None);
+        };
+        timings.vision_ms = vision_ms;
+        timings.prefill_ms = prefill_ms;
+
+        let mut sampler = TokenSampler::new(&request.sampling, self.model.n_vocab());
+        sampler.accept_prompt(prompt.text_tokens());
+        let mut stream = TextStream::new(request.stop.clone());
+        let n_ctx = self.context.n_ctx() as i32;
+        let mut pos = prompt.prompt_tokens as i32;
+        let mut completion = 0u32;
+        let decode_started = Instant::now();
+        let top_n = request.top_logprobs as usize;
+        let finish = loop {
+            let logits = self.context.logits(-1)?;
+            let token = sampler.sample(logits);
+            let (logprob, top) = logprobs(logits, token, top_n);
+            completion += 1;
+            if !request.ignore_eos && self.model.is_eog(token) {
+                break FinishReason::Stop;
+            }
+            let piece = self.model.token_bytes(token, false);
+            let released = stream.push(&piece);
+            let generated = GeneratedToken {
+                id: token,
+                text: String::from_utf8_lossy(&piece).into_owned(),
+                logprob,
+                top: top
+                    .into_iter()
+                    .map(|(id, logprob)| TopToken {
+                        id,
+                        text: String::from_utf8_lossy(&self.model.token_bytes(id, false))
+                            .into_owned(),
+                        logprob,
+                    })
+                    .collect(),
+            };
+            let delta = GenerateEvent::Delta {
+                text: released.text,
+                tokens: vec![generated],
+            };
+            if events.blocking_send(Ok(delta)).is_err() {
+                return Ok(None);
+            }
+            if completion == 1 {
+                timings.ttft_ms = enqueued.elapsed().as_secs_f64() * 1e3;
+            }
+            if released.stopped {
+                break FinishReason::StopSequence;
+            }
+            if completion >= request.max_new_tokens || pos >= n_ctx {
+                break FinishReason::Length;
+            }
+            if cancelled() {
+                return Ok(None);
+            }
+            self.context.decode_tokens(&[token], pos, Outputs::Last)?;
+            pos += 1;
+        };
+        timings.decode_ms = ms(decode_started);
+        if finish != FinishReason::StopSequence {
+            let tail = stream.finish();
+            if !tail.text.is_empty()
+                && events
+                    .blocking_send(Ok(GenerateEvent::Delta {
+                        text: tail.text,
+                        tokens: Vec::new(),
+                    }))
+                    .is_err()
+            {
+                return Ok(None);
+            }
+        }
+        let usage = Usage {
+            prompt_tokens: prompt.prompt_tokens,
+            image_tokens: prompt.image_tokens,
+            completion_tokens: completion,
+            cached_tokens: 0,
+        };
+        let done = GenerateEvent::Done {
+            finish_reason: finish,
+            usage,
+            timings,
+        };
+        if events.blocking_send(Ok(done)).is_err() {
+            return Ok(None);
+        }
+        Ok(Some((finish, usage, timings)))
+    }
+
+    fn embed(&mut self, job: EmbedJob) {
+        let cancelled = || job.reply.is_closed();
+        let mut results = Vec::with_capacity(job.prompts.len());
+        let mut outcome = Ok(());
+        self.context.set_embeddings(true);
+        for prompt in &job.prompts {
+            match self.embed_one(prompt, job.pooling, job.normalize, &cancelled) {
+                Ok(Some(e)) => results.push(e),
+                Ok(None) => break,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        self.context.set_embeddings(false);
+        self.context.clear();
+        if job.reply.send(outcome.map(|()| results)).is_err() {
+            info!("embed client left before the reply");
+        }
+    }
+
+    fn embed_one(
+        &mut self,
+        prompt: &Prompt,
+        pooling: Pooling,
+        normalize: bool,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<Embedding>, EngineError> {
+        self.context.clear();
+        let n_embd = self.model.n_embd() as usize;
+        let mut sum = vec![0f64; n_embd];
+        let mut last = vec![0f32; n_embd];
+        let mut count = 0u32;
+        let done = self.prefill(
+            prompt,
+            Outputs::All,
+            EMBED_CHUNK,
+            cancelled,
+            &mut |ctx, n| {
+                for i in 0..n {
+                    let e = ctx.embeddings(i as i32)?;
+                    for (s, &v) in sum.iter_mut().zip(e) {
+                        *s += f64::from(v);
+                    }
+                    last.copy_from_slice(e);
+                    count += 1;
+                }
+                Ok(())
+            },
+        )?;
+        if done.is_none() {
+            return Ok(None);
+        }
+        if count != prompt.prompt_tokens {
+            return Err(EngineError::Inference(format!(
+                "pooled {count} positions of a {}-position input",
+                prompt.prompt_tokens
+            )));
+        }
+        let mut values: Vec<f32> = match pooling {
+            Pooling::Mean => sum.iter().map(|s| (s / f64::from(count)) as f32).collect(),
+            Pooling::Last => last,
+        };
+        if normalize {
+            let norm = values
+                .iter()
+                .map(|v| f64::from(*v) * f64::from(*v))
+                .sum::<f64>()
+                .sqrt();
+            if norm > 0.0 {
+                values
+                    .iter_mut()
+                    .for_each(|v| *v = (f64::from(*v) / norm) as f32);
+            }
+        }
+        Ok(Some(Embedding {
+            values,
+            tokens: count,
+        }))
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}

@@ -1,0 +1,99 @@
+//! internvl-grpc: InternVL3 vision-language models over gRPC, on llama.cpp.
+//!
+//! Layers run one way: [`service`] (tonic handlers) → [`engine`] (domain,
+//! scheduling) → llama.cpp. [`run`] is the whole server; `main.rs` only parses
+//! configuration, so tests start exactly what production runs.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod models;
+pub mod service;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::models::HubOptions;
+use crate::service::proto::intern_vl_server::InternVlServer;
+use crate::service::{proto, InternVlService};
+
+/// Why the server stopped other than by a requested shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration cannot be used.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The model could not be resolved or loaded.
+    #[error("{0}")]
+    Load(std::sync::Arc<engine::EngineError>),
+    /// The engine could not start.
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    /// The gRPC transport failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be set up.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the configured model on `listener` until `shutdown` resolves.
+///
+/// The port answers at once: health reports NOT_SERVING while the model files
+/// are resolved and loaded, then SERVING. A model that fails to load ends the
+/// server with [`ServeError::Load`], naming the file.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let settings = config.engine_settings()?;
+    let hub = HubOptions {
+        cache_dir: config.hf_cache.clone(),
+        offline: config.offline,
+    };
+    let (model, mmproj) = (config.model.clone(), config.mmproj.clone());
+    let engine = Engine::spawn(settings, move || models::resolve(&model, &mmproj, &hub))?;
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_not_serving::<InternVlServer<InternVlService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = InternVlServer::new(InternVlService::new(engine.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let server = Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    tokio::pin!(server);
+
+    tokio::select! {
+        served = &mut server => return served.map_err(ServeError::from),
+        loaded = engine.wait_ready() => loaded.map_err(ServeError::Load)?,
+    }
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_serving::<InternVlServer<InternVlService>>()
+        .await;
+    tracing::info!("ready");
+    server.await?;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! `internvl-grpc`: parses the command line and configuration, sets up
+//! tracing, and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use internvl_grpc::cli::{self, Cli, Command};
+use internvl_grpc::config::Config;
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,llama_cpp_2=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler can be installed");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    if ctrl_c.await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tracing::info!("shutting down");
+}
+
+async fn serve(args: cli::ServeArgs) -> Result<(), String> {
+    let config = Config::load(args.config.as_deref(), &args).map_err(|e| e.to_string())?;
+    init_tracing(config.log_json);
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "listening");
+    internvl_grpc::run(config, listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Generate(args) => cli::generate(args).await.map_err(|e| e.to_string()),
+        Command::Embed(args) => cli::embed(args).await.map_err(|e| e.to_string()),
+        Command::Info(args) => cli::info(args).await.map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

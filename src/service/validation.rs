@@ -1,0 +1,253 @@
+//! Proto requests to engine requests. Every refusal names the field as the
+//! client wrote it, e.g. `messages[1].content[0].image.data`.
+
+use crate::engine::{
+    ChatMessage, EmbedRequest, EngineError, GenerateRequest, ImageInput, Part, Pooling, Role,
+    SamplingParams, VideoInput,
+};
+
+use super::proto;
+
+/// Most alternatives a client may ask for per token.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most stop sequences per request.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most tiles a client may ask for per image.
+pub const MAX_TILES: u32 = 64;
+/// Most frames a video may carry, and most a client may sample.
+pub const MAX_VIDEO_FRAMES: usize = 1024;
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> EngineError {
+    EngineError::invalid(field, message)
+}
+
+fn role(value: &str, field: &str) -> Result<Role> {
+    match value {
+        "system" => Ok(Role::System),
+        "user" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        other => Err(invalid(
+            field,
+            format!("unknown role {other:?}; expected \"system\", \"user\" or \"assistant\""),
+        )),
+    }
+}
+
+fn part(content: proto::Content, field: &str) -> Result<Part> {
+    use proto::content::Part as P;
+    match content.part {
+        None => Err(invalid(field, "no part set: expected text, image or video")),
+        Some(P::Text(text)) => Ok(Part::Text(text)),
+        Some(P::Image(image)) => {
+            if image.data.is_empty() {
+                return Err(invalid(format!("{field}.image.data"), "is empty"));
+            }
+            for (name, value) in [
+                ("max_tiles", image.max_tiles),
+                ("min_tiles", image.min_tiles),
+            ] {
+                if value > MAX_TILES {
+                    return Err(invalid(
+                        format!("{field}.image.{name}"),
+                        format!("{value} is above {MAX_TILES}"),
+                    ));
+                }
+            }
+            Ok(Part::Image(ImageInput {
+                data: image.data,
+                max_tiles: image.max_tiles,
+                min_tiles: image.min_tiles,
+            }))
+        }
+        Some(P::Video(video)) => {
+            if video.frames.is_empty() {
+                return Err(invalid(
+                    format!("{field}.video.frames"),
+                    "a video needs at least one frame",
+                ));
+            }
+            if video.frames.len() > MAX_VIDEO_FRAMES {
+                return Err(invalid(
+                    format!("{field}.video.frames"),
+                    format!(
+                        "{} frames, at most {MAX_VIDEO_FRAMES} are accepted",
+                        video.frames.len()
+                    ),
+                ));
+            }
+            if let Some(i) = video.frames.iter().position(Vec::is_empty) {
+                return Err(invalid(format!("{field}.video.frames[{i}]"), "is empty"));
+            }
+            if video.num_frames as usize > MAX_VIDEO_FRAMES {
+                return Err(invalid(
+                    format!("{field}.video.num_frames"),
+                    format!("above {MAX_VIDEO_FRAMES}"),
+                ));
+            }
+            if !video.fps.is_finite() || video.fps < 0.0 {
+                return Err(invalid(
+                    format!("{field}.video.fps"),
+                    "must be a finite, non-negative number",
+                ));
+            }
+            Ok(Part::Video(VideoInput {
+                frames: video.frames,
+                num_frames: video.num_frames,
+            }))
+        }
+    }
+}
+
+fn parts(content: Vec<proto::Content>, field: &str) -> Result<Vec<Part>> {
+    content
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| part(c, &format!("{field}.content[{i}]")))
+        .collect()
+}
+
+/// Messages of a Generate or CountTokens request.
+pub fn messages(messages: Vec<proto::Message>) -> Result<Vec<ChatMessage>> {
+    if messages.is_empty() {
+        return Err(invalid("messages", "at least one message is required"));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = format!("messages[{i}]");
+            Ok(ChatMessage {
+                role: role(&m.role, &format!("{field}.role"))?,
+                parts: parts(m.content, &field)?,
+            })
+        })
+        .collect()
+}
+
+fn finite_range(field: &str, value: f32, min: f32, max: f32) -> Result<()> {
+    if !value.is_finite() || value < min || value > max {
+        return Err(invalid(field, format!("{value} is outside {min}..={max}")));
+    }
+    Ok(())
+}
+
+fn sampling(params: Option<proto::SamplingParams>) -> Result<SamplingParams> {
+    let p = params.unwrap_or_default();
+    finite_range("sampling.temperature", p.temperature, 0.0, 100.0)?;
+    finite_range("sampling.top_p", p.top_p, 0.0, 1.0)?;
+    finite_range("sampling.min_p", p.min_p, 0.0, 1.0)?;
+    finite_range("sampling.repeat_penalty", p.repeat_penalty, 0.0, 100.0)?;
+    finite_range(
+        "sampling.presence_penalty",
+        p.presence_penalty,
+        -100.0,
+        100.0,
+    )?;
+    finite_range(
+        "sampling.frequency_penalty",
+        p.frequency_penalty,
+        -100.0,
+        100.0,
+    )?;
+    if p.top_k < 0 {
+        return Err(invalid(
+            "sampling.top_k",
+            format!("{} is negative", p.top_k),
+        ));
+    }
+    Ok(SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        seed: p.seed,
+    })
+}
+
+/// A Generate request; model-dependent limits (context) are checked by the engine.
+pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
+    if request.max_new_tokens == 0 {
+        return Err(invalid("max_new_tokens", "must be at least 1"));
+    }
+    if request.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(invalid(
+            "top_logprobs",
+            format!("{} is above {MAX_TOP_LOGPROBS}", request.top_logprobs),
+        ));
+    }
+    if request.stop.len() > MAX_STOP_SEQUENCES {
+        return Err(invalid(
+            "stop",
+            format!(
+                "{} sequences, at most {MAX_STOP_SEQUENCES}",
+                request.stop.len()
+            ),
+        ));
+    }
+    for (i, stop) in request.stop.iter().enumerate() {
+        if stop.is_empty() || stop.len() > MAX_STOP_BYTES {
+            return Err(invalid(
+                format!("stop[{i}]"),
+                format!("must be 1..={MAX_STOP_BYTES} bytes"),
+            ));
+        }
+    }
+    if request.request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(invalid(
+            "request_id",
+            format!("longer than {MAX_REQUEST_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(GenerateRequest {
+        sampling: sampling(request.sampling)?,
+        messages: messages(request.messages)?,
+        max_new_tokens: request.max_new_tokens,
+        stop: request.stop,
+        ignore_eos: request.ignore_eos,
+        top_logprobs: request.top_logprobs,
+        request_id: request.request_id,
+    })
+}
+
+/// An Embed request.
+pub fn embed(request: proto::EmbedRequest) -> Result<EmbedRequest> {
+    if request.inputs.is_empty() {
+        return Err(invalid("inputs", "at least one input is required"));
+    }
+    let pooling = match proto::Pooling::try_from(request.pooling) {
+        Ok(proto::Pooling::Mean) => Pooling::Mean,
+        Ok(proto::Pooling::Last) => Pooling::Last,
+        Err(_) => {
+            return Err(invalid(
+                "pooling",
+                format!("unknown pooling {}", request.pooling),
+            ))
+        }
+    };
+    let inputs = request
+        .inputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let field = format!("inputs[{i}]");
+            if input.content.is_empty() {
+                return Err(invalid(field, "input has no content"));
+            }
+            parts(input.content, &field)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(EmbedRequest {
+        inputs,
+        pooling,
+        normalize: request.normalize,
+    })
+}
