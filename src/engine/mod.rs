@@ -224,6 +224,9 @@ pub struct TokenCount {
     pub image_tokens: u32,
     /// Grid per image or frame.
     pub grids: Vec<ImageGrid>,
+    /// Every position's token id; image-embedding positions carry the
+    /// `<IMG_CONTEXT>` id (-1 when the vocabulary has none).
+    pub input_ids: Vec<i32>,
 }
 
 /// Where the engine is in its life.
@@ -246,11 +249,13 @@ pub struct Loaded {
     spec: TileSpec,
     limits: DecodeLimits,
     info: ModelInfo,
+    image_context_token: i32,
 }
 
 pub(crate) struct GenerateJob {
     prompt: Prompt,
     request: GenerateRequest,
+    arrived: Instant,
     enqueued: Instant,
     events: mpsc::Sender<worker::EventResult>,
 }
@@ -355,12 +360,32 @@ impl Engine {
         &self,
         messages: Vec<ChatMessage>,
     ) -> Result<TokenCount, EngineError> {
-        let (_, prompt) = self.chat_prompt(messages).await?;
+        let (loaded, prompt) = self.chat_prompt(messages).await?;
+        let per_tile = loaded.spec.tokens_per_tile as usize;
+        let input_ids = prompt
+            .pieces
+            .iter()
+            .flat_map(|piece| match piece {
+                prompt::Piece::Tokens(tokens) => tokens.clone(),
+                prompt::Piece::Image(tiled) => {
+                    vec![loaded.image_context_token; tiled.tiles.len() * per_tile]
+                }
+            })
+            .collect();
         Ok(TokenCount {
             prompt_tokens: prompt.prompt_tokens,
             image_tokens: prompt.image_tokens,
             grids: prompt.grids,
+            input_ids,
         })
+    }
+
+    /// Token ids of plain text, special tokens recognised.
+    pub async fn tokenize(&self, text: String) -> Result<Vec<i32>, EngineError> {
+        let loaded = self.loaded()?;
+        tokio::task::spawn_blocking(move || loaded.model.tokenize(&text, false, true))
+            .await
+            .map_err(|e| EngineError::Inference(format!("tokenization panicked: {e}")))?
     }
 
     /// Queues a generation; events arrive on the returned channel, ending with
@@ -370,7 +395,7 @@ impl Engine {
         &self,
         request: GenerateRequest,
     ) -> Result<mpsc::Receiver<Result<GenerateEvent, EngineError>>, EngineError> {
-        let enqueued = Instant::now();
+        let arrived = Instant::now();
         let messages = request.messages.clone();
         let (loaded, prompt) = self.chat_prompt(messages).await?;
         let n_ctx = loaded.info.context_size;
@@ -417,7 +442,8 @@ impl Engine {
         let job = GenerateJob {
             prompt,
             request,
-            enqueued,
+            arrived,
+            enqueued: Instant::now(),
             events,
         };
         self.submit(Command::Generate(Box::new(job)))?;

@@ -86,71 +86,67 @@ fn clip8(value: i64) -> u8 {
 
 /// Resizes `src` to `width` × `height` exactly as Pillow's `Image.resize(BICUBIC)`.
 pub fn resize_bicubic(src: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let (in_w, in_h) = (src.width() as usize, src.height() as usize);
-    let (out_w, out_h) = (width as usize, height as usize);
-    if in_w == out_w && in_h == out_h {
+    let (in_w, in_h) = src.dimensions();
+    // Pillow 13 runs the vertical pass first when the image gets wider and
+    // shorter at once, else the horizontal one (established against Pillow's
+    // output; the two orders round differently in the 8-bit intermediate).
+    if width > in_w && height < in_h {
+        horizontal_pass(&vertical_pass(src, height), width)
+    } else {
+        vertical_pass(&horizontal_pass(src, width), height)
+    }
+}
+
+/// One separable pass: every output pixel is a fixed-point weighted sum of
+/// input pixels `stride` bytes apart, starting at `start`.
+fn weighted(input: &[u8], start: usize, stride: usize, weights: &[i32], count: usize) -> [u8; 3] {
+    let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+    for (i, &w) in weights.iter().enumerate().take(count) {
+        let o = start + i * stride;
+        let w = i64::from(w);
+        acc[0] += i64::from(input[o]) * w;
+        acc[1] += i64::from(input[o + 1]) * w;
+        acc[2] += i64::from(input[o + 2]) * w;
+    }
+    [clip8(acc[0]), clip8(acc[1]), clip8(acc[2])]
+}
+
+fn horizontal_pass(src: &RgbImage, width: u32) -> RgbImage {
+    let (in_w, h) = src.dimensions();
+    if in_w == width {
         return src.clone();
     }
-    let horizontal = precompute(in_w, out_w);
-    let vertical = precompute(in_h, out_h);
+    let c = precompute(in_w as usize, width as usize);
     let input = src.as_raw();
-
-    // Horizontal pass, only over the rows the vertical pass will read.
-    let need_horizontal = in_w != out_w;
-    let first_row = vertical.bounds.first().map_or(0, |b| b.0);
-    let last_row = vertical.bounds.last().map_or(0, |b| b.0 + b.1);
-    let (temp, temp_w, row_offset) = if need_horizontal {
-        let rows = last_row - first_row;
-        let mut temp = vec![0u8; out_w * rows * 3];
-        for y in 0..rows {
-            let src_row = &input[(y + first_row) * in_w * 3..(y + first_row + 1) * in_w * 3];
-            for xx in 0..out_w {
-                let (xmin, count) = horizontal.bounds[xx];
-                let k = &horizontal.weights[xx * horizontal.ksize..];
-                let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-                for x in 0..count {
-                    let px = &src_row[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                    let w = i64::from(k[x]);
-                    acc[0] += i64::from(px[0]) * w;
-                    acc[1] += i64::from(px[1]) * w;
-                    acc[2] += i64::from(px[2]) * w;
-                }
-                let o = (y * out_w + xx) * 3;
-                temp[o] = clip8(acc[0]);
-                temp[o + 1] = clip8(acc[1]);
-                temp[o + 2] = clip8(acc[2]);
-            }
-        }
-        (temp, out_w, first_row)
-    } else {
-        (input.to_vec(), in_w, 0)
-    };
-
-    if in_h == out_h {
-        return RgbImage::from_raw(width, height, temp).expect("buffer sized for the output");
+    let mut out = RgbImage::new(width, h);
+    for (x, y, pixel) in out.enumerate_pixels_mut() {
+        let (first, count) = c.bounds[x as usize];
+        let start = (y as usize * in_w as usize + first) * 3;
+        pixel.0 = weighted(input, start, 3, &c.weights[x as usize * c.ksize..], count);
     }
+    out
+}
 
-    let mut out = vec![0u8; out_w * out_h * 3];
-    for yy in 0..out_h {
-        let (ymin, count) = vertical.bounds[yy];
-        let ymin = ymin - row_offset;
-        let k = &vertical.weights[yy * vertical.ksize..];
-        for xx in 0..temp_w {
-            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-            for y in 0..count {
-                let o = ((y + ymin) * temp_w + xx) * 3;
-                let w = i64::from(k[y]);
-                acc[0] += i64::from(temp[o]) * w;
-                acc[1] += i64::from(temp[o + 1]) * w;
-                acc[2] += i64::from(temp[o + 2]) * w;
-            }
-            let o = (yy * out_w + xx) * 3;
-            out[o] = clip8(acc[0]);
-            out[o + 1] = clip8(acc[1]);
-            out[o + 2] = clip8(acc[2]);
-        }
+fn vertical_pass(src: &RgbImage, height: u32) -> RgbImage {
+    let (w, in_h) = src.dimensions();
+    if in_h == height {
+        return src.clone();
     }
-    RgbImage::from_raw(width, height, out).expect("buffer sized for the output")
+    let c = precompute(in_h as usize, height as usize);
+    let input = src.as_raw();
+    let mut out = RgbImage::new(w, height);
+    for (x, y, pixel) in out.enumerate_pixels_mut() {
+        let (first, count) = c.bounds[y as usize];
+        let start = (first * w as usize + x as usize) * 3;
+        pixel.0 = weighted(
+            input,
+            start,
+            w as usize * 3,
+            &c.weights[y as usize * c.ksize..],
+            count,
+        );
+    }
+    out
 }
 
 #[cfg(test)]

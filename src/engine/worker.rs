@@ -101,6 +101,13 @@ impl Worker {
                 )));
             }
         }
+        let image_context_token = match model
+            .tokenize(super::prompt::IMAGE_PLACEHOLDER, false, true)?
+            .as_slice()
+        {
+            [id] => *id,
+            _ => -1,
+        };
         let vision = Vision::load(&paths.mmproj, model.clone(), &settings.vision)?;
         let context = Context::new(model.clone(), &settings.context)?;
         let name = model.meta("general.name").unwrap_or_else(|| {
@@ -145,6 +152,7 @@ impl Worker {
             spec,
             limits: settings.decode_limits,
             info,
+            image_context_token,
         });
         let worker = Worker {
             model,
@@ -244,6 +252,7 @@ impl Worker {
         let GenerateJob {
             prompt,
             request,
+            arrived,
             enqueued,
             events,
         } = job;
@@ -305,7 +314,7 @@ impl Worker {
                 return Ok(None);
             }
             if completion == 1 {
-                timings.ttft_ms = enqueued.elapsed().as_secs_f64() * 1e3;
+                timings.ttft_ms = arrived.elapsed().as_secs_f64() * 1e3;
             }
             if released.stopped {
                 break FinishReason::StopSequence;

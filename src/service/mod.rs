@@ -148,7 +148,16 @@ impl InternVl for InternVlService {
                     tiles: g.tiles,
                 })
                 .collect(),
+            input_ids: count.input_ids,
         }))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        let ids = self.engine.tokenize(request.into_inner().text).await?;
+        Ok(Response::new(proto::TokenizeResponse { ids }))
     }
 
     async fn get_model_info(

@@ -1,0 +1,264 @@
+//! Bad input gets INVALID_ARGUMENT naming the field, and the server keeps serving.
+
+mod common;
+
+use common::*;
+use internvl_grpc::service::proto;
+use tonic::Code;
+
+/// A PNG whose IHDR claims `width` × `height` (CRC is not checked before limits).
+fn png_header(width: u32, height: u32) -> Vec<u8> {
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut chunk = b"IHDR".to_vec();
+    chunk.extend_from_slice(&ihdr);
+    let crc = crc32(&chunk);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&(ihdr.len() as u32).to_be_bytes());
+    png.extend_from_slice(&chunk);
+    png.extend_from_slice(&crc.to_be_bytes());
+    png.extend_from_slice(&[0, 0, 0, 0]);
+    png.extend_from_slice(b"IEND");
+    png.extend_from_slice(&crc32(b"IEND").to_be_bytes());
+    png
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn hello() -> Vec<proto::Message> {
+    vec![user(vec![text("Hello! Who are you?")])]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
+    let server = start(tiny_config()).await;
+    let mut client = server.client().await;
+    let landscape = image_bytes("landscape_800x600.jpg");
+
+    let cases: Vec<(&str, proto::GenerateRequest, &str)> = vec![
+        (
+            "unknown role",
+            greedy(
+                vec![proto::Message {
+                    role: "wizard".into(),
+                    content: vec![text("hi")],
+                }],
+                4,
+            ),
+            "messages[0].role",
+        ),
+        ("empty messages", greedy(vec![], 4), "messages"),
+        (
+            "undecodable image",
+            greedy(
+                vec![user(vec![
+                    image(b"definitely not an image".to_vec()),
+                    text("?"),
+                ])],
+                4,
+            ),
+            "messages[0].content[0].image.data",
+        ),
+        (
+            "truncated png",
+            greedy(
+                vec![user(vec![image(
+                    image_bytes("square_448.png")[..200].to_vec(),
+                )])],
+                4,
+            ),
+            "messages[0].content[0].image.data",
+        ),
+        (
+            "zero-pixel image",
+            greedy(vec![user(vec![image(png_header(0, 0))])], 4),
+            "messages[0].content[0].image.data",
+        ),
+        (
+            "oversized image",
+            greedy(
+                vec![user(vec![
+                    text("look"),
+                    image(png_header(100_000, 100_000)),
+                ])],
+                4,
+            ),
+            "messages[0].content[1].image.data",
+        ),
+        (
+            "empty image bytes",
+            greedy(vec![user(vec![image(vec![])])], 4),
+            "messages[0].content[0].image.data",
+        ),
+        ("max_new_tokens 0", greedy(hello(), 0), "max_new_tokens"),
+        (
+            "max_new_tokens beyond the context",
+            greedy(hello(), 100_000),
+            "max_new_tokens",
+        ),
+        (
+            "prompt beyond the context",
+            greedy(
+                vec![user(vec![
+                    image(landscape.clone()),
+                    image(landscape.clone()),
+                    image(landscape.clone()),
+                    text("three big images"),
+                ])],
+                4,
+            ),
+            "messages",
+        ),
+        (
+            "reserved marker in text",
+            greedy(vec![user(vec![text("sneaky <IMG_CONTEXT> marker")])], 4),
+            "messages[0].content[0].text",
+        ),
+        (
+            "negative temperature",
+            proto::GenerateRequest {
+                sampling: Some(proto::SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                }),
+                ..greedy(hello(), 4)
+            },
+            "sampling.temperature",
+        ),
+        (
+            "top_p above one",
+            proto::GenerateRequest {
+                sampling: Some(proto::SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                }),
+                ..greedy(hello(), 4)
+            },
+            "sampling.top_p",
+        ),
+        (
+            "too many top_logprobs",
+            proto::GenerateRequest {
+                top_logprobs: 100_000,
+                ..greedy(hello(), 4)
+            },
+            "top_logprobs",
+        ),
+        (
+            "empty stop string",
+            proto::GenerateRequest {
+                stop: vec![String::new()],
+                ..greedy(hello(), 4)
+            },
+            "stop[0]",
+        ),
+        (
+            "min_tiles above max_tiles",
+            greedy(
+                vec![user(vec![proto::Content {
+                    part: Some(proto::content::Part::Image(proto::Image {
+                        data: landscape.clone(),
+                        max_tiles: 2,
+                        min_tiles: 6,
+                    })),
+                }])],
+                4,
+            ),
+            "messages[0].content[0].image.min_tiles",
+        ),
+        (
+            "content without a part",
+            greedy(vec![user(vec![proto::Content { part: None }])], 4),
+            "messages[0].content[0]",
+        ),
+        (
+            "empty video",
+            greedy(
+                vec![user(vec![proto::Content {
+                    part: Some(proto::content::Part::Video(proto::Video::default())),
+                }])],
+                4,
+            ),
+            "messages[0].content[0].video.frames",
+        ),
+    ];
+
+    for (name, request, field) in cases {
+        let status = match client.generate(request).await {
+            Ok(response) => collect(response.into_inner())
+                .await
+                .err()
+                .unwrap_or_else(|| {
+                    panic!("{name}: accepted");
+                }),
+            Err(status) => status,
+        };
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "{name}: message {:?} does not name {field}",
+            status.message()
+        );
+        // The server still answers a valid request after each refusal.
+        let ok = collect(
+            client
+                .generate(greedy(hello(), 2))
+                .await
+                .expect("valid request")
+                .into_inner(),
+        )
+        .await
+        .expect("valid stream");
+        assert_eq!(ok.ids.len(), 2, "{name}: follow-up request");
+    }
+
+    let status = client
+        .embed(proto::EmbedRequest {
+            inputs: vec![proto::EmbedInput {
+                content: vec![image(b"GIF89a broken".to_vec())],
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .starts_with("inputs[0].content[0].image.data:"),
+        "{}",
+        status.message()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_model_file_ends_run_with_its_name() {
+    let mut config = tiny_config();
+    config.model = "/nonexistent/model.gguf".into();
+    config.mmproj = fixture("mmproj-tiny-internvl-f32.gguf")
+        .display()
+        .to_string();
+    let server = start_unready(config).await;
+    let err = tokio::time::timeout(std::time::Duration::from_secs(30), server.handle)
+        .await
+        .expect("run ends")
+        .expect("task")
+        .expect_err("load must fail");
+    assert!(err.to_string().contains("/nonexistent/model.gguf"), "{err}");
+}

@@ -1,0 +1,241 @@
+//! Shared test harness: the real server on 127.0.0.1:0, real gRPC clients,
+//! and the reference data of the tiny fixture model.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use internvl_grpc::config::Config;
+use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+/// A running server; shut down (and joined) on drop of the runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub handle: JoinHandle<Result<(), internvl_grpc::ServeError>>,
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> InternVlClient<Channel> {
+        InternVlClient::connect(self.url())
+            .await
+            .expect("connect")
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn health(&self) -> HealthClient<Channel> {
+        let channel = Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        HealthClient::new(channel)
+    }
+
+    /// Asks the server to stop and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            tx.send(()).expect("server still running");
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.handle)
+            .await
+            .expect("server stops")
+            .expect("server task")
+            .expect("server result");
+    }
+}
+
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-internvl")
+}
+
+pub fn fixture(relative: &str) -> PathBuf {
+    fixture_dir().join(relative)
+}
+
+pub fn image_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(&format!("images/{name}"))).expect("fixture image")
+}
+
+pub fn reference() -> Value {
+    serde_json::from_slice(&std::fs::read(fixture("reference.json")).expect("reference.json"))
+        .expect("json")
+}
+
+/// The tiny fixture model, 2 threads.
+pub fn tiny_config() -> Config {
+    Config {
+        model: "tiny".into(),
+        threads: 2,
+        ..Config::default()
+    }
+}
+
+/// Starts the server and waits until health says SERVING.
+pub async fn start(config: Config) -> TestServer {
+    let server = start_unready(config).await;
+    let mut health = server.health().await;
+    for _ in 0..600 {
+        let status = health
+            .check(HealthCheckRequest {
+                service: "internvl.v1.InternVL".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+            .ok();
+        if status == Some(ServingStatus::Serving as i32) {
+            return server;
+        }
+        assert!(!server.handle.is_finished(), "server ended while loading");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server never became ready");
+}
+
+/// Starts the server without waiting for the model.
+pub async fn start_unready(config: Config) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(internvl_grpc::run(config, listener, async move {
+        // A dropped sender also means stop.
+        rx.await.ok();
+    }));
+    TestServer {
+        addr,
+        shutdown: Some(tx),
+        handle,
+    }
+}
+
+pub fn text(t: &str) -> proto::Content {
+    proto::Content {
+        part: Some(proto::content::Part::Text(t.into())),
+    }
+}
+
+pub fn image(data: Vec<u8>) -> proto::Content {
+    proto::Content {
+        part: Some(proto::content::Part::Image(proto::Image {
+            data,
+            max_tiles: 0,
+            min_tiles: 0,
+        })),
+    }
+}
+
+pub fn user(content: Vec<proto::Content>) -> proto::Message {
+    proto::Message {
+        role: "user".into(),
+        content,
+    }
+}
+
+/// Converts a reference chat case's messages into proto messages.
+pub fn reference_messages(case: &Value) -> Vec<proto::Message> {
+    case["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            let role = m["role"].as_str().expect("role").to_string();
+            let content = match &m["content"] {
+                Value::String(s) => vec![text(s)],
+                Value::Array(parts) => parts
+                    .iter()
+                    .map(|p| match p["type"].as_str().expect("type") {
+                        "text" => text(p["text"].as_str().expect("text")),
+                        "image" => image(image_bytes(p["image"].as_str().expect("image"))),
+                        "video" => proto::Content {
+                            part: Some(proto::content::Part::Video(proto::Video {
+                                frames: p["frames"]
+                                    .as_array()
+                                    .expect("frames")
+                                    .iter()
+                                    .map(|f| image_bytes(f.as_str().expect("frame")))
+                                    .collect(),
+                                num_frames: 0,
+                                fps: p["fps"].as_f64().unwrap_or(0.0) as f32,
+                            })),
+                        },
+                        other => panic!("unknown part type {other}"),
+                    })
+                    .collect(),
+                other => panic!("unexpected content {other}"),
+            };
+            proto::Message { role, content }
+        })
+        .collect()
+}
+
+pub fn ids(value: &Value) -> Vec<i32> {
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_i64().expect("int") as i32)
+        .collect()
+}
+
+pub fn npy(relative: &str) -> Vec<f32> {
+    let array: ndarray::ArrayD<f32> = ndarray_npy::read_npy(fixture(relative)).expect("npy");
+    array.iter().copied().collect()
+}
+
+/// Collects a Generate stream: (text, token ids, per-token top alternatives, done).
+pub struct Collected {
+    pub text: String,
+    pub ids: Vec<i32>,
+    pub tokens: Vec<proto::Token>,
+    pub done: Option<proto::Done>,
+}
+
+pub async fn collect(
+    mut stream: tonic::Streaming<proto::GenerateResponse>,
+) -> Result<Collected, tonic::Status> {
+    let mut out = Collected {
+        text: String::new(),
+        ids: Vec::new(),
+        tokens: Vec::new(),
+        done: None,
+    };
+    while let Some(msg) = stream.message().await? {
+        match msg.event.expect("event") {
+            proto::generate_response::Event::Delta(d) => {
+                assert!(out.done.is_none(), "delta after done");
+                out.text.push_str(&d.text);
+                out.ids.extend(d.tokens.iter().map(|t| t.id));
+                out.tokens.extend(d.tokens);
+            }
+            proto::generate_response::Event::Done(d) => {
+                assert!(out.done.is_none(), "two done events");
+                out.done = Some(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn greedy(messages: Vec<proto::Message>, max_new_tokens: u32) -> proto::GenerateRequest {
+    proto::GenerateRequest {
+        messages,
+        sampling: Some(proto::SamplingParams::default()),
+        max_new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,86 @@
+//! A missing or corrupt model file fails start-up of the real binary with a
+//! message naming the file and a non-zero exit.
+
+mod common;
+
+use std::process::Command;
+
+use common::fixture;
+
+fn serve(model: &str, mmproj: &str) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            model,
+            "--mmproj",
+            mmproj,
+        ])
+        .output()
+        .expect("binary runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str, bytes: &[u8]) -> String {
+    let dir = std::env::temp_dir().join(format!("internvl-startup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn missing_and_corrupt_files_fail_start_up_naming_the_file() {
+    let model = fixture("tiny-internvl-f32.gguf").display().to_string();
+    let mmproj = fixture("mmproj-tiny-internvl-f32.gguf")
+        .display()
+        .to_string();
+    let model_bytes = std::fs::read(&model).unwrap();
+    let mmproj_bytes = std::fs::read(&mmproj).unwrap();
+
+    let not_gguf = scratch("not-gguf.gguf", b"this is not a model at all");
+    let truncated_model = scratch(
+        "truncated-model.gguf",
+        &model_bytes[..model_bytes.len() / 3],
+    );
+    let truncated_mmproj = scratch("truncated-mmproj.gguf", &mmproj_bytes[..4096]);
+    let cases = [
+        (
+            "/nonexistent/model.gguf".to_string(),
+            mmproj.clone(),
+            "/nonexistent/model.gguf",
+        ),
+        (
+            model.clone(),
+            "/nonexistent/mmproj.gguf".to_string(),
+            "/nonexistent/mmproj.gguf",
+        ),
+        (not_gguf.clone(), mmproj.clone(), not_gguf.as_str()),
+        (
+            truncated_model.clone(),
+            mmproj.clone(),
+            truncated_model.as_str(),
+        ),
+        (
+            model.clone(),
+            truncated_mmproj.clone(),
+            truncated_mmproj.as_str(),
+        ),
+        // The language model given as the mmproj: a valid GGUF, but not a projector.
+        (model.clone(), model.clone(), model.as_str()),
+    ];
+    for (m, p, named) in &cases {
+        let (ok, stderr) = serve(m, p);
+        assert!(!ok, "start-up with {m} / {p} must fail");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains(named),
+            "last line {last:?} must name {named}"
+        );
+    }
+}
