@@ -410,7 +410,7 @@ impl Context {
         pos: i32,
         outputs: Outputs,
     ) -> Result<(), EngineError> {
-        if embd.len() % self.n_embd_inp != 0 {
+        if !embd.len().is_multiple_of(self.n_embd_inp) {
             return Err(EngineError::Inference(format!(
                 "embedding buffer of {} floats is not a multiple of {}",
                 embd.len(),

@@ -121,7 +121,7 @@ fn libjpeg_pixels(bytes: &[u8], width: u32, height: u32) -> Option<RgbImage> {
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
         let mut started = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
         let (w, h) = (started.width(), started.height());
-        let pixels = started.read_scanlines_flat()?;
+        let pixels = started.read_scanlines::<u8>()?;
         started.finish()?;
         Ok((w, h, pixels))
     });
