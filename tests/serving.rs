@@ -1,0 +1,207 @@
+//! Health while loading and when ready, reflection, and Generate options
+//! (stop sequences, seeded sampling), over real gRPC.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use internvl_grpc::service::proto;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+async fn health_status(server: &TestServer, service: &str) -> i32 {
+    server
+        .health()
+        .await
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_while_the_model_loads() {
+    // A named pipe as the model file: loading blocks on it until we write.
+    let dir = std::env::temp_dir().join(format!("internvl-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("model.gguf");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+
+    let mut config = tiny_config();
+    config.model = fifo.display().to_string();
+    config.mmproj = fixture("mmproj-tiny-internvl-f32.gguf")
+        .display()
+        .to_string();
+    let server = start_unready(config).await;
+
+    for service in ["", "internvl.v1.InternVL"] {
+        assert_eq!(
+            health_status(&server, service).await,
+            ServingStatus::NotServing as i32,
+            "{service:?}"
+        );
+    }
+    let status = server
+        .client()
+        .await
+        .get_model_info(proto::GetModelInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Feed the loader a file that is not a model: start-up fails, naming it.
+    let path = fifo.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(path, b"not a gguf"))
+        .await
+        .unwrap()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), server.handle)
+        .await
+        .expect("run ends")
+        .unwrap()
+        .expect_err("load fails");
+    assert!(err.to_string().contains("model.gguf"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_when_ready() {
+    let server = start(tiny_config()).await;
+    for service in ["", "internvl.v1.InternVL"] {
+        assert_eq!(
+            health_status(&server, service).await,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"internvl.v1.InternVL".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    let info = server
+        .client()
+        .await
+        .get_model_info(proto::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.vocab_size, info.embedding_size, info.tile_size),
+        (4026, 64, 448)
+    );
+    assert_eq!(
+        (info.min_tiles, info.max_tiles, info.image_tokens_per_tile),
+        (1, 12, 256)
+    );
+    assert_eq!(info.architecture, "qwen2");
+    assert!(info.chat_template.contains("<IMG_CONTEXT>"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sequences_and_seeded_sampling() {
+    let server = start(tiny_config()).await;
+    let mut client = server.client().await;
+    let hello = || vec![user(vec![text("Hello! Who are you?")])];
+
+    // The greedy reply starts "imum spiritames if…": stop at "ames".
+    let mut request = greedy(hello(), 24);
+    request.stop = vec!["ames".into()];
+    let got = collect(client.generate(request).await.unwrap().into_inner())
+        .await
+        .unwrap();
+    let done = got.done.unwrap();
+    assert_eq!(done.finish_reason, proto::FinishReason::StopSequence as i32);
+    assert_eq!(got.text, "imum spirit");
+    assert_eq!(
+        done.usage.unwrap().completion_tokens as usize,
+        got.ids.len()
+    );
+
+    // The same seed gives the same sample; logprobs are reported per token.
+    let sampled = |seed| proto::GenerateRequest {
+        sampling: Some(proto::SamplingParams {
+            temperature: 1.5,
+            top_k: 50,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..Default::default()
+        }),
+        top_logprobs: 2,
+        ..greedy(hello(), 16)
+    };
+    let a = collect(client.generate(sampled(7)).await.unwrap().into_inner())
+        .await
+        .unwrap();
+    let b = collect(client.generate(sampled(7)).await.unwrap().into_inner())
+        .await
+        .unwrap();
+    assert_eq!(a.ids, b.ids);
+    assert!(a
+        .tokens
+        .iter()
+        .all(|t| t.logprob <= 0.0 && t.top.len() == 2));
+    let greedy_ids = collect(
+        client
+            .generate(greedy(hello(), 16))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap()
+    .ids;
+    let mut differs = false;
+    for seed in 1..6 {
+        let c = collect(client.generate(sampled(seed)).await.unwrap().into_inner())
+            .await
+            .unwrap();
+        differs |= c.ids != greedy_ids;
+    }
+    assert!(
+        differs,
+        "temperature 1.5 never left the greedy path in 5 seeds"
+    );
+    server.stop().await;
+}
