@@ -13,7 +13,7 @@ pub mod service;
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -80,7 +80,12 @@ pub async fn run(
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        // Nagle off: a streamed token is one small write, and holding it back
+        // for an ACK cost 15 ms of TTFT and 3/4 of decode throughput (bench).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        );
     tokio::pin!(server);
 
     tokio::select! {

@@ -112,11 +112,8 @@ fn parts(content: Vec<proto::Content>, field: &str) -> Result<Vec<Part>> {
         .collect()
 }
 
-/// Messages of a Generate or CountTokens request.
+/// Messages of a Generate or CountTokens request (the engine refuses an empty list).
 pub fn messages(messages: Vec<proto::Message>) -> Result<Vec<ChatMessage>> {
-    if messages.is_empty() {
-        return Err(invalid("messages", "at least one message is required"));
-    }
     messages
         .into_iter()
         .enumerate()
@@ -173,11 +170,9 @@ fn sampling(params: Option<proto::SamplingParams>) -> Result<SamplingParams> {
     })
 }
 
-/// A Generate request; model-dependent limits (context) are checked by the engine.
+/// A Generate request; `max_new_tokens` and everything that depends on the
+/// model (context, vocabulary) are checked by the engine.
 pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
-    if request.max_new_tokens == 0 {
-        return Err(invalid("max_new_tokens", "must be at least 1"));
-    }
     if request.top_logprobs > MAX_TOP_LOGPROBS {
         return Err(invalid(
             "top_logprobs",
@@ -218,11 +213,8 @@ pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
     })
 }
 
-/// An Embed request.
+/// An Embed request (the engine refuses an empty list of inputs).
 pub fn embed(request: proto::EmbedRequest) -> Result<EmbedRequest> {
-    if request.inputs.is_empty() {
-        return Err(invalid("inputs", "at least one input is required"));
-    }
     let pooling = match proto::Pooling::try_from(request.pooling) {
         Ok(proto::Pooling::Mean) => Pooling::Mean,
         Ok(proto::Pooling::Last) => Pooling::Last,

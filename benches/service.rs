@@ -1,0 +1,293 @@
+//! Service vs bare llama.cpp, same model, threads and batch sizes, one run.
+//!
+//! `cargo bench` uses the bundled tiny model. Real shapes:
+//! `python3 ../shared/tools/make_bench_model.py DIR --shape internvl3-1b --type q8_0`, then
+//! `INTERNVL_BENCH_MODEL=DIR/…gguf INTERNVL_BENCH_MMPROJ=DIR/mmproj-…gguf cargo bench`.
+//! Other knobs: INTERNVL_BENCH_THREADS (default: all cores), INTERNVL_BENCH_TOKENS (128),
+//! INTERNVL_BENCH_REPEATS (3).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use internvl_grpc::config::Config;
+use internvl_grpc::engine::llama::{self, Context, Model, Outputs, Vision};
+use internvl_grpc::engine::sampling::argmax;
+use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Setup {
+    model: PathBuf,
+    mmproj: PathBuf,
+    threads: u32,
+    tokens: u32,
+    repeats: usize,
+}
+
+fn setup() -> Setup {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-internvl");
+    Setup {
+        model: std::env::var("INTERNVL_BENCH_MODEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| fixtures.join("tiny-internvl-f32.gguf")),
+        mmproj: std::env::var("INTERNVL_BENCH_MMPROJ")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| fixtures.join("mmproj-tiny-internvl-f32.gguf")),
+        threads: env_or(
+            "INTERNVL_BENCH_THREADS",
+            std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+        ),
+        tokens: env_or("INTERNVL_BENCH_TOKENS", 128),
+        repeats: env_or("INTERNVL_BENCH_REPEATS", 3),
+    }
+}
+
+fn config(s: &Setup) -> Config {
+    Config {
+        model: s.model.display().to_string(),
+        mmproj: s.mmproj.display().to_string(),
+        threads: s.threads,
+        n_ctx: 8192,
+        ..Config::default()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+const PROMPT: &str = "Describe the history of the bicycle in a few sentences.";
+
+/// Figures of one path (service or bare), medians over the repeats.
+#[derive(Default, Debug)]
+struct Figures {
+    text_ttft_ms: f64,
+    decode_tok_s: f64,
+    image_ttft_ms: f64,
+}
+
+fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
+    let prompt_tokens = &prompts.text;
+    llama::init_backend().unwrap();
+    let cfg = config(s).engine_settings().unwrap();
+    let model = Arc::new(Model::load(&s.model, &cfg.model).unwrap());
+    let mut vision = Vision::load(&s.mmproj, model.clone(), &cfg.vision).unwrap();
+    let mut ctx = Context::new(model.clone(), &cfg.context).unwrap();
+    let mut ttft = Vec::new();
+    let mut rate = Vec::new();
+    let mut image = Vec::new();
+    for _ in 0..s.repeats {
+        ctx.clear();
+        let t = Instant::now();
+        ctx.decode_tokens(prompt_tokens, 0, Outputs::Last).unwrap();
+        let mut token = argmax(ctx.logits(-1).unwrap());
+        ttft.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let first_pos = prompt_tokens.len() as i32;
+        for pos in first_pos..first_pos + s.tokens as i32 - 1 {
+            ctx.decode_tokens(&[token], pos, Outputs::Last).unwrap();
+            token = argmax(ctx.logits(-1).unwrap());
+        }
+        rate.push(f64::from(s.tokens - 1) / t.elapsed().as_secs_f64());
+
+        // One 448×448 tile: encode, then <img> embeddings </img> question.
+        ctx.clear();
+        let t = Instant::now();
+        let embd = vision.encode_tile(tile, 448).unwrap();
+        ctx.decode_tokens(&prompts.before_image, 0, Outputs::None)
+            .unwrap();
+        let mut pos = prompts.before_image.len() as i32;
+        for part in embd.chunks(ctx.n_batch() * model.n_embd_inp() as usize) {
+            ctx.decode_embeddings(part, pos, Outputs::None).unwrap();
+            pos += (part.len() / model.n_embd_inp() as usize) as i32;
+        }
+        ctx.decode_tokens(&prompts.after_image, pos, Outputs::Last)
+            .unwrap();
+        argmax(ctx.logits(-1).unwrap());
+        image.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Figures {
+        text_ttft_ms: median(ttft),
+        decode_tok_s: median(rate),
+        image_ttft_ms: median(image),
+    }
+}
+
+/// The token ids the service feeds the model for a text and a one-tile request.
+struct Prompts {
+    text: Vec<i32>,
+    before_image: Vec<i32>,
+    after_image: Vec<i32>,
+}
+
+async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, Prompts) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(internvl_grpc::run(config(s), listener, async move {
+        stopped.await.ok();
+    }));
+    let mut client = loop {
+        if let Ok(c) = InternVlClient::connect(format!("http://{addr}")).await {
+            if c.clone()
+                .get_model_info(proto::GetModelInfoRequest {})
+                .await
+                .is_ok()
+            {
+                break c.max_decoding_message_size(64 << 20);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let request = |content: Vec<proto::Content>, n: u32| proto::GenerateRequest {
+        messages: vec![proto::Message {
+            role: "user".into(),
+            content,
+        }],
+        sampling: Some(proto::SamplingParams::default()),
+        max_new_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let text = |t: &str| proto::Content {
+        part: Some(proto::content::Part::Text(t.into())),
+    };
+    let image_part = proto::Content {
+        part: Some(proto::content::Part::Image(proto::Image {
+            data: tile_png,
+            max_tiles: 1,
+            min_tiles: 1,
+        })),
+    };
+    let ids = |content: Vec<proto::Content>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .count_tokens(proto::CountTokensRequest {
+                    messages: request(content, 1).messages,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .input_ids
+        }
+    };
+    let with_image = ids(vec![image_part.clone(), text("What is shown?")]).await;
+    let image_context = *with_image
+        .iter()
+        .max_by_key(|&&id| with_image.iter().filter(|&&x| x == id).count())
+        .unwrap();
+    let first = with_image
+        .iter()
+        .position(|&id| id == image_context)
+        .unwrap();
+    let last = with_image
+        .iter()
+        .rposition(|&id| id == image_context)
+        .unwrap();
+    let prompts = Prompts {
+        text: ids(vec![text(PROMPT)]).await,
+        before_image: with_image[..first].to_vec(),
+        after_image: with_image[last + 1..].to_vec(),
+    };
+
+    let mut ttft = Vec::new();
+    let mut rate = Vec::new();
+    let mut image = Vec::new();
+    for _ in 0..s.repeats {
+        let t = Instant::now();
+        let mut stream = client
+            .generate(request(vec![text(PROMPT)], s.tokens))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut first = None;
+        let mut first_at = None;
+        while let Some(msg) = stream.message().await.unwrap() {
+            match msg.event.unwrap() {
+                proto::generate_response::Event::Delta(_) => {
+                    if first.is_none() {
+                        first = Some(t.elapsed().as_secs_f64() * 1e3);
+                        first_at = Some(Instant::now());
+                    }
+                }
+                proto::generate_response::Event::Done(_) => {}
+            }
+        }
+        let client_decode = first_at.unwrap().elapsed().as_secs_f64();
+        ttft.push(first.unwrap());
+        rate.push(f64::from(s.tokens - 1) / client_decode);
+
+        let t = Instant::now();
+        let mut stream = client
+            .generate(request(vec![image_part.clone(), text("What is shown?")], 1))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap();
+        image.push(t.elapsed().as_secs_f64() * 1e3);
+        while stream.message().await.unwrap().is_some() {}
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    (
+        Figures {
+            text_ttft_ms: median(ttft),
+            decode_tok_s: median(rate),
+            image_ttft_ms: median(image),
+        },
+        prompts,
+    )
+}
+
+fn main() {
+    let s = setup();
+    println!(
+        "model {} | mmproj {} | threads {} | {} tokens | {} repeats",
+        s.model.display(),
+        s.mmproj.display(),
+        s.threads,
+        s.tokens,
+        s.repeats
+    );
+    let png = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-internvl/images/square_448.png"),
+    )
+    .unwrap();
+    let tile = image::load_from_memory(&png).unwrap().to_rgb8();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (svc, prompts) = runtime.block_on(service(&s, png));
+    drop(runtime);
+    let bare = bare(&s, &prompts, tile.as_raw());
+
+    println!("| measure | service | bare llama.cpp | service/bare |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, a: f64, b: f64, unit: &str| {
+        println!("| {name} ({unit}) | {a:.2} | {b:.2} | {:.3} |", a / b)
+    };
+    row("text TTFT", svc.text_ttft_ms, bare.text_ttft_ms, "ms");
+    row(
+        "single-stream decode",
+        svc.decode_tok_s,
+        bare.decode_tok_s,
+        "tok/s",
+    );
+    row(
+        "1-tile image TTFT",
+        svc.image_ttft_ms,
+        bare.image_ttft_ms,
+        "ms",
+    );
+    // Per-token time the client sees beyond what bare decoding takes.
+    let overhead_ms = 1e3 / svc.decode_tok_s - 1e3 / bare.decode_tok_s;
+    println!("| service + gRPC overhead per streamed token (ms) | {overhead_ms:.4} | | |");
+}
