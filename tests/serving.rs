@@ -178,10 +178,24 @@ async fn stop_sequences_and_seeded_sampling() {
         .await
         .unwrap();
     assert_eq!(a.ids, b.ids);
-    assert!(a
+    assert!(a.tokens.iter().all(|t| t.logprob < 0.0 && t.top.len() == 2));
+    // logprobs alone: a probability per token, no alternatives.
+    let only = collect(
+        client
+            .generate(proto::GenerateRequest {
+                logprobs: true,
+                ..greedy(hello(), 4)
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    assert!(only
         .tokens
         .iter()
-        .all(|t| t.logprob <= 0.0 && t.top.len() == 2));
+        .all(|t| t.logprob < 0.0 && t.top.is_empty()));
     let greedy_ids = collect(
         client
             .generate(greedy(hello(), 16))

@@ -96,6 +96,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Alternatives reported per token.
     pub top_logprobs: u32,
+    /// Report each token's log-probability (implied by `top_logprobs > 0`).
+    pub logprobs: bool,
     /// Caller's id for logs.
     pub request_id: String,
 }
@@ -120,7 +122,7 @@ pub struct GeneratedToken {
     pub id: i32,
     /// Its text (lossy where the token is part of a character).
     pub text: String,
-    /// Log-probability under the model.
+    /// Log-probability under the model (0 unless requested).
     pub logprob: f32,
     /// Most likely alternatives, best first.
     pub top: Vec<TopToken>,
@@ -393,10 +395,11 @@ impl Engine {
     /// next decode step.
     pub async fn generate(
         &self,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
     ) -> Result<mpsc::Receiver<Result<GenerateEvent, EngineError>>, EngineError> {
         let arrived = Instant::now();
-        let messages = request.messages.clone();
+        // The prompt replaces the messages; moving them avoids copying image bytes.
+        let messages = std::mem::take(&mut request.messages);
         let (loaded, prompt) = self.chat_prompt(messages).await?;
         let n_ctx = loaded.info.context_size;
         if request.max_new_tokens == 0 {

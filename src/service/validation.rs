@@ -209,6 +209,7 @@ pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
         stop: request.stop,
         ignore_eos: request.ignore_eos,
         top_logprobs: request.top_logprobs,
+        logprobs: request.logprobs,
         request_id: request.request_id,
     })
 }
