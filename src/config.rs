@@ -60,6 +60,8 @@ pub struct Config {
     pub max_image_pixels: u64,
     /// Emit logs as JSON lines.
     pub log_json: bool,
+    /// On shutdown, seconds running requests get to finish before they are cut.
+    pub drain_grace_secs: f64,
 }
 
 impl Default for Config {
@@ -91,6 +93,7 @@ impl Default for Config {
             max_image_side: 16_384,
             max_image_pixels: 64 * 1024 * 1024,
             log_json: false,
+            drain_grace_secs: 30.0,
         }
     }
 }
@@ -187,6 +190,12 @@ impl Config {
             return Err(invalid(
                 "tensor_split",
                 "shares must be finite and non-negative",
+            ));
+        }
+        if !self.drain_grace_secs.is_finite() || self.drain_grace_secs < 0.0 {
+            return Err(invalid(
+                "drain_grace_secs",
+                "must be a finite, non-negative number of seconds",
             ));
         }
         if self.queue_depth == 0 || self.stream_buffer == 0 {

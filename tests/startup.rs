@@ -84,3 +84,34 @@ fn missing_and_corrupt_files_fail_start_up_naming_the_file() {
         );
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--model", "tiny", "--log-json", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Wait for readiness in the JSON log.
+    let mut ready = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("\"ready\"") {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready, "server never logged ready");
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}; log: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("draining")), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("drained")), "{rest:?}");
+}

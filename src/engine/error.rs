@@ -33,6 +33,18 @@ pub enum EngineError {
     /// The request queue is full; the client should retry later.
     #[error("the request queue is full, retry later")]
     QueueFull,
+    /// The server is draining: no new work, and work past the grace period is cut.
+    #[error("the server is shutting down; retry on another replica")]
+    ShuttingDown,
+    /// The caller's deadline passed; the sequence was freed.
+    #[error("deadline exceeded after {completed} generated tokens")]
+    DeadlineExceeded {
+        /// Tokens generated before the deadline.
+        completed: u32,
+    },
+    /// The client went away; nothing is sent (internal to the engine).
+    #[error("the client cancelled the request")]
+    ClientGone,
     /// The engine thread has stopped (shutdown or a failed load).
     #[error("the engine has stopped")]
     Stopped,

@@ -15,8 +15,9 @@ pub mod vision;
 mod worker;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -100,6 +101,8 @@ pub struct GenerateRequest {
     pub logprobs: bool,
     /// Caller's id for logs.
     pub request_id: String,
+    /// When the caller stops waiting (gRPC deadline).
+    pub deadline: Option<Instant>,
 }
 
 /// Why generation ended.
@@ -206,6 +209,8 @@ pub struct EmbedRequest {
     pub pooling: Pooling,
     /// Scale to unit norm.
     pub normalize: bool,
+    /// When the caller stops waiting (gRPC deadline).
+    pub deadline: Option<Instant>,
 }
 
 /// One pooled vector.
@@ -266,6 +271,7 @@ pub(crate) struct EmbedJob {
     prompts: Vec<Prompt>,
     pooling: Pooling,
     normalize: bool,
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Vec<Embedding>, EngineError>>,
 }
 
@@ -274,12 +280,33 @@ pub(crate) enum Command {
     Embed(EmbedJob),
 }
 
+/// Drain state shared by the handles and the engine thread.
+pub(crate) struct Lifecycle {
+    /// No new work is accepted.
+    draining: AtomicBool,
+    /// Work still running is cut at its next step.
+    aborting: AtomicBool,
+    /// Jobs accepted and not yet finished (queued or running).
+    in_flight: watch::Sender<usize>,
+}
+
+impl Lifecycle {
+    pub(crate) fn aborting(&self) -> bool {
+        self.aborting.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn finished_one(&self) {
+        self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// Handle to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     commands: mpsc::Sender<Command>,
     state: watch::Receiver<EngineState>,
     stream_buffer: usize,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl Engine {
@@ -292,15 +319,50 @@ impl Engine {
         let (commands, receiver) = mpsc::channel(settings.queue_depth.max(1));
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let stream_buffer = settings.stream_buffer.max(1);
+        let lifecycle = Arc::new(Lifecycle {
+            draining: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
+            in_flight: watch::Sender::new(0),
+        });
+        let worker_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
             .name("internvl-engine".into())
-            .spawn(move || worker::run(settings, resolve, receiver, state_tx))
+            .spawn(move || worker::run(settings, resolve, receiver, state_tx, worker_lifecycle))
             .map_err(|e| EngineError::Inference(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             commands,
             state,
             stream_buffer,
+            lifecycle,
         })
+    }
+
+    /// Whether [`Engine::drain`] has begun.
+    pub fn is_draining(&self) -> bool {
+        self.lifecycle.draining.load(Ordering::Acquire)
+    }
+
+    /// Stops taking work, lets accepted work finish for up to `grace`, then
+    /// cuts what is left (those callers get [`EngineError::ShuttingDown`]).
+    /// Returns once nothing is in flight.
+    pub async fn drain(&self, grace: Duration) {
+        self.lifecycle.draining.store(true, Ordering::Release);
+        let mut in_flight = self.lifecycle.in_flight.subscribe();
+        let idle = tokio::time::timeout(grace, in_flight.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
+        if !idle {
+            tracing::warn!(
+                requests = *in_flight.borrow(),
+                grace_ms = grace.as_millis() as u64,
+                "grace period over; cutting the requests still running"
+            );
+            self.lifecycle.aborting.store(true, Ordering::Release);
+            // Each is cut at its next decode step, so this is short.
+            if in_flight.wait_for(|n| *n == 0).await.is_err() {
+                tracing::warn!("engine thread ended while draining");
+            }
+        }
     }
 
     /// Watches the engine's state (loading, ready, failed, stopped).
@@ -405,6 +467,9 @@ impl Engine {
         if request.max_new_tokens == 0 {
             return Err(EngineError::invalid("max_new_tokens", "must be at least 1"));
         }
+        if request.deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(EngineError::DeadlineExceeded { completed: 0 });
+        }
         if request.max_new_tokens >= n_ctx {
             return Err(EngineError::invalid(
                 "max_new_tokens",
@@ -499,15 +564,24 @@ impl Engine {
             prompts,
             pooling: request.pooling,
             normalize: request.normalize,
+            deadline: request.deadline,
             reply,
         }))?;
         result.await.map_err(|_| EngineError::Stopped)?
     }
 
     fn submit(&self, command: Command) -> Result<(), EngineError> {
-        self.commands.try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+        if self.is_draining() {
+            return Err(EngineError::ShuttingDown);
+        }
+        // Counted before it is queued, so a drain never sees a job in neither place.
+        self.lifecycle.in_flight.send_modify(|n| *n += 1);
+        self.commands.try_send(command).map_err(|e| {
+            self.lifecycle.finished_one();
+            match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+            }
         })
     }
 }

@@ -12,8 +12,8 @@ use super::prompt::{ChatTemplate, Piece, Prompt};
 use super::sampling::{logprobs, TextStream, TokenSampler};
 use super::{
     Command, EmbedJob, Embedding, EngineError, EngineSettings, EngineState, FinishReason,
-    GenerateEvent, GenerateJob, GeneratedToken, Loaded, ModelInfo, ModelPaths, Pooling, Timings,
-    TopToken, Usage,
+    GenerateEvent, GenerateJob, GeneratedToken, Lifecycle, Loaded, ModelInfo, ModelPaths, Pooling,
+    Timings, TopToken, Usage,
 };
 
 /// Positions decoded per call when every position produces an output: llama.cpp
@@ -29,10 +29,11 @@ pub(super) fn run<F>(
     resolve: F,
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<EngineState>,
+    lifecycle: Arc<Lifecycle>,
 ) where
     F: FnOnce() -> Result<ModelPaths, EngineError>,
 {
-    let mut worker = match Worker::load(&settings, resolve) {
+    let mut worker = match Worker::load(&settings, resolve, lifecycle.clone()) {
         Ok((worker, loaded)) => {
             state.send_replace(EngineState::Ready(loaded));
             worker
@@ -48,6 +49,7 @@ pub(super) fn run<F>(
             Command::Generate(job) => worker.generate(*job),
             Command::Embed(job) => worker.embed(job),
         }
+        lifecycle.finished_one();
     }
     state.send_replace(EngineState::Stopped);
 }
@@ -57,6 +59,25 @@ struct Worker {
     context: Context,
     vision: Vision,
     tile_size: u32,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// Why a request must stop now, if it must: checked before every decode step.
+fn interruption(
+    lifecycle: &Lifecycle,
+    client_gone: bool,
+    deadline: Option<Instant>,
+    completed: u32,
+) -> Result<(), EngineError> {
+    if client_gone {
+        Err(EngineError::ClientGone)
+    } else if lifecycle.aborting() {
+        Err(EngineError::ShuttingDown)
+    } else if deadline.is_some_and(|d| Instant::now() >= d) {
+        Err(EngineError::DeadlineExceeded { completed })
+    } else {
+        Ok(())
+    }
 }
 
 fn token_text(model: &Model, id: i32) -> String {
@@ -64,7 +85,11 @@ fn token_text(model: &Model, id: i32) -> String {
 }
 
 impl Worker {
-    fn load<F>(settings: &EngineSettings, resolve: F) -> Result<(Self, Arc<Loaded>), EngineError>
+    fn load<F>(
+        settings: &EngineSettings,
+        resolve: F,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Result<(Self, Arc<Loaded>), EngineError>
     where
         F: FnOnce() -> Result<ModelPaths, EngineError>,
     {
@@ -159,21 +184,22 @@ impl Worker {
             context,
             vision,
             tile_size: spec.tile_size,
+            lifecycle,
         };
         Ok((worker, loaded))
     }
 
     /// Decodes the prompt, calling `on_outputs(context, n)` after each decode
-    /// with `Outputs::All`; returns vision and prefill milliseconds. Stops early
-    /// (returning `Ok(None)`) when `cancelled()` turns true.
+    /// with `Outputs::All`; returns vision and prefill milliseconds. Stops with
+    /// the error `interrupted()` returns before any tile or chunk.
     fn prefill(
         &mut self,
         prompt: &Prompt,
         outputs: Outputs,
         chunk: usize,
-        cancelled: &dyn Fn() -> bool,
+        interrupted: &dyn Fn() -> Result<(), EngineError>,
         on_outputs: &mut dyn FnMut(&Context, usize) -> Result<(), EngineError>,
-    ) -> Result<Option<(f64, f64)>, EngineError> {
+    ) -> Result<(f64, f64), EngineError> {
         let mut vision_ms = 0.0;
         let mut prefill_ms = 0.0;
         let mut pos = 0i32;
@@ -185,9 +211,7 @@ impl Worker {
                 Piece::Tokens(tokens) => {
                     let n_chunks = tokens.len().div_ceil(chunk);
                     for (c, part) in tokens.chunks(chunk).enumerate() {
-                        if cancelled() {
-                            return Ok(None);
-                        }
+                        interrupted()?;
                         let want = match outputs {
                             Outputs::All => Outputs::All,
                             _ if last_piece && c + 1 == n_chunks => Outputs::Last,
@@ -204,9 +228,7 @@ impl Worker {
                 }
                 Piece::Image(tiled) => {
                     for tile in &tiled.tiles {
-                        if cancelled() {
-                            return Ok(None);
-                        }
+                        interrupted()?;
                         let t = Instant::now();
                         let embd = self.vision.encode_tile(tile.as_raw(), self.tile_size)?;
                         vision_ms += ms(t);
@@ -224,7 +246,7 @@ impl Worker {
                 }
             }
         }
-        Ok(Some((vision_ms, prefill_ms)))
+        Ok((vision_ms, prefill_ms))
     }
 
     fn generate(&mut self, job: GenerateJob) {
@@ -232,8 +254,8 @@ impl Worker {
         let _enter = span.enter();
         let events = job.events.clone();
         match self.try_generate(job) {
-            Ok(Some(done)) => info!(?done, "generation finished"),
-            Ok(None) => info!("client left; generation cancelled"),
+            Ok(done) => info!(?done, "generation finished"),
+            Err(EngineError::ClientGone) => info!("client left; generation cancelled"),
             Err(e) => {
                 warn!("generation failed: {e}");
                 if events.blocking_send(Err(e)).is_err() {
@@ -244,11 +266,11 @@ impl Worker {
         self.context.clear();
     }
 
-    /// Runs one generation; `Ok(None)` when the client went away.
+    /// Runs one generation; [`EngineError::ClientGone`] when the client went away.
     fn try_generate(
         &mut self,
         job: GenerateJob,
-    ) -> Result<Option<(FinishReason, Usage, Timings)>, EngineError> {
+    ) -> Result<(FinishReason, Usage, Timings), EngineError> {
         let GenerateJob {
             prompt,
             request,
@@ -262,15 +284,18 @@ impl Worker {
             ..Timings::default()
         };
         self.context.clear();
-        let cancelled = || events.is_closed();
+        let lifecycle = self.lifecycle.clone();
+        let deadline = request.deadline;
+        let interrupted =
+            |completed| interruption(&lifecycle, events.is_closed(), deadline, completed);
         let n_batch = self.context.n_batch();
-        let Some((vision_ms, prefill_ms)) =
-            self.prefill(&prompt, Outputs::Last, n_batch, &cancelled, &mut |_, _| {
-                Ok(())
-            })?
-        else {
-            return Ok(None);
-        };
+        let (vision_ms, prefill_ms) = self.prefill(
+            &prompt,
+            Outputs::Last,
+            n_batch,
+            &|| interrupted(0),
+            &mut |_, _| Ok(()),
+        )?;
         timings.vision_ms = vision_ms;
         timings.prefill_ms = prefill_ms;
 
@@ -319,7 +344,7 @@ impl Worker {
                 tokens: vec![generated],
             };
             if events.blocking_send(Ok(delta)).is_err() {
-                return Ok(None);
+                return Err(EngineError::ClientGone);
             }
             if completion == 1 {
                 timings.ttft_ms = arrived.elapsed().as_secs_f64() * 1e3;
@@ -330,9 +355,7 @@ impl Worker {
             if completion >= request.max_new_tokens || pos >= n_ctx {
                 break FinishReason::Length;
             }
-            if cancelled() {
-                return Ok(None);
-            }
+            interrupted(completion)?;
             self.context.decode_tokens(&[token], pos, Outputs::Last)?;
             pos += 1;
         };
@@ -347,7 +370,7 @@ impl Worker {
                     }))
                     .is_err()
             {
-                return Ok(None);
+                return Err(EngineError::ClientGone);
             }
         }
         let usage = Usage {
@@ -362,29 +385,23 @@ impl Worker {
             timings,
         };
         if events.blocking_send(Ok(done)).is_err() {
-            return Ok(None);
+            return Err(EngineError::ClientGone);
         }
-        Ok(Some((finish, usage, timings)))
+        Ok((finish, usage, timings))
     }
 
     fn embed(&mut self, job: EmbedJob) {
-        let cancelled = || job.reply.is_closed();
-        let mut results = Vec::with_capacity(job.prompts.len());
-        let mut outcome = Ok(());
+        let lifecycle = self.lifecycle.clone();
+        let interrupted = || interruption(&lifecycle, job.reply.is_closed(), job.deadline, 0);
         self.context.set_embeddings(true);
-        for prompt in &job.prompts {
-            match self.embed_one(prompt, job.pooling, job.normalize, &cancelled) {
-                Ok(Some(e)) => results.push(e),
-                Ok(None) => break,
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
-            }
-        }
+        let outcome: Result<Vec<Embedding>, EngineError> = job
+            .prompts
+            .iter()
+            .map(|prompt| self.embed_one(prompt, job.pooling, job.normalize, &interrupted))
+            .collect();
         self.context.set_embeddings(false);
         self.context.clear();
-        if job.reply.send(outcome.map(|()| results)).is_err() {
+        if job.reply.send(outcome).is_err() {
             info!("embed client left before the reply");
         }
     }
@@ -394,18 +411,18 @@ impl Worker {
         prompt: &Prompt,
         pooling: Pooling,
         normalize: bool,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<Option<Embedding>, EngineError> {
+        interrupted: &dyn Fn() -> Result<(), EngineError>,
+    ) -> Result<Embedding, EngineError> {
         self.context.clear();
         let n_embd = self.model.n_embd() as usize;
         let mut sum = vec![0f64; n_embd];
         let mut last = vec![0f32; n_embd];
         let mut count = 0u32;
-        let done = self.prefill(
+        self.prefill(
             prompt,
             Outputs::All,
             EMBED_CHUNK,
-            cancelled,
+            interrupted,
             &mut |ctx, n| {
                 for i in 0..n {
                     let e = ctx.embeddings(i as i32)?;
@@ -418,9 +435,7 @@ impl Worker {
                 Ok(())
             },
         )?;
-        if done.is_none() {
-            return Ok(None);
-        }
+
         if count != prompt.prompt_tokens {
             return Err(EngineError::Inference(format!(
                 "pooled {count} positions of a {}-position input",
@@ -443,10 +458,10 @@ impl Worker {
                     .for_each(|v| *v = (f64::from(*v) / norm) as f32);
             }
         }
-        Ok(Some(Embedding {
+        Ok(Embedding {
             values,
             tokens: count,
-        }))
+        })
     }
 }
 

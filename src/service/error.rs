@@ -10,7 +10,11 @@ impl From<EngineError> for Status {
             EngineError::InvalidArgument { .. }
             | EngineError::InvalidImage(_)
             | EngineError::Template(_) => Code::InvalidArgument,
-            EngineError::NotReady | EngineError::Stopped => Code::Unavailable,
+            EngineError::NotReady | EngineError::Stopped | EngineError::ShuttingDown => {
+                Code::Unavailable
+            }
+            EngineError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            EngineError::ClientGone => Code::Cancelled,
             EngineError::QueueFull => Code::ResourceExhausted,
             EngineError::ModelFile { .. } => Code::FailedPrecondition,
             EngineError::Inference(_) => Code::Internal,

@@ -102,7 +102,9 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let request = validation::generate(request.into_inner())?;
+        let deadline = validation::deadline(request.metadata())?;
+        let mut request = validation::generate(request.into_inner())?;
+        request.deadline = deadline;
         let events = self.engine.generate(request).await?;
         // Dropping this stream (client gone) drops the receiver, which the
         // engine notices before its next decode step.
@@ -115,7 +117,9 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
-        let request = validation::embed(request.into_inner())?;
+        let deadline = validation::deadline(request.metadata())?;
+        let mut request = validation::embed(request.into_inner())?;
+        request.deadline = deadline;
         let embeddings = self.engine.embed(request).await?;
         let dimensions = embeddings.first().map_or(0, |e| e.values.len() as u32);
         Ok(Response::new(proto::EmbedResponse {

@@ -23,6 +23,31 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
 type Result<T> = std::result::Result<T, EngineError>;
 
+/// The caller's deadline from the `grpc-timeout` header (gRPC over HTTP/2:
+/// at most 8 digits and a unit of H, M, S, m, u or n).
+pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<std::time::Instant>> {
+    let Some(value) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || invalid("grpc-timeout", "malformed header");
+    let text = value.to_str().map_err(|_| bad())?;
+    if text.len() < 2 || text.len() > 9 {
+        return Err(bad());
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let amount: u64 = digits.parse().map_err(|_| bad())?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(amount.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(amount),
+        "m" => std::time::Duration::from_millis(amount),
+        "u" => std::time::Duration::from_micros(amount),
+        "n" => std::time::Duration::from_nanos(amount),
+        _ => return Err(bad()),
+    };
+    Ok(std::time::Instant::now().checked_add(timeout))
+}
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> EngineError {
     EngineError::invalid(field, message)
 }
@@ -211,6 +236,7 @@ pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
         top_logprobs: request.top_logprobs,
         logprobs: request.logprobs,
         request_id: request.request_id,
+        deadline: None,
     })
 }
 
@@ -242,5 +268,6 @@ pub fn embed(request: proto::EmbedRequest) -> Result<EmbedRequest> {
         inputs,
         pooling,
         normalize: request.normalize,
+        deadline: None,
     })
 }

@@ -44,6 +44,13 @@ impl TestServer {
         HealthClient::new(channel)
     }
 
+    /// Asks the server to shut down (drain) without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            tx.send(()).expect("server still running");
+        }
+    }
+
     /// Asks the server to stop and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

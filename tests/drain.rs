@@ -1,0 +1,135 @@
+//! Shutdown drains: health NOT_SERVING, new calls UNAVAILABLE, running streams
+//! finish within the grace period or are cut with UNAVAILABLE; deadlines end
+//! a stream with DEADLINE_EXCEEDED and free the engine.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use internvl_grpc::service::proto;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+
+fn hello() -> Vec<proto::Message> {
+    vec![user(vec![text("Hello! Who are you?")])]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_streams_finish_within_the_grace_period() {
+    let mut config = tiny_config();
+    config.drain_grace_secs = 60.0;
+    let mut server = start(config).await;
+    let mut client = server.client().await;
+    let mut health = server.health().await;
+
+    let mut running = client
+        .generate(greedy(hello(), 3000))
+        .await
+        .unwrap()
+        .into_inner();
+    running.message().await.unwrap().expect("first delta");
+    server.begin_shutdown();
+
+    // Load balancers see NOT_SERVING, new calls are refused, on the same connection.
+    let mut saw_not_serving = false;
+    for _ in 0..100 {
+        let status = health
+            .check(HealthCheckRequest {
+                service: "internvl.v1.InternVL".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if status.ok() == Some(ServingStatus::NotServing as i32) {
+            saw_not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        saw_not_serving,
+        "health never turned NOT_SERVING while draining"
+    );
+    let refused = client.generate(greedy(hello(), 2)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    // The running stream completes in full.
+    let rest = collect(running).await.expect("stream completes");
+    let done = rest.done.expect("done");
+    assert_eq!(done.finish_reason, proto::FinishReason::Length as i32);
+    assert_eq!(done.usage.unwrap().completion_tokens, 3000);
+
+    tokio::time::timeout(Duration::from_secs(30), server.handle)
+        .await
+        .expect("server exits after draining")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_grace_period_are_cut_with_unavailable() {
+    let mut config = tiny_config();
+    config.drain_grace_secs = 0.2;
+    let mut server = start(config).await;
+    let mut client = server.client().await;
+
+    let mut running = client
+        .generate(greedy(hello(), 8000))
+        .await
+        .unwrap()
+        .into_inner();
+    running.message().await.unwrap().expect("first delta");
+    let started = Instant::now();
+    server.begin_shutdown();
+    let cut = collect(running).await.err().expect("stream is cut");
+    assert_eq!(cut.code(), Code::Unavailable, "{cut:?}");
+    assert!(cut.message().contains("shutting down"), "{}", cut.message());
+    tokio::time::timeout(Duration::from_secs(30), server.handle)
+        .await
+        .expect("server exits")
+        .unwrap()
+        .unwrap();
+    eprintln!("cut and exited {:?} after shutdown", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_end_the_stream_and_free_the_engine() {
+    let server = start(tiny_config()).await;
+    let mut client = server.client().await;
+
+    let mut request = tonic::Request::new(greedy(hello(), 8000));
+    request.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let outcome = match client.generate(request).await {
+        Ok(stream) => collect(stream.into_inner()).await.err(),
+        Err(status) => Some(status),
+    };
+    let status = outcome.expect("the deadline ends the stream");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The engine's own status (not a client-side timer), after real progress.
+    assert!(
+        status.message().contains("generated tokens"),
+        "{}",
+        status.message()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The sequence was freed: the next request does not queue behind it.
+    let next = collect(
+        client
+            .generate(greedy(hello(), 2))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    let queue_ms = next.done.unwrap().timings.unwrap().queue_ms;
+    assert!(
+        queue_ms < 500.0,
+        "queued {queue_ms} ms behind an expired request"
+    );
+
+    server.stop().await;
+}
