@@ -62,6 +62,8 @@ pub struct Config {
     pub log_json: bool,
     /// On shutdown, seconds running requests get to finish before they are cut.
     pub drain_grace_secs: f64,
+    /// MiB of encoded image tiles kept for reuse (0 = no image cache).
+    pub image_cache_mb: usize,
 }
 
 impl Default for Config {
@@ -94,6 +96,7 @@ impl Default for Config {
             max_image_pixels: 64 * 1024 * 1024,
             log_json: false,
             drain_grace_secs: 30.0,
+            image_cache_mb: 512,
         }
     }
 }
@@ -232,6 +235,7 @@ impl Config {
             },
             queue_depth: self.queue_depth,
             stream_buffer: self.stream_buffer,
+            image_cache_bytes: self.image_cache_mb.saturating_mul(1024 * 1024),
         })
     }
 }

@@ -92,7 +92,15 @@ fn sigterm_drains_and_exits_cleanly() {
     use std::process::Stdio;
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--model", "tiny", "--log-json", "true"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "tiny",
+            "--log-json",
+            "true",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .expect("binary runs");
@@ -107,7 +115,10 @@ fn sigterm_drains_and_exits_cleanly() {
         }
     }
     assert!(ready, "server never logged ready");
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();

@@ -350,6 +350,15 @@ impl Context {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
     }
 
+    /// Forgets positions `pos..` (keeps the prefix before them).
+    pub fn remove_from(&mut self, pos: usize) -> bool {
+        let Ok(pos) = i32::try_from(pos) else {
+            return false;
+        };
+        // SAFETY: live context; removing a range of sequence 0 is always valid.
+        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), 0, pos, -1) }
+    }
+
     /// Whether the next decodes also extract per-position hidden states.
     pub fn set_embeddings(&mut self, on: bool) {
         // SAFETY: live context.

@@ -5,6 +5,7 @@
 //! channels. The model itself is read-only after loading and is shared so that
 //! tokenization and image tiling run on the caller's blocking threads.
 
+mod cache;
 mod error;
 mod gguf_meta;
 pub mod llama;
@@ -44,6 +45,8 @@ pub struct EngineSettings {
     pub queue_depth: usize,
     /// Events buffered per stream before the engine waits for the client.
     pub stream_buffer: usize,
+    /// Bytes of encoded tiles kept for reuse (0 = none).
+    pub image_cache_bytes: usize,
 }
 
 /// Where the two model files are on disk.
@@ -151,8 +154,10 @@ pub struct Usage {
     pub image_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
-    /// Prompt positions reused from cache.
+    /// Prompt positions reused from the KV cache (not decoded again).
     pub cached_tokens: u32,
+    /// Tiles whose encoding came from the image cache (not encoded again).
+    pub cached_image_tiles: u32,
 }
 
 /// Where a request's time went, in milliseconds.

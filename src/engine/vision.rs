@@ -53,9 +53,30 @@ pub struct TiledImage {
     pub rows: u32,
     /// Tiles row by row, then the thumbnail when there is more than one tile.
     pub tiles: Vec<RgbImage>,
+    /// SHA-256 of each tile's pixels: the identity under which its encoding
+    /// and its place in the KV cache are reused.
+    pub hashes: Vec<TileHash>,
 }
 
+/// Content hash of one tile's RGB pixels.
+pub type TileHash = [u8; 32];
+
 impl TiledImage {
+    /// Tiles with their content hashes.
+    pub fn new(cols: u32, rows: u32, tiles: Vec<RgbImage>) -> Self {
+        use sha2::{Digest, Sha256};
+        let hashes = tiles
+            .iter()
+            .map(|t| Sha256::digest(t.as_raw()).into())
+            .collect();
+        Self {
+            cols,
+            rows,
+            tiles,
+            hashes,
+        }
+    }
+
     /// Tiles the encoder runs on, the thumbnail included.
     pub fn tile_count(&self) -> u32 {
         self.tiles.len() as u32
@@ -218,7 +239,7 @@ pub fn tile_image(image: &RgbImage, spec: &TileSpec, min_tiles: u32, max_tiles: 
     if tiles.len() != 1 {
         tiles.push(resize_bicubic(image, t, t));
     }
-    TiledImage { cols, rows, tiles }
+    TiledImage::new(cols, rows, tiles)
 }
 
 /// The reference video sampler: `n` indices spread uniformly over `total`
@@ -235,11 +256,11 @@ pub fn sample_frame_indices(total: usize, n: usize) -> Vec<usize> {
 
 /// One video frame as the reference feeds it: a single 448×448 tile.
 pub fn frame_tile(frame: &RgbImage, spec: &TileSpec) -> TiledImage {
-    TiledImage {
-        cols: 1,
-        rows: 1,
-        tiles: vec![resize_bicubic(frame, spec.tile_size, spec.tile_size)],
-    }
+    TiledImage::new(
+        1,
+        1,
+        vec![resize_bicubic(frame, spec.tile_size, spec.tile_size)],
+    )
 }
 
 #[cfg(test)]

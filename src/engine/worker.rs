@@ -6,6 +6,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, info_span, warn};
 
+use super::cache::{prompt_items, EmbeddingCache, KvContents, KvItem};
 use super::gguf_meta::{check_header, read_tile_spec};
 use super::llama::{self, Context, Model, Outputs, Vision};
 use super::prompt::{ChatTemplate, Piece, Prompt};
@@ -59,7 +60,18 @@ struct Worker {
     context: Context,
     vision: Vision,
     tile_size: u32,
+    tokens_per_tile: usize,
     lifecycle: Arc<Lifecycle>,
+    embeddings: EmbeddingCache,
+    kv: KvContents,
+}
+
+/// What a prefill did.
+#[derive(Default)]
+struct PrefillStats {
+    vision_ms: f64,
+    prefill_ms: f64,
+    cached_tiles: u32,
 }
 
 /// Why a request must stop now, if it must: checked before every decode step.
@@ -184,33 +196,40 @@ impl Worker {
             context,
             vision,
             tile_size: spec.tile_size,
+            tokens_per_tile: spec.tokens_per_tile as usize,
             lifecycle,
+            embeddings: EmbeddingCache::new(settings.image_cache_bytes),
+            kv: KvContents::default(),
         };
         Ok((worker, loaded))
     }
 
-    /// Decodes the prompt, calling `on_outputs(context, n)` after each decode
-    /// with `Outputs::All`; returns vision and prefill milliseconds. Stops with
-    /// the error `interrupted()` returns before any tile or chunk.
+    /// Decodes the prompt after its first `skip` items (already in the KV
+    /// cache), calling `on_outputs(context, n)` after each decode with
+    /// `Outputs::All`. Stops with the error `interrupted()` returns before any
+    /// tile or chunk. Every decoded item is recorded in `self.kv`.
     fn prefill(
         &mut self,
         prompt: &Prompt,
+        skip: usize,
         outputs: Outputs,
         chunk: usize,
         interrupted: &dyn Fn() -> Result<(), EngineError>,
         on_outputs: &mut dyn FnMut(&Context, usize) -> Result<(), EngineError>,
-    ) -> Result<(f64, f64), EngineError> {
-        let mut vision_ms = 0.0;
-        let mut prefill_ms = 0.0;
-        let mut pos = 0i32;
+    ) -> Result<PrefillStats, EngineError> {
+        let mut stats = PrefillStats::default();
+        let mut skip = skip;
+        let mut pos = self.kv.positions() as i32;
         let n_pieces = prompt.pieces.len();
         let n_embd = self.model.n_embd_inp() as usize;
         for (i, piece) in prompt.pieces.iter().enumerate() {
             let last_piece = i + 1 == n_pieces;
             match piece {
                 Piece::Tokens(tokens) => {
-                    let n_chunks = tokens.len().div_ceil(chunk);
-                    for (c, part) in tokens.chunks(chunk).enumerate() {
+                    let rest = &tokens[skip.min(tokens.len())..];
+                    skip -= tokens.len() - rest.len();
+                    let n_chunks = rest.len().div_ceil(chunk);
+                    for (c, part) in rest.chunks(chunk).enumerate() {
                         interrupted()?;
                         let want = match outputs {
                             Outputs::All => Outputs::All,
@@ -219,19 +238,37 @@ impl Worker {
                         };
                         let t = Instant::now();
                         self.context.decode_tokens(part, pos, want)?;
-                        prefill_ms += ms(t);
+                        stats.prefill_ms += ms(t);
                         pos += part.len() as i32;
+                        for &token in part {
+                            self.kv.push(KvItem::Token(token), self.tokens_per_tile);
+                        }
                         if want == Outputs::All {
                             on_outputs(&self.context, part.len())?;
                         }
                     }
                 }
                 Piece::Image(tiled) => {
-                    for tile in &tiled.tiles {
+                    let first = skip.min(tiled.tiles.len());
+                    skip -= first;
+                    for (tile, hash) in tiled.tiles.iter().zip(&tiled.hashes).skip(first) {
                         interrupted()?;
-                        let t = Instant::now();
-                        let embd = self.vision.encode_tile(tile.as_raw(), self.tile_size)?;
-                        vision_ms += ms(t);
+                        let embd = match self.embeddings.get(hash) {
+                            Some(embd) => {
+                                stats.cached_tiles += 1;
+                                embd
+                            }
+                            None => {
+                                let t = Instant::now();
+                                let embd = Arc::new(
+                                    self.vision.encode_tile(tile.as_raw(), self.tile_size)?,
+                                );
+                                stats.vision_ms += ms(t);
+                                self.embeddings.insert(*hash, embd.clone());
+                                tracing::debug!(bytes = self.embeddings.bytes(), "image cache");
+                                embd
+                            }
+                        };
                         let t = Instant::now();
                         for part in embd.chunks(chunk * n_embd) {
                             let n = part.len() / n_embd;
@@ -241,12 +278,19 @@ impl Worker {
                                 on_outputs(&self.context, n)?;
                             }
                         }
-                        prefill_ms += ms(t);
+                        self.kv.push(KvItem::Tile(*hash), self.tokens_per_tile);
+                        stats.prefill_ms += ms(t);
                     }
                 }
             }
         }
-        Ok((vision_ms, prefill_ms))
+        Ok(stats)
+    }
+
+    /// Forgets the KV cache and what it held.
+    fn reset_kv(&mut self) {
+        self.context.clear();
+        self.kv.clear();
     }
 
     fn generate(&mut self, job: GenerateJob) {
@@ -255,15 +299,17 @@ impl Worker {
         let events = job.events.clone();
         match self.try_generate(job) {
             Ok(done) => info!(?done, "generation finished"),
+            // The KV cache is consistent with `self.kv` up to the last decode.
             Err(EngineError::ClientGone) => info!("client left; generation cancelled"),
             Err(e) => {
-                warn!("generation failed: {e}");
+                // A failed or cut decode leaves the cache in an unknown state.
+                self.reset_kv();
+                warn!("generation ended: {e}");
                 if events.blocking_send(Err(e)).is_err() {
                     info!("client left before the error could be sent");
                 }
             }
         }
-        self.context.clear();
     }
 
     /// Runs one generation; [`EngineError::ClientGone`] when the client went away.
@@ -283,21 +329,30 @@ impl Worker {
             queue_ms: (started - enqueued).as_secs_f64() * 1e3,
             ..Timings::default()
         };
-        self.context.clear();
+        // Resume after the longest prefix the KV cache already holds.
+        let items = prompt_items(&prompt);
+        let mut reused = self.kv.reusable(&items);
+        let mut cached_positions = self.kv.truncate(reused, self.tokens_per_tile);
+        if !self.context.remove_from(cached_positions) {
+            self.reset_kv();
+            reused = 0;
+            cached_positions = 0;
+        }
         let lifecycle = self.lifecycle.clone();
         let deadline = request.deadline;
         let interrupted =
             |completed| interruption(&lifecycle, events.is_closed(), deadline, completed);
         let n_batch = self.context.n_batch();
-        let (vision_ms, prefill_ms) = self.prefill(
+        let stats = self.prefill(
             &prompt,
+            reused,
             Outputs::Last,
             n_batch,
             &|| interrupted(0),
             &mut |_, _| Ok(()),
         )?;
-        timings.vision_ms = vision_ms;
-        timings.prefill_ms = prefill_ms;
+        timings.vision_ms = stats.vision_ms;
+        timings.prefill_ms = stats.prefill_ms;
 
         let mut sampler = TokenSampler::new(&request.sampling, self.model.n_vocab());
         sampler.accept_prompt(prompt.text_tokens());
@@ -357,6 +412,7 @@ impl Worker {
             }
             interrupted(completion)?;
             self.context.decode_tokens(&[token], pos, Outputs::Last)?;
+            self.kv.push(KvItem::Token(token), self.tokens_per_tile);
             pos += 1;
         };
         timings.decode_ms = ms(decode_started);
@@ -377,7 +433,8 @@ impl Worker {
             prompt_tokens: prompt.prompt_tokens,
             image_tokens: prompt.image_tokens,
             completion_tokens: completion,
-            cached_tokens: 0,
+            cached_tokens: cached_positions as u32,
+            cached_image_tiles: stats.cached_tiles,
         };
         let done = GenerateEvent::Done {
             finish_reason: finish,
@@ -393,6 +450,7 @@ impl Worker {
     fn embed(&mut self, job: EmbedJob) {
         let lifecycle = self.lifecycle.clone();
         let interrupted = || interruption(&lifecycle, job.reply.is_closed(), job.deadline, 0);
+        self.reset_kv();
         self.context.set_embeddings(true);
         let outcome: Result<Vec<Embedding>, EngineError> = job
             .prompts
@@ -400,7 +458,7 @@ impl Worker {
             .map(|prompt| self.embed_one(prompt, job.pooling, job.normalize, &interrupted))
             .collect();
         self.context.set_embeddings(false);
-        self.context.clear();
+        self.reset_kv();
         if job.reply.send(outcome).is_err() {
             info!("embed client left before the reply");
         }
@@ -413,13 +471,14 @@ impl Worker {
         normalize: bool,
         interrupted: &dyn Fn() -> Result<(), EngineError>,
     ) -> Result<Embedding, EngineError> {
-        self.context.clear();
         let n_embd = self.model.n_embd() as usize;
         let mut sum = vec![0f64; n_embd];
         let mut last = vec![0f32; n_embd];
         let mut count = 0u32;
+        self.reset_kv();
         self.prefill(
             prompt,
+            0,
             Outputs::All,
             EMBED_CHUNK,
             interrupted,

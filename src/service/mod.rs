@@ -79,6 +79,7 @@ fn response(event: GenerateEvent) -> proto::GenerateResponse {
                 image_tokens: usage.image_tokens,
                 completion_tokens: usage.completion_tokens,
                 cached_tokens: usage.cached_tokens,
+                cached_image_tiles: usage.cached_image_tiles,
             }),
             timings: Some(proto::Timings {
                 queue_ms: timings.queue_ms,

@@ -1,0 +1,170 @@
+//! Work not repeated: encoded tiles by content hash, and what the sequence's
+//! KV cache already holds so a prompt that starts the same way resumes there.
+
+use std::sync::Arc;
+
+use lru::LruCache;
+
+use super::prompt::{Piece, Prompt};
+use super::vision::TileHash;
+
+/// Encoded tiles, bounded in bytes; the least recently used go first.
+pub struct EmbeddingCache {
+    entries: LruCache<TileHash, Arc<Vec<f32>>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl EmbeddingCache {
+    /// A cache holding at most `budget` bytes of embeddings (0 disables it).
+    pub fn new(budget: usize) -> Self {
+        Self {
+            entries: LruCache::unbounded(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// The embeddings of a tile seen before, marking them recently used.
+    pub fn get(&mut self, hash: &TileHash) -> Option<Arc<Vec<f32>>> {
+        self.entries.get(hash).cloned()
+    }
+
+    /// Keeps a tile's embeddings, evicting the least recently used over budget.
+    pub fn insert(&mut self, hash: TileHash, embeddings: Arc<Vec<f32>>) {
+        let size = embeddings.len() * std::mem::size_of::<f32>();
+        if size > self.budget {
+            return;
+        }
+        if let Some(old) = self.entries.put(hash, embeddings) {
+            self.bytes -= old.len() * std::mem::size_of::<f32>();
+        }
+        self.bytes += size;
+        while self.bytes > self.budget {
+            match self.entries.pop_lru() {
+                Some((_, evicted)) => self.bytes -= evicted.len() * std::mem::size_of::<f32>(),
+                None => break,
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// One unit of the KV cache's content: a token, or a whole tile's positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvItem {
+    /// One position holding this token.
+    Token(i32),
+    /// `tokens_per_tile` positions holding this tile's embeddings.
+    Tile(TileHash),
+}
+
+/// The prompt as KV items, in order.
+pub fn prompt_items(prompt: &Prompt) -> Vec<KvItem> {
+    let mut items = Vec::with_capacity(prompt.pieces.len());
+    for piece in &prompt.pieces {
+        match piece {
+            Piece::Tokens(tokens) => items.extend(tokens.iter().map(|&t| KvItem::Token(t))),
+            Piece::Image(tiled) => items.extend(tiled.hashes.iter().map(|&h| KvItem::Tile(h))),
+        }
+    }
+    items
+}
+
+/// What the sequence's KV cache holds, item by item from position 0.
+#[derive(Debug, Default)]
+pub struct KvContents {
+    items: Vec<KvItem>,
+    positions: usize,
+}
+
+impl KvContents {
+    /// Records items just decoded after the current end.
+    pub fn push(&mut self, item: KvItem, tokens_per_tile: usize) {
+        self.positions += item_positions(item, tokens_per_tile);
+        self.items.push(item);
+    }
+
+    /// Positions covered.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    /// Forgets everything (the KV cache was cleared).
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.positions = 0;
+    }
+
+    /// Keeps the first `items`, returning the positions they cover.
+    pub fn truncate(&mut self, items: usize, tokens_per_tile: usize) -> usize {
+        self.items.truncate(items);
+        self.positions = self
+            .items
+            .iter()
+            .map(|&i| item_positions(i, tokens_per_tile))
+            .sum();
+        self.positions
+    }
+
+    /// How many leading items of `prompt` are already in the cache, leaving at
+    /// least the prompt's last token to decode (its logits start generation).
+    pub fn reusable(&self, prompt: &[KvItem]) -> usize {
+        let common = self
+            .items
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common.min(prompt.len().saturating_sub(1))
+    }
+}
+
+fn item_positions(item: KvItem, tokens_per_tile: usize) -> usize {
+    match item {
+        KvItem::Token(_) => 1,
+        KvItem::Tile(_) => tokens_per_tile,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_stays_within_its_budget_and_drops_the_oldest() {
+        let mut cache = EmbeddingCache::new(3 * 4 * 10);
+        for i in 0..4u8 {
+            cache.insert([i; 32], Arc::new(vec![0.0; 10]));
+        }
+        assert_eq!(cache.bytes(), 120);
+        assert!(cache.get(&[0; 32]).is_none());
+        assert!(cache.get(&[3; 32]).is_some());
+        // Touching 1 makes 2 the oldest.
+        assert!(cache.get(&[1; 32]).is_some());
+        cache.insert([9; 32], Arc::new(vec![0.0; 10]));
+        assert!(cache.get(&[2; 32]).is_none() && cache.get(&[1; 32]).is_some());
+    }
+
+    #[test]
+    fn reuse_stops_at_the_first_difference_and_keeps_one_token() {
+        let mut kv = KvContents::default();
+        let a = [
+            KvItem::Token(1),
+            KvItem::Tile([7; 32]),
+            KvItem::Token(2),
+            KvItem::Token(3),
+        ];
+        for item in a {
+            kv.push(item, 256);
+        }
+        assert_eq!(kv.reusable(&a), 3, "the last token is decoded again");
+        let b = [KvItem::Token(1), KvItem::Tile([8; 32]), KvItem::Token(2)];
+        assert_eq!(kv.reusable(&b), 1);
+        assert_eq!(kv.truncate(2, 256), 257);
+    }
+}

@@ -1,0 +1,62 @@
+//! Work not repeated: a prompt that starts like the previous one resumes from
+//! the KV cache, a tile seen before is not encoded again, and answers stay
+//! the same.
+
+mod common;
+
+use common::*;
+use internvl_grpc::service::proto;
+
+async fn run(
+    client: &mut internvl_grpc::service::proto::intern_vl_client::InternVlClient<
+        tonic::transport::Channel,
+    >,
+    messages: Vec<proto::Message>,
+) -> (Vec<i32>, proto::Usage, proto::Timings) {
+    let got = collect(
+        client
+            .generate(greedy(messages, 8))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    let done = got.done.unwrap();
+    (got.ids, done.usage.unwrap(), done.timings.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_prefixes_and_images_are_not_recomputed() {
+    let server = start(tiny_config()).await;
+    let mut client = server.client().await;
+    let landscape = || image(image_bytes("landscape_800x600.jpg"));
+    let ask = |q: &str| vec![user(vec![landscape(), text(q)])];
+
+    let (first_ids, first, first_t) = run(&mut client, ask("Describe the picture.")).await;
+    assert_eq!(first.cached_tokens, 0);
+    assert_eq!(first.cached_image_tiles, 0);
+    assert!(first_t.vision_ms > 0.0);
+
+    // The same request: everything but the last prompt token comes from the KV cache.
+    let (again_ids, again, again_t) = run(&mut client, ask("Describe the picture.")).await;
+    assert_eq!(again_ids, first_ids, "same answer from the cache");
+    assert_eq!(again.cached_tokens, again.prompt_tokens - 1);
+    assert_eq!(again_t.vision_ms, 0.0, "no tile encoded again");
+
+    // Same image, another question: the image block is reused, the question is new.
+    let (_, other, other_t) = run(&mut client, ask("What colors are there?")).await;
+    assert!(other.cached_tokens > other.image_tokens, "{other:?}");
+    assert!(other.cached_tokens < other.prompt_tokens - 1, "{other:?}");
+    assert_eq!(other_t.vision_ms, 0.0);
+
+    // A different prompt in between pushes the image out of the KV cache, but
+    // its tiles are still in the image cache: no vision time, 13 cached tiles.
+    run(&mut client, vec![user(vec![text("Hello! Who are you?")])]).await;
+    let (back_ids, back, back_t) = run(&mut client, ask("Describe the picture.")).await;
+    assert_eq!(back_ids, first_ids, "same answer from cached tiles");
+    assert!(back.cached_tokens < back.image_tokens, "{back:?}");
+    assert_eq!(back.cached_image_tiles, 13);
+    assert_eq!(back_t.vision_ms, 0.0);
+    server.stop().await;
+}
