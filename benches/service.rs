@@ -169,6 +169,19 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
     let text = |t: &str| proto::Content {
         part: Some(proto::content::Part::Text(t.into())),
     };
+    // A system prompt that differs per repeat a few tokens in, so the KV cache
+    // cannot answer for the text prompt: TTFT stays a cold measurement, as bare.
+    let cold_text = |repeat: usize, n: u32| {
+        let mut r = request(vec![text(PROMPT)], n);
+        r.messages.insert(
+            0,
+            proto::Message {
+                role: "system".into(),
+                content: vec![text(&format!("Run {repeat}. You are a helpful assistant."))],
+            },
+        );
+        r
+    };
     let image_part = proto::Content {
         part: Some(proto::content::Part::Image(proto::Image {
             data: tile_png.clone(),
@@ -203,7 +216,15 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
         .rposition(|&id| id == image_context)
         .unwrap();
     let prompts = Prompts {
-        text: ids(vec![text(PROMPT)]).await,
+        text: client
+            .clone()
+            .count_tokens(proto::CountTokensRequest {
+                messages: cold_text(0, s.tokens).messages,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .input_ids,
         before_image: with_image[..first].to_vec(),
         after_image: with_image[last + 1..].to_vec(),
     };
@@ -215,7 +236,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
     for repeat in 0..s.repeats {
         let t = Instant::now();
         let mut stream = client
-            .generate(request(vec![text(PROMPT)], s.tokens))
+            .generate(cold_text(repeat, s.tokens))
             .await
             .unwrap()
             .into_inner();
