@@ -17,15 +17,7 @@ async fn dropping_the_stream_frees_the_engine() {
     let hello = || vec![user(vec![text("Hello! Who are you?")])];
 
     // How long the long generation takes when nobody cancels it.
-    let full = collect(
-        client
-            .generate(greedy(hello(), LONG))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await
-    .unwrap();
+    let full = generate_ok(&mut client, greedy(hello(), LONG)).await;
     assert_eq!(full.ids.len(), LONG as usize);
     let full_ms = full.done.unwrap().timings.unwrap().decode_ms;
 
@@ -43,15 +35,7 @@ async fn dropping_the_stream_frees_the_engine() {
     // The next request waits only for the cancelled one to notice, not for it
     // to finish: its queue time is a small fraction of the full run.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let next = collect(
-        client
-            .generate(greedy(hello(), 2))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await
-    .unwrap();
+    let next = generate_ok(&mut client, greedy(hello(), 2)).await;
     let queue_ms = next.done.unwrap().timings.unwrap().queue_ms;
     eprintln!("full run {full_ms:.0} ms; queue after cancel {queue_ms:.1} ms");
     assert!(

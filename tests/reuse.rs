@@ -13,15 +13,7 @@ async fn run(
     >,
     messages: Vec<proto::Message>,
 ) -> (Vec<i32>, proto::Usage, proto::Timings) {
-    let got = collect(
-        client
-            .generate(greedy(messages, 8))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await
-    .unwrap();
+    let got = generate_ok(client, greedy(messages, 8)).await;
     let done = got.done.unwrap();
     (got.ids, done.usage.unwrap(), done.timings.unwrap())
 }

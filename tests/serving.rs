@@ -148,9 +148,7 @@ async fn stop_sequences_and_seeded_sampling() {
     // The greedy reply starts "imum spiritames if…": stop at "ames".
     let mut request = greedy(hello(), 24);
     request.stop = vec!["ames".into()];
-    let got = collect(client.generate(request).await.unwrap().into_inner())
-        .await
-        .unwrap();
+    let got = generate_ok(&mut client, request).await;
     let done = got.done.unwrap();
     assert_eq!(done.finish_reason, proto::FinishReason::StopSequence as i32);
     assert_eq!(got.text, "imum spirit");
@@ -171,46 +169,27 @@ async fn stop_sequences_and_seeded_sampling() {
         top_logprobs: 2,
         ..greedy(hello(), 16)
     };
-    let a = collect(client.generate(sampled(7)).await.unwrap().into_inner())
-        .await
-        .unwrap();
-    let b = collect(client.generate(sampled(7)).await.unwrap().into_inner())
-        .await
-        .unwrap();
+    let a = generate_ok(&mut client, sampled(7)).await;
+    let b = generate_ok(&mut client, sampled(7)).await;
     assert_eq!(a.ids, b.ids);
     assert!(a.tokens.iter().all(|t| t.logprob < 0.0 && t.top.len() == 2));
     // logprobs alone: a probability per token, no alternatives.
-    let only = collect(
-        client
-            .generate(proto::GenerateRequest {
-                logprobs: true,
-                ..greedy(hello(), 4)
-            })
-            .await
-            .unwrap()
-            .into_inner(),
+    let only = generate_ok(
+        &mut client,
+        proto::GenerateRequest {
+            logprobs: true,
+            ..greedy(hello(), 4)
+        },
     )
-    .await
-    .unwrap();
+    .await;
     assert!(only
         .tokens
         .iter()
         .all(|t| t.logprob < 0.0 && t.top.is_empty()));
-    let greedy_ids = collect(
-        client
-            .generate(greedy(hello(), 16))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await
-    .unwrap()
-    .ids;
+    let greedy_ids = generate_ok(&mut client, greedy(hello(), 16)).await.ids;
     let mut differs = false;
     for seed in 1..6 {
-        let c = collect(client.generate(sampled(seed)).await.unwrap().into_inner())
-            .await
-            .unwrap();
+        let c = generate_ok(&mut client, sampled(seed)).await;
         differs |= c.ids != greedy_ids;
     }
     assert!(

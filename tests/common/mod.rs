@@ -237,6 +237,22 @@ pub async fn collect(
     Ok(out)
 }
 
+/// A Generate call that must succeed, collected.
+pub async fn generate_ok(
+    client: &mut InternVlClient<Channel>,
+    request: proto::GenerateRequest,
+) -> Collected {
+    collect(
+        client
+            .generate(request)
+            .await
+            .expect("generate accepted")
+            .into_inner(),
+    )
+    .await
+    .expect("stream completes")
+}
+
 pub fn greedy(messages: Vec<proto::Message>, max_new_tokens: u32) -> proto::GenerateRequest {
     proto::GenerateRequest {
         messages,
