@@ -64,6 +64,16 @@ pub struct Config {
     pub drain_grace_secs: f64,
     /// MiB of encoded image tiles kept for reuse (0 = no image cache).
     pub image_cache_mb: usize,
+    /// Accepted API keys (`authorization: Bearer <key>`); empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Health and reflection answer without an API key (for probes and tooling).
+    pub open_health_and_reflection: bool,
+    /// PEM certificate chain; with `tls_key`, serve TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates are required (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -97,6 +107,11 @@ impl Default for Config {
             log_json: false,
             drain_grace_secs: 30.0,
             image_cache_mb: 512,
+            api_keys: Vec::new(),
+            open_health_and_reflection: true,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -142,7 +157,8 @@ impl Config {
                 config::Environment::with_prefix("INTERNVL")
                     .try_parsing(true)
                     .list_separator(",")
-                    .with_list_parse_key("tensor_split"),
+                    .with_list_parse_key("tensor_split")
+                    .with_list_parse_key("api_keys"),
             )
             .add_source(config::Config::try_from(overrides)?)
             .build()?
@@ -200,6 +216,18 @@ impl Config {
                 "drain_grace_secs",
                 "must be a finite, non-negative number of seconds",
             ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid("tls_cert", "tls_cert and tls_key go together"));
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(invalid(
+                "tls_client_ca",
+                "mutual TLS needs tls_cert and tls_key",
+            ));
+        }
+        if self.api_keys.iter().any(|k| k.is_empty()) {
+            return Err(invalid("api_keys", "an API key cannot be empty"));
         }
         if self.queue_depth == 0 || self.stream_buffer == 0 {
             return Err(invalid(

@@ -1,6 +1,7 @@
 //! The gRPC transport: thin tonic handlers that validate, call the engine and
 //! convert. No llama.cpp types here.
 
+pub mod auth;
 mod error;
 pub mod validation;
 

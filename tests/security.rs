@@ -1,0 +1,142 @@
+//! TLS, mutual TLS and API keys, with certificates made for the test.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::Code;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+struct Pki {
+    dir: PathBuf,
+    ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+}
+
+fn pki() -> Pki {
+    let dir = std::env::temp_dir().join(format!("internvl-pki-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = CertificateParams::new(vec!["client".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    Pki {
+        dir,
+        ca_pem: ca_cert.pem(),
+        client_cert_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
+    }
+}
+
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    with_client_cert: bool,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost");
+    if with_client_cert {
+        tls = tls.identity(Identity::from_pem(
+            &pki.client_cert_pem,
+            &pki.client_key_pem,
+        ));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+fn with_key(key: Option<&str>) -> tonic::Request<proto::GetModelInfoRequest> {
+    let mut request = tonic::Request::new(proto::GetModelInfoRequest {});
+    if let Some(key) = key {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_and_api_keys() {
+    let pki = pki();
+    let mut config = tiny_config();
+    config.tls_cert = Some(pki.dir.join("server.pem"));
+    config.tls_key = Some(pki.dir.join("server.key"));
+    config.tls_client_ca = Some(pki.dir.join("ca.pem"));
+    config.api_keys = vec!["first-key".into(), "second-key".into()];
+    let server = start_unready(config).await;
+    let addr = server.addr;
+
+    // With a client certificate and a valid key: served (once the model is loaded).
+    let channel = tls_channel(addr, &pki, true).await.expect("mTLS handshake");
+    let mut client = InternVlClient::new(channel.clone());
+    let mut info = None;
+    for _ in 0..200 {
+        match client.get_model_info(with_key(Some("second-key"))).await {
+            Ok(r) => {
+                info = Some(r.into_inner());
+                break;
+            }
+            Err(s) if s.code() == Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert_eq!(info.expect("ready").vocab_size, 4026);
+
+    // API keys: missing or wrong is UNAUTHENTICATED; health stays open for probes.
+    for key in [None, Some("wrong-key"), Some("first-ke")] {
+        let status = client.get_model_info(with_key(key)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{key:?}: {status:?}");
+    }
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(health.is_ok(), "{health:?}");
+
+    // Without a client certificate, or without TLS, nothing gets through.
+    let served_without_cert = match tls_channel(addr, &pki, false).await {
+        Ok(channel) => InternVlClient::new(channel)
+            .get_model_info(with_key(Some("first-key")))
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !served_without_cert,
+        "a client without a certificate was served"
+    );
+    let served_plaintext = match InternVlClient::connect(format!("http://{addr}")).await {
+        Ok(mut c) => c.get_model_info(with_key(Some("first-key"))).await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!served_plaintext, "a plaintext client was served");
+    server.stop().await;
+    std::fs::remove_dir_all(pki.dir).ok();
+}
