@@ -74,6 +74,14 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// PEM CA whose client certificates are required (mutual TLS).
     pub tls_client_ca: Option<PathBuf>,
+    /// Images plus sampled video frames per request (per input for Embed).
+    pub max_images_per_request: usize,
+    /// Alternatives a client may ask for per token.
+    pub max_top_logprobs: u32,
+    /// Stop sequences per request.
+    pub max_stop_sequences: usize,
+    /// Longest deadline honoured, in seconds; also the deadline of requests without one.
+    pub max_deadline_secs: f64,
 }
 
 impl Default for Config {
@@ -112,6 +120,10 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            max_images_per_request: 16,
+            max_top_logprobs: 20,
+            max_stop_sequences: 16,
+            max_deadline_secs: 600.0,
         }
     }
 }
@@ -140,6 +152,16 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// The per-request limits the service enforces.
+    pub fn request_limits(&self) -> crate::service::validation::Limits {
+        crate::service::validation::Limits {
+            max_images: self.max_images_per_request,
+            max_top_logprobs: self.max_top_logprobs,
+            max_stop_sequences: self.max_stop_sequences,
+            max_deadline: std::time::Duration::from_secs_f64(self.max_deadline_secs),
+        }
+    }
+
     /// Merges the layers. `overrides` is any serializable map of the keys the
     /// command line set (unset flags must be left out).
     pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Self, ConfigError> {
@@ -228,6 +250,12 @@ impl Config {
         }
         if self.api_keys.iter().any(|k| k.is_empty()) {
             return Err(invalid("api_keys", "an API key cannot be empty"));
+        }
+        if !self.max_deadline_secs.is_finite() || self.max_deadline_secs <= 0.0 {
+            return Err(invalid(
+                "max_deadline_secs",
+                "must be a positive number of seconds",
+            ));
         }
         if self.queue_depth == 0 || self.stream_buffer == 0 {
             return Err(invalid(

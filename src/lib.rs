@@ -82,9 +82,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = InternVlServer::new(InternVlService::new(engine.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let service = InternVlServer::new(InternVlService::new(
+        engine.clone(),
+        config.request_limits(),
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
     let keys = ApiKeys::new(&config.api_keys);
     let probe_keys = if config.open_health_and_reflection {
         ApiKeys::open()

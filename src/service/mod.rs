@@ -28,12 +28,13 @@ use proto::intern_vl_server::InternVl;
 #[derive(Clone)]
 pub struct InternVlService {
     engine: Engine,
+    limits: validation::Limits,
 }
 
 impl InternVlService {
-    /// A service answering from `engine`.
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    /// A service answering from `engine` within `limits`.
+    pub fn new(engine: Engine, limits: validation::Limits) -> Self {
+        Self { engine, limits }
     }
 }
 
@@ -104,8 +105,8 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = validation::deadline(request.metadata())?;
-        let mut request = validation::generate(request.into_inner())?;
+        let deadline = validation::deadline(request.metadata(), &self.limits)?;
+        let mut request = validation::generate(request.into_inner(), &self.limits)?;
         request.deadline = deadline;
         let events = self.engine.generate(request).await?;
         // Dropping this stream (client gone) drops the receiver, which the
@@ -119,8 +120,8 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
-        let deadline = validation::deadline(request.metadata())?;
-        let mut request = validation::embed(request.into_inner())?;
+        let deadline = validation::deadline(request.metadata(), &self.limits)?;
+        let mut request = validation::embed(request.into_inner(), &self.limits)?;
         request.deadline = deadline;
         let embeddings = self.engine.embed(request).await?;
         let dimensions = embeddings.first().map_or(0, |e| e.values.len() as u32);
@@ -140,7 +141,7 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        let messages = validation::messages(request.into_inner().messages)?;
+        let messages = validation::messages(request.into_inner().messages, &self.limits)?;
         let count = self.engine.count_tokens(messages).await?;
         Ok(Response::new(proto::CountTokensResponse {
             prompt_tokens: count.prompt_tokens,

@@ -8,10 +8,31 @@ use crate::engine::{
 
 use super::proto;
 
-/// Most alternatives a client may ask for per token.
-pub const MAX_TOP_LOGPROBS: u32 = 20;
-/// Most stop sequences per request.
-pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Per-request limits a deployment sets (see `Config`), checked before any
+/// image is decoded or anything reaches the engine.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Images plus sampled video frames per request (per input for Embed).
+    pub max_images: usize,
+    /// Alternatives a client may ask for per token.
+    pub max_top_logprobs: u32,
+    /// Stop sequences per request.
+    pub max_stop_sequences: usize,
+    /// Longest deadline honoured; requests without one get this one.
+    pub max_deadline: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_images: 16,
+            max_top_logprobs: 20,
+            max_stop_sequences: 16,
+            max_deadline: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
 /// Longest stop sequence, in bytes.
 pub const MAX_STOP_BYTES: usize = 256;
 /// Most tiles a client may ask for per image.
@@ -23,11 +44,16 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
 type Result<T> = std::result::Result<T, EngineError>;
 
-/// The caller's deadline from the `grpc-timeout` header (gRPC over HTTP/2:
-/// at most 8 digits and a unit of H, M, S, m, u or n).
-pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<std::time::Instant>> {
+/// The request's deadline: the caller's `grpc-timeout` (gRPC over HTTP/2: at
+/// most 8 digits and a unit of H, M, S, m, u or n), capped at `max_deadline`,
+/// which also applies when the caller sets none.
+pub fn deadline(
+    metadata: &tonic::metadata::MetadataMap,
+    limits: &Limits,
+) -> Result<Option<std::time::Instant>> {
+    let cap = limits.max_deadline;
     let Some(value) = metadata.get("grpc-timeout") else {
-        return Ok(None);
+        return Ok(std::time::Instant::now().checked_add(cap));
     };
     let bad = || invalid("grpc-timeout", "malformed header");
     let text = value.to_str().map_err(|_| bad())?;
@@ -45,7 +71,42 @@ pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Result<Option<std::t
         "n" => std::time::Duration::from_nanos(amount),
         _ => return Err(bad()),
     };
-    Ok(std::time::Instant::now().checked_add(timeout))
+    Ok(std::time::Instant::now().checked_add(timeout.min(cap)))
+}
+
+/// Images and sampled video frames among `parts`: each becomes at least one tile.
+fn images_in<'a>(parts: impl Iterator<Item = &'a Part>) -> usize {
+    parts
+        .map(|p| match p {
+            Part::Text(_) => 0,
+            Part::Image(_) => 1,
+            Part::Video(v) => {
+                if v.num_frames == 0 {
+                    8
+                } else {
+                    v.num_frames as usize
+                }
+            }
+        })
+        .sum()
+}
+
+fn check_images<'a>(
+    parts: impl Iterator<Item = &'a Part>,
+    field: &str,
+    limits: &Limits,
+) -> Result<()> {
+    let n = images_in(parts);
+    if n > limits.max_images {
+        return Err(invalid(
+            field,
+            format!(
+                "{n} images and video frames, at most {} per request",
+                limits.max_images
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> EngineError {
@@ -138,8 +199,8 @@ fn parts(content: Vec<proto::Content>, field: &str) -> Result<Vec<Part>> {
 }
 
 /// Messages of a Generate or CountTokens request (the engine refuses an empty list).
-pub fn messages(messages: Vec<proto::Message>) -> Result<Vec<ChatMessage>> {
-    messages
+pub fn messages(messages: Vec<proto::Message>, limits: &Limits) -> Result<Vec<ChatMessage>> {
+    let messages = messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
@@ -149,7 +210,13 @@ pub fn messages(messages: Vec<proto::Message>) -> Result<Vec<ChatMessage>> {
                 parts: parts(m.content, &field)?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    check_images(
+        messages.iter().flat_map(|m| m.parts.iter()),
+        "messages",
+        limits,
+    )?;
+    Ok(messages)
 }
 
 fn finite_range(field: &str, value: f32, min: f32, max: f32) -> Result<()> {
@@ -197,19 +264,23 @@ fn sampling(params: Option<proto::SamplingParams>) -> Result<SamplingParams> {
 
 /// A Generate request; `max_new_tokens` and everything that depends on the
 /// model (context, vocabulary) are checked by the engine.
-pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
-    if request.top_logprobs > MAX_TOP_LOGPROBS {
+pub fn generate(request: proto::GenerateRequest, limits: &Limits) -> Result<GenerateRequest> {
+    if request.top_logprobs > limits.max_top_logprobs {
         return Err(invalid(
             "top_logprobs",
-            format!("{} is above {MAX_TOP_LOGPROBS}", request.top_logprobs),
+            format!(
+                "{} is above {}",
+                request.top_logprobs, limits.max_top_logprobs
+            ),
         ));
     }
-    if request.stop.len() > MAX_STOP_SEQUENCES {
+    if request.stop.len() > limits.max_stop_sequences {
         return Err(invalid(
             "stop",
             format!(
-                "{} sequences, at most {MAX_STOP_SEQUENCES}",
-                request.stop.len()
+                "{} sequences, at most {}",
+                request.stop.len(),
+                limits.max_stop_sequences
             ),
         ));
     }
@@ -229,7 +300,7 @@ pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
     }
     Ok(GenerateRequest {
         sampling: sampling(request.sampling)?,
-        messages: messages(request.messages)?,
+        messages: messages(request.messages, limits)?,
         max_new_tokens: request.max_new_tokens,
         stop: request.stop,
         ignore_eos: request.ignore_eos,
@@ -241,7 +312,7 @@ pub fn generate(request: proto::GenerateRequest) -> Result<GenerateRequest> {
 }
 
 /// An Embed request (the engine refuses an empty list of inputs).
-pub fn embed(request: proto::EmbedRequest) -> Result<EmbedRequest> {
+pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedRequest> {
     let pooling = match proto::Pooling::try_from(request.pooling) {
         Ok(proto::Pooling::Mean) => Pooling::Mean,
         Ok(proto::Pooling::Last) => Pooling::Last,
@@ -261,7 +332,9 @@ pub fn embed(request: proto::EmbedRequest) -> Result<EmbedRequest> {
             if input.content.is_empty() {
                 return Err(invalid(field, "input has no content"));
             }
-            parts(input.content, &field)
+            let parts = parts(input.content, &field)?;
+            check_images(parts.iter(), &field, limits)?;
+            Ok(parts)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(EmbedRequest {
