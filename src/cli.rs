@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a model over gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Stream a reply from a running server.
     Generate(GenerateArgs),
     /// Embed text and images with a running server.
@@ -112,6 +112,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_json: Option<bool>,
+    /// Prometheus endpoint address, e.g. 0.0.0.0:9090.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Where the server is.

@@ -82,6 +82,8 @@ pub struct Config {
     pub max_stop_sequences: usize,
     /// Longest deadline honoured, in seconds; also the deadline of requests without one.
     pub max_deadline_secs: f64,
+    /// Address of the Prometheus endpoint (`/metrics`), e.g. `0.0.0.0:9090`; none = off.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for Config {
@@ -124,6 +126,7 @@ impl Default for Config {
             max_top_logprobs: 20,
             max_stop_sequences: 16,
             max_deadline_secs: 600.0,
+            metrics_listen: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod models;
 pub mod service;
 
@@ -43,6 +44,14 @@ pub enum ServeError {
     /// Reflection could not be set up.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The metrics address cannot be bound.
+    #[error("metrics_listen {addr}: {message}")]
+    Metrics {
+        /// The address asked for.
+        addr: String,
+        /// Why it failed.
+        message: String,
+    },
     /// A TLS file is missing or unusable.
     #[error("{path}: {message}")]
     Tls {
@@ -68,6 +77,28 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let metrics_listener = match &config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Metrics {
+                    addr: addr.clone(),
+                    message: e.to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    run_with_metrics(config, listener, metrics_listener, shutdown).await
+}
+
+/// [`run`], with the Prometheus endpoint on an already bound `metrics_listener`
+/// (tests bind `127.0.0.1:0`); `None` serves no metrics.
+pub async fn run_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let settings = config.engine_settings()?;
     let hub = HubOptions {
         cache_dir: config.hf_cache.clone(),
@@ -82,9 +113,21 @@ pub async fn run(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::default());
+    let _metrics_task = metrics_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        }
+        AbortOnDrop(tokio::spawn(metrics::serve(
+            l,
+            metrics.clone(),
+            engine.clone(),
+        )))
+    });
     let service = InternVlServer::new(InternVlService::new(
         engine.clone(),
         config.request_limits(),
+        metrics.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
@@ -151,6 +194,15 @@ pub async fn run(
     }
     server.await?;
     Ok(())
+}
+
+/// Ends a background task when the server returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Server TLS from the configured PEM files; client certificates are required

@@ -55,7 +55,7 @@ async fn serve(args: cli::ServeArgs) -> Result<(), String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Generate(args) => cli::generate(args).await.map_err(|e| e.to_string()),
         Command::Embed(args) => cli::embed(args).await.map_err(|e| e.to_string()),
         Command::Info(args) => cli::info(args).await.map_err(|e| e.to_string()),

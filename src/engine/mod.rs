@@ -342,6 +342,11 @@ impl Engine {
         })
     }
 
+    /// Requests accepted and not yet finished (queued or running).
+    pub fn in_flight(&self) -> usize {
+        *self.lifecycle.in_flight.borrow()
+    }
+
     /// Whether [`Engine::drain`] has begun.
     pub fn is_draining(&self) -> bool {
         self.lifecycle.draining.load(Ordering::Acquire)

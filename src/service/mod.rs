@@ -10,7 +10,10 @@ use std::pin::Pin;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
 use crate::engine::{self, Engine, GenerateEvent};
+use crate::metrics::Metrics;
 
 /// Code generated from `proto/internvl/v1/internvl.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -29,12 +32,26 @@ use proto::intern_vl_server::InternVl;
 pub struct InternVlService {
     engine: Engine,
     limits: validation::Limits,
+    metrics: Arc<Metrics>,
 }
 
 impl InternVlService {
-    /// A service answering from `engine` within `limits`.
-    pub fn new(engine: Engine, limits: validation::Limits) -> Self {
-        Self { engine, limits }
+    /// A service answering from `engine` within `limits`, recording into `metrics`.
+    pub fn new(engine: Engine, limits: validation::Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            engine,
+            limits,
+            metrics,
+        }
+    }
+
+    /// Counts the outcome of a unary call.
+    fn counted<T>(&self, method: &str, result: Result<T, Status>) -> Result<T, Status> {
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics.request(method, code);
+        result
     }
 }
 
@@ -105,14 +122,32 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = validation::deadline(request.metadata(), &self.limits)?;
-        let mut request = validation::generate(request.into_inner(), &self.limits)?;
-        request.deadline = deadline;
-        let events = self.engine.generate(request).await?;
+        let started = async {
+            let deadline = validation::deadline(request.metadata(), &self.limits)?;
+            let mut request = validation::generate(request.into_inner(), &self.limits)?;
+            request.deadline = deadline;
+            Ok::<_, Status>(self.engine.generate(request).await?)
+        }
+        .await;
+        let events = match started {
+            Ok(events) => events,
+            Err(status) => return self.counted("Generate", Err(status)),
+        };
+        let metrics = self.metrics.clone();
         // Dropping this stream (client gone) drops the receiver, which the
         // engine notices before its next decode step.
-        let stream =
-            ReceiverStream::new(events).map(|event| event.map(response).map_err(Status::from));
+        let stream = ReceiverStream::new(events).map(move |event| {
+            let event = event.map_err(Status::from);
+            match &event {
+                Ok(GenerateEvent::Done { usage, timings, .. }) => {
+                    metrics.generation(usage, timings);
+                    metrics.request("Generate", tonic::Code::Ok);
+                }
+                Err(status) => metrics.request("Generate", status.code()),
+                Ok(GenerateEvent::Delta { .. }) => {}
+            }
+            event.map(response)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -120,74 +155,90 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
-        let deadline = validation::deadline(request.metadata(), &self.limits)?;
-        let mut request = validation::embed(request.into_inner(), &self.limits)?;
-        request.deadline = deadline;
-        let embeddings = self.engine.embed(request).await?;
-        let dimensions = embeddings.first().map_or(0, |e| e.values.len() as u32);
-        Ok(Response::new(proto::EmbedResponse {
-            embeddings: embeddings
-                .into_iter()
-                .map(|e| proto::Embedding {
-                    values: e.values,
-                    tokens: e.tokens,
-                })
-                .collect(),
-            dimensions,
-        }))
+        let result = async {
+            let deadline = validation::deadline(request.metadata(), &self.limits)?;
+            let mut request = validation::embed(request.into_inner(), &self.limits)?;
+            request.deadline = deadline;
+            let embeddings = self.engine.embed(request).await?;
+            let dimensions = embeddings.first().map_or(0, |e| e.values.len() as u32);
+            Ok(Response::new(proto::EmbedResponse {
+                embeddings: embeddings
+                    .into_iter()
+                    .map(|e| proto::Embedding {
+                        values: e.values,
+                        tokens: e.tokens,
+                    })
+                    .collect(),
+                dimensions,
+            }))
+        }
+        .await;
+        self.counted("Embed", result)
     }
 
     async fn count_tokens(
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        let messages = validation::messages(request.into_inner().messages, &self.limits)?;
-        let count = self.engine.count_tokens(messages).await?;
-        Ok(Response::new(proto::CountTokensResponse {
-            prompt_tokens: count.prompt_tokens,
-            image_tokens: count.image_tokens,
-            images: count
-                .grids
-                .into_iter()
-                .map(|g| proto::ImageGrid {
-                    cols: g.cols,
-                    rows: g.rows,
-                    tiles: g.tiles,
-                })
-                .collect(),
-            input_ids: count.input_ids,
-        }))
+        let result = async {
+            let messages = validation::messages(request.into_inner().messages, &self.limits)?;
+            let count = self.engine.count_tokens(messages).await?;
+            Ok(Response::new(proto::CountTokensResponse {
+                prompt_tokens: count.prompt_tokens,
+                image_tokens: count.image_tokens,
+                images: count
+                    .grids
+                    .into_iter()
+                    .map(|g| proto::ImageGrid {
+                        cols: g.cols,
+                        rows: g.rows,
+                        tiles: g.tiles,
+                    })
+                    .collect(),
+                input_ids: count.input_ids,
+            }))
+        }
+        .await;
+        self.counted("CountTokens", result)
     }
 
     async fn tokenize(
         &self,
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
-        let ids = self.engine.tokenize(request.into_inner().text).await?;
-        Ok(Response::new(proto::TokenizeResponse { ids }))
+        let result = async {
+            let ids = self.engine.tokenize(request.into_inner().text).await?;
+            Ok(Response::new(proto::TokenizeResponse { ids }))
+        }
+        .await;
+        self.counted("Tokenize", result)
     }
 
     async fn get_model_info(
         &self,
         _request: Request<proto::GetModelInfoRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
-        let info = self.engine.info()?;
-        let tiles = info.tiles;
-        Ok(Response::new(proto::ModelInfo {
-            name: info.name,
-            architecture: info.architecture,
-            context_size: info.context_size,
-            vocab_size: info.vocab_size,
-            embedding_size: info.embedding_size,
-            tile_size: tiles.tile_size,
-            min_tiles: tiles.min_tiles,
-            max_tiles: tiles.max_tiles,
-            image_tokens_per_tile: tiles.tokens_per_tile,
-            quantization: info.quantization,
-            chat_template: info.chat_template,
-            offload: info.offload,
-            projector: info.projector,
-            training_context_size: info.training_context_size,
-        }))
+        let result = async {
+            let info = self.engine.info()?;
+            let tiles = info.tiles;
+            Ok(Response::new(proto::ModelInfo {
+                name: info.name,
+                architecture: info.architecture,
+                context_size: info.context_size,
+                vocab_size: info.vocab_size,
+                embedding_size: info.embedding_size,
+                tile_size: tiles.tile_size,
+                min_tiles: tiles.min_tiles,
+                max_tiles: tiles.max_tiles,
+                image_tokens_per_tile: tiles.tokens_per_tile,
+                quantization: info.quantization,
+                chat_template: info.chat_template,
+                offload: info.offload,
+                projector: info.projector,
+                training_context_size: info.training_context_size,
+            }))
+        }
+        .await;
+        self.counted("GetModelInfo", result)
     }
 }

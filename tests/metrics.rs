@@ -1,0 +1,103 @@
+//! Prometheus metrics on their own port, scraped over real HTTP.
+
+mod common;
+
+use common::*;
+use internvl_grpc::service::proto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+fn value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_tokens_and_latencies_are_exported() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, metrics_addr) = (
+        listener.local_addr().unwrap(),
+        metrics_listener.local_addr().unwrap(),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(internvl_grpc::run_with_metrics(
+        tiny_config(),
+        listener,
+        Some(metrics_listener),
+        async move {
+            stopped.await.ok();
+        },
+    ));
+    let mut client = loop {
+        if let Ok(mut c) =
+            proto::intern_vl_client::InternVlClient::connect(format!("http://{addr}")).await
+        {
+            if c.get_model_info(proto::GetModelInfoRequest {})
+                .await
+                .is_ok()
+            {
+                break c;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+
+    let got = generate_ok(
+        &mut client,
+        greedy(vec![user(vec![text("Hello! Who are you?")])], 5),
+    )
+    .await;
+    assert_eq!(got.ids.len(), 5);
+    let refused = client
+        .generate(greedy(vec![user(vec![text("hi")])], 0))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let m = scrape(metrics_addr).await;
+    assert_eq!(
+        value(
+            &m,
+            r#"internvl_requests_total{code="Ok",method="Generate"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"internvl_requests_total{code="InvalidArgument",method="Generate"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(
+        value(
+            &m,
+            r#"internvl_requests_total{code="Ok",method="GetModelInfo"}"#
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(value(&m, "internvl_completion_tokens_total"), Some(5.0));
+    assert_eq!(value(&m, "internvl_prompt_tokens_total"), Some(33.0));
+    assert_eq!(value(&m, "internvl_ttft_seconds_count"), Some(1.0));
+    assert_eq!(value(&m, "internvl_inter_token_seconds_count"), Some(1.0));
+    assert_eq!(value(&m, "internvl_requests_in_flight"), Some(0.0));
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
