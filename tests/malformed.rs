@@ -31,31 +31,6 @@ fn rgb(w: u32, h: u32) -> image::DynamicImage {
     }))
 }
 
-/// A PNG whose IHDR claims `width` × `height` and carries no pixels.
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    let mut png = encode(rgb(1, 1), image::ImageFormat::Png);
-    png[16..20].copy_from_slice(&width.to_be_bytes());
-    png[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
-    png
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 fn corrupt_middle(mut bytes: Vec<u8>) -> Vec<u8> {
     let mid = bytes.len() / 2;
     let end = (mid + 64).min(bytes.len());

@@ -262,3 +262,19 @@ pub fn greedy(messages: Vec<proto::Message>, max_new_tokens: u32) -> proto::Gene
         ..Default::default()
     }
 }
+
+/// A PNG whose IHDR claims `width` × `height` and carries no pixels.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut png = {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(image::RgbImage::new(1, 1))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    };
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32fast::hash(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
