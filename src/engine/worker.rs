@@ -450,7 +450,8 @@ impl Worker {
     fn embed(&mut self, job: EmbedJob) {
         let lifecycle = self.lifecycle.clone();
         let interrupted = || interruption(&lifecycle, job.reply.is_closed(), job.deadline, 0);
-        self.reset_kv();
+        // Each input starts from an empty cache (`embed_one`); the generation
+        // prefix is gone after this, so forget it once at the end.
         self.context.set_embeddings(true);
         let outcome: Result<Vec<Embedding>, EngineError> = job
             .prompts
