@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use internvl_grpc::config::Config;
-use internvl_grpc::engine::llama::{self, Context, Model, Outputs, Vision};
+use internvl_grpc::engine::llama::{self, BatchToken, Context, Model, Outputs, Vision};
 use internvl_grpc::engine::sampling::argmax;
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
 
@@ -54,6 +54,7 @@ fn config(s: &Setup) -> Config {
         mmproj: s.mmproj.display().to_string(),
         threads: s.threads,
         n_ctx: 8192,
+        parallel: *STREAMS.iter().max().unwrap(),
         ..Config::default()
     }
 }
@@ -63,6 +64,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Concurrent stream counts measured for aggregate decode.
+const STREAMS: [u32; 4] = [1, 4, 8, 16];
+
 const PROMPT: &str = "Describe the history of the bicycle in a few sentences.";
 
 /// Figures of one path (service or bare), medians over the repeats.
@@ -71,6 +75,49 @@ struct Figures {
     text_ttft_ms: f64,
     decode_tok_s: f64,
     image_ttft_ms: f64,
+    /// Summed decode tokens/s with `STREAMS[i]` sequences running together.
+    aggregate_tok_s: Vec<f64>,
+}
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Bare batched decode: `n` sequences prefilled with `prompt`, then one token
+/// of each per decode call.
+fn bare_batched(ctx: &mut Context, prompt: &[i32], n: usize, tokens: u32) -> f64 {
+    ctx.clear();
+    let mut next = Vec::new();
+    for seq in 0..n as i32 {
+        ctx.decode_tokens(prompt, 0, seq, Outputs::Last).unwrap();
+        next.push(argmax(ctx.logits(-1).unwrap()));
+    }
+    let t = Instant::now();
+    for step in 0..tokens as i32 - 1 {
+        let batch: Vec<BatchToken> = next
+            .iter()
+            .enumerate()
+            .map(|(seq, &token)| BatchToken {
+                token,
+                pos: prompt.len() as i32 + step,
+                seq: seq as i32,
+                output: true,
+            })
+            .collect();
+        ctx.decode_batch(&batch).unwrap();
+        for (i, token) in next.iter_mut().enumerate() {
+            *token = argmax(ctx.logits(i as i32).unwrap());
+        }
+    }
+    (n as f64 * f64::from(tokens - 1)) / t.elapsed().as_secs_f64()
 }
 
 fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
@@ -86,13 +133,14 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     for _ in 0..s.repeats {
         ctx.clear();
         let t = Instant::now();
-        ctx.decode_tokens(prompt_tokens, 0, Outputs::Last).unwrap();
+        ctx.decode_tokens(prompt_tokens, 0, 0, Outputs::Last)
+            .unwrap();
         let mut token = argmax(ctx.logits(-1).unwrap());
         ttft.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         let first_pos = prompt_tokens.len() as i32;
         for pos in first_pos..first_pos + s.tokens as i32 - 1 {
-            ctx.decode_tokens(&[token], pos, Outputs::Last).unwrap();
+            ctx.decode_tokens(&[token], pos, 0, Outputs::Last).unwrap();
             token = argmax(ctx.logits(-1).unwrap());
         }
         rate.push(f64::from(s.tokens - 1) / t.elapsed().as_secs_f64());
@@ -101,22 +149,33 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
         ctx.clear();
         let t = Instant::now();
         let embd = vision.encode_tile(tile, 448).unwrap();
-        ctx.decode_tokens(&prompts.before_image, 0, Outputs::None)
+        ctx.decode_tokens(&prompts.before_image, 0, 0, Outputs::None)
             .unwrap();
         let mut pos = prompts.before_image.len() as i32;
         for part in embd.chunks(ctx.n_batch() * model.n_embd_inp() as usize) {
-            ctx.decode_embeddings(part, pos, Outputs::None).unwrap();
+            ctx.decode_embeddings(part, pos, 0, Outputs::None).unwrap();
             pos += (part.len() / model.n_embd_inp() as usize) as i32;
         }
-        ctx.decode_tokens(&prompts.after_image, pos, Outputs::Last)
+        ctx.decode_tokens(&prompts.after_image, pos, 0, Outputs::Last)
             .unwrap();
         argmax(ctx.logits(-1).unwrap());
         image.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let aggregate_tok_s = STREAMS
+        .iter()
+        .map(|&n| {
+            median(
+                (0..s.repeats)
+                    .map(|_| bare_batched(&mut ctx, prompt_tokens, n as usize, s.tokens))
+                    .collect(),
+            )
+        })
+        .collect();
     Figures {
         text_ttft_ms: median(ttft),
         decode_tok_s: median(rate),
         image_ttft_ms: median(image),
+        aggregate_tok_s,
     }
 }
 
@@ -278,6 +337,44 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
             while stream.message().await.unwrap().is_some() {}
         }
     }
+
+    // `n` streams at once. Decode throughput is counted over the window in
+    // which all of them are past their first token, as tokens delivered.
+    let mut aggregate_tok_s = Vec::new();
+    for &n in &STREAMS {
+        let mut runs = Vec::new();
+        for repeat in 0..s.repeats {
+            let streams: Vec<_> = (0..n as usize)
+                .map(|i| {
+                    let mut client = client.clone();
+                    let req = cold_text(1000 + repeat * 100 + i, s.tokens);
+                    tokio::spawn(async move {
+                        let mut stream = client.generate(req).await.unwrap().into_inner();
+                        let mut arrivals = Vec::new();
+                        while let Some(msg) = stream.message().await.unwrap() {
+                            if let Some(proto::generate_response::Event::Delta(_)) = msg.event {
+                                arrivals.push(Instant::now());
+                            }
+                        }
+                        arrivals
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for stream in streams {
+                all.push(stream.await.unwrap());
+            }
+            let window_start = all.iter().map(|a| a[0]).max().unwrap();
+            let window_end = all.iter().map(|a| *a.last().unwrap()).max().unwrap();
+            let delivered = all
+                .iter()
+                .flat_map(|a| a.iter())
+                .filter(|&&t| t > window_start)
+                .count();
+            runs.push(delivered as f64 / (window_end - window_start).as_secs_f64());
+        }
+        aggregate_tok_s.push(median(runs));
+    }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
     (
@@ -285,6 +382,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
             text_ttft_ms: median(ttft),
             decode_tok_s: median(rate),
             image_ttft_ms: median(image),
+            aggregate_tok_s,
         },
         median(repeated),
         prompts,
@@ -311,6 +409,8 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (svc, repeated_ms, prompts) = runtime.block_on(service(&s, png));
     drop(runtime);
+    // Measured before the bare run loads its own copy of the model.
+    let service_peak_rss = peak_rss_mib();
     let bare = bare(&s, &prompts, tile.as_raw());
 
     println!("| measure | service | bare llama.cpp | service/bare |");
@@ -338,4 +438,13 @@ fn main() {
     // Per-token time the client sees beyond what bare decoding takes.
     let overhead_ms = 1e3 / svc.decode_tok_s - 1e3 / bare.decode_tok_s;
     println!("| service + gRPC overhead per streamed token (ms) | {overhead_ms:.4} | | |");
+    for (i, n) in STREAMS.iter().enumerate() {
+        row(
+            &format!("aggregate decode, {n} streams"),
+            svc.aggregate_tok_s[i],
+            bare.aggregate_tok_s[i],
+            "tok/s",
+        );
+    }
+    println!("| peak RSS of the service run (MiB) | {service_peak_rss:.0} | | |");
 }

@@ -60,10 +60,18 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<bool>,
-    /// Context length (0 = the model's).
+    /// KV cells shared by all sequences (0 = the model's training context).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_ctx: Option<u32>,
+    /// Sequences decoded together (they share the n_ctx KV cells).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
+    /// Most prompt positions decoded per scheduler step.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_chunk: Option<u32>,
     /// Most positions per decode.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -296,5 +304,6 @@ pub async fn info(args: ClientArgs) -> ClientResult {
         info.tile_size, info.min_tiles, info.max_tiles, info.image_tokens_per_tile, info.projector
     );
     println!("offload:       {}", info.offload);
+    println!("parallel:      {} sequences", info.parallel);
     Ok(())
 }

@@ -23,8 +23,15 @@ pub struct Config {
     pub hf_cache: Option<PathBuf>,
     /// Never download; only use files already cached.
     pub offline: bool,
-    /// Context length in tokens (0 = the model's training context).
+    /// KV cells shared by all running sequences, in tokens; also the longest
+    /// one request may be (0 = the model's training context).
     pub n_ctx: u32,
+    /// Sequences decoded together (continuous batching); more cost no memory
+    /// beyond the shared `n_ctx` cells.
+    pub parallel: u32,
+    /// Most prompt positions decoded per scheduler step: smaller keeps running
+    /// streams smoother while a long prompt is read, larger reads it faster.
+    pub prefill_chunk: u32,
     /// Most positions per decode call.
     pub n_batch: u32,
     /// Physical micro-batch.
@@ -48,7 +55,7 @@ pub struct Config {
     pub cache_type_k: String,
     /// KV cache type for V (quantized V needs flash attention).
     pub cache_type_v: String,
-    /// Requests waiting beyond the running one.
+    /// Requests waiting for a free slot; beyond it calls get RESOURCE_EXHAUSTED.
     pub queue_depth: usize,
     /// Events buffered per stream.
     pub stream_buffer: usize,
@@ -95,6 +102,8 @@ impl Default for Config {
             hf_cache: None,
             offline: false,
             n_ctx: 8192,
+            parallel: 8,
+            prefill_chunk: 512,
             n_batch: 2048,
             n_ubatch: 512,
             threads: 0,
@@ -260,6 +269,12 @@ impl Config {
                 "must be a positive number of seconds",
             ));
         }
+        if !(1..=64).contains(&self.parallel) {
+            return Err(invalid("parallel", "must be between 1 and 64"));
+        }
+        if self.prefill_chunk == 0 {
+            return Err(invalid("prefill_chunk", "must be at least 1"));
+        }
         if self.queue_depth == 0 || self.stream_buffer == 0 {
             return Err(invalid(
                 "queue_depth",
@@ -281,6 +296,7 @@ impl Config {
                 flash_attn,
                 type_k: cache_type("cache_type_k", &self.cache_type_k)?,
                 type_v: cache_type("cache_type_v", &self.cache_type_v)?,
+                n_seq_max: self.parallel,
             },
             vision: VisionParams {
                 use_gpu: self.mmproj_offload,
@@ -293,6 +309,7 @@ impl Config {
                 ..DecodeLimits::default()
             },
             queue_depth: self.queue_depth,
+            prefill_chunk: self.prefill_chunk as usize,
             stream_buffer: self.stream_buffer,
             image_cache_bytes: self.image_cache_mb.saturating_mul(1024 * 1024),
         })

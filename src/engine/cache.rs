@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use lru::LruCache;
 
-use super::prompt::{Piece, Prompt};
+use super::prompt::{Prompt, PromptItem};
 use super::vision::TileHash;
 
 /// Encoded tiles, bounded in bytes; the least recently used go first.
@@ -63,19 +63,23 @@ pub enum KvItem {
     Tile(TileHash),
 }
 
-/// The prompt as KV items, in order.
-pub fn prompt_items(prompt: &Prompt) -> Vec<KvItem> {
-    let mut items = Vec::with_capacity(prompt.pieces.len());
-    for piece in &prompt.pieces {
-        match piece {
-            Piece::Tokens(tokens) => items.extend(tokens.iter().map(|&t| KvItem::Token(t))),
-            Piece::Image(tiled) => items.extend(tiled.hashes.iter().map(|&h| KvItem::Tile(h))),
-        }
-    }
+/// The prompt's items as the KV cache would hold them (tiles by content hash).
+pub fn kv_items(prompt: &Prompt, items: &[PromptItem]) -> Vec<KvItem> {
     items
+        .iter()
+        .map(|item| match *item {
+            PromptItem::Token(t) => KvItem::Token(t),
+            PromptItem::Tile { piece, tile } => KvItem::Tile(
+                prompt
+                    .tiled_image(piece)
+                    .and_then(|image| image.hashes.get(tile).copied())
+                    .unwrap_or_default(),
+            ),
+        })
+        .collect()
 }
 
-/// What the sequence's KV cache holds, item by item from position 0.
+/// What one sequence's KV cache holds, item by item from position 0.
 #[derive(Debug, Default)]
 pub struct KvContents {
     items: Vec<KvItem>,

@@ -47,6 +47,21 @@ pub struct ContextParams {
     pub type_k: u32,
     /// ggml type of the V cache.
     pub type_v: u32,
+    /// Sequences decoded together (continuous-batching slots).
+    pub n_seq_max: u32,
+}
+
+/// One position of a mixed token batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchToken {
+    /// Token id (checked against the vocabulary before decoding).
+    pub token: i32,
+    /// Position within its sequence.
+    pub pos: i32,
+    /// Sequence (slot) it belongs to.
+    pub seq: i32,
+    /// Whether this position produces logits.
+    pub output: bool,
 }
 
 fn path_cstring(path: &Path) -> Result<CString, EngineError> {
@@ -273,6 +288,7 @@ pub struct Context {
     embd_batch: sys::llama_batch,
     n_batch: usize,
     n_embd_inp: usize,
+    n_seq_max: i32,
     // Declared last so the context is freed before the model it points into.
     _model: Arc<Model>,
 }
@@ -290,14 +306,20 @@ impl Drop for Context {
 }
 
 impl Context {
-    /// Creates a context (per-position outputs, no pooling: pooling is done by the engine).
+    /// Creates a context (per-position outputs, no pooling: pooling is done by
+    /// the engine) whose `n_seq_max` sequences share one KV pool of `n_ctx` cells.
     pub fn new(model: Arc<Model>, params: &ContextParams) -> Result<Self, EngineError> {
         // SAFETY: plain constructor of a params struct.
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.n_ctx = params.n_ctx;
         cp.n_batch = params.n_batch;
         cp.n_ubatch = params.n_ubatch;
-        cp.n_seq_max = 1;
+        cp.n_seq_max = params.n_seq_max.max(1);
+        // One pool shared by all sequences: a batch mixing any sequences is one
+        // micro-batch. Split per-sequence caches only batch sequences with
+        // consecutive ids together, so a slot freed in the middle would split
+        // every decode step into several graph runs.
+        cp.kv_unified = true;
         cp.n_threads = params.threads;
         cp.n_threads_batch = params.threads;
         cp.pooling_type = sys::LLAMA_POOLING_TYPE_NONE;
@@ -323,17 +345,20 @@ impl Context {
                 sys::llama_batch_init(n_batch as i32, n_embd_inp as i32, 1),
             )
         };
+        // SAFETY: plain getter on a live context.
+        let n_seq_max = unsafe { sys::llama_n_seq_max(ptr.as_ptr()) } as i32;
         Ok(Self {
             ptr,
             token_batch,
             embd_batch,
             n_batch,
             n_embd_inp,
+            n_seq_max,
             _model: model,
         })
     }
 
-    /// Context length in tokens.
+    /// KV cells shared by all sequences (the longest any one sequence can be).
     pub fn n_ctx(&self) -> u32 {
         // SAFETY: plain getter.
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
@@ -350,13 +375,22 @@ impl Context {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
     }
 
-    /// Forgets positions `pos..` (keeps the prefix before them).
-    pub fn remove_from(&mut self, pos: usize) -> bool {
+    /// Sequences this context decodes together.
+    pub fn n_seq_max(&self) -> usize {
+        self.n_seq_max as usize
+    }
+
+    /// Forgets positions `pos..` of sequence `seq` (keeps the prefix before
+    /// them); false if llama.cpp could not, or `seq` is not a slot.
+    pub fn remove_from(&mut self, seq: i32, pos: usize) -> bool {
         let Ok(pos) = i32::try_from(pos) else {
             return false;
         };
-        // SAFETY: live context; removing a range of sequence 0 is always valid.
-        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), 0, pos, -1) }
+        if !(0..self.n_seq_max).contains(&seq) {
+            return false;
+        }
+        // SAFETY: live context; seq is one of its sequences.
+        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), seq, pos, -1) }
     }
 
     /// Whether the next decodes also extract per-position hidden states.
@@ -371,7 +405,13 @@ impl Context {
         unsafe { sys::llama_set_causal_attn(self.ptr.as_ptr(), causal) }
     }
 
-    fn check_span(&self, n: usize, pos: i32) -> Result<(), EngineError> {
+    fn check_span(&self, n: usize, pos: i32, seq: i32) -> Result<(), EngineError> {
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(EngineError::Inference(format!(
+                "sequence {seq} outside 0..{}",
+                self.n_seq_max
+            )));
+        }
         if n == 0 || n > self.n_batch {
             return Err(EngineError::Inference(format!(
                 "batch of {n} positions outside 1..={}",
@@ -388,35 +428,71 @@ impl Context {
         Ok(())
     }
 
-    /// Decodes `tokens` at positions `pos..`; `outputs` selects which positions
-    /// produce logits/embeddings (`All`, or only the last).
+    /// Decodes `tokens` of sequence `seq` at positions `pos..`; `outputs`
+    /// selects which positions produce logits/embeddings.
     pub fn decode_tokens(
         &mut self,
         tokens: &[i32],
         pos: i32,
+        seq: i32,
         outputs: Outputs,
     ) -> Result<(), EngineError> {
-        self.check_span(tokens.len(), pos)?;
+        let batch: Vec<BatchToken> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| BatchToken {
+                token,
+                pos: pos + i as i32,
+                seq,
+                output: outputs.wants(i, tokens.len()),
+            })
+            .collect();
+        self.decode_batch(&batch)
+    }
+
+    /// Decodes positions of any sequences in one call; the logits of output
+    /// `i` of the batch are then at [`Context::logits`]`(i)`.
+    pub fn decode_batch(&mut self, tokens: &[BatchToken]) -> Result<(), EngineError> {
+        if tokens.is_empty() || tokens.len() > self.n_batch {
+            return Err(EngineError::Inference(format!(
+                "batch of {} positions outside 1..={}",
+                tokens.len(),
+                self.n_batch
+            )));
+        }
+        let n_vocab = self._model.n_vocab();
+        for t in tokens {
+            self.check_span(1, t.pos, t.seq)?;
+            if !(0..n_vocab).contains(&t.token) {
+                return Err(EngineError::Inference(format!(
+                    "token id {} outside the vocabulary of {n_vocab}",
+                    t.token
+                )));
+            }
+        }
         let b = &mut self.token_batch;
         b.n_tokens = tokens.len() as i32;
-        for (i, &t) in tokens.iter().enumerate() {
-            // SAFETY: i < n_batch, the capacity the batch was allocated with.
+        for (i, t) in tokens.iter().enumerate() {
+            // SAFETY: i < n_batch, the capacity the batch was allocated with,
+            // and each position has room for one sequence id.
             unsafe {
-                *b.token.add(i) = t;
-                *b.pos.add(i) = pos + i as i32;
+                *b.token.add(i) = t.token;
+                *b.pos.add(i) = t.pos;
                 *b.n_seq_id.add(i) = 1;
-                **b.seq_id.add(i) = 0;
-                *b.logits.add(i) = outputs.wants(i, tokens.len()) as i8;
+                **b.seq_id.add(i) = t.seq;
+                *b.logits.add(i) = t.output as i8;
             }
         }
         self.run(true)
     }
 
-    /// Decodes input embeddings (`n × n_embd_inp` floats) at positions `pos..`.
+    /// Decodes input embeddings (`n × n_embd_inp` floats) of sequence `seq`
+    /// at positions `pos..`.
     pub fn decode_embeddings(
         &mut self,
         embd: &[f32],
         pos: i32,
+        seq: i32,
         outputs: Outputs,
     ) -> Result<(), EngineError> {
         if !embd.len().is_multiple_of(self.n_embd_inp) {
@@ -427,7 +503,7 @@ impl Context {
             )));
         }
         let n = embd.len() / self.n_embd_inp;
-        self.check_span(n, pos)?;
+        self.check_span(n, pos, seq)?;
         let b = &mut self.embd_batch;
         b.n_tokens = n as i32;
         // SAFETY: the batch holds n_batch × n_embd_inp floats and n <= n_batch.
@@ -437,7 +513,7 @@ impl Context {
             unsafe {
                 *b.pos.add(i) = pos + i as i32;
                 *b.n_seq_id.add(i) = 1;
-                **b.seq_id.add(i) = 0;
+                **b.seq_id.add(i) = seq;
                 *b.logits.add(i) = outputs.wants(i, n) as i8;
             }
         }
@@ -464,7 +540,7 @@ impl Context {
         }
     }
 
-    /// Logits at output `i` of the last decode (-1 = the last output).
+    /// Logits at batch index `i` of the last decode (-1 = the last output).
     pub fn logits(&self, i: i32) -> Result<&[f32], EngineError> {
         // SAFETY: llama_get_logits_ith returns null for an invalid index (no abort).
         let ptr = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i) };

@@ -41,8 +41,11 @@ pub struct EngineSettings {
     pub vision: VisionParams,
     /// Limits for decoding untrusted images.
     pub decode_limits: DecodeLimits,
-    /// Requests waiting for the engine beyond the running one.
+    /// Requests waiting for a slot beyond those running.
     pub queue_depth: usize,
+    /// Most prompt positions decoded per scheduler step, so running streams
+    /// keep flowing while a new prompt is read.
+    pub prefill_chunk: usize,
     /// Events buffered per stream before the engine waits for the client.
     pub stream_buffer: usize,
     /// Bytes of encoded tiles kept for reuse (0 = none).
@@ -83,6 +86,8 @@ pub struct ModelInfo {
     pub chat_template: String,
     /// Where the layers run.
     pub offload: String,
+    /// Sequences decoded together.
+    pub parallel: u32,
 }
 
 /// A validated Generate call.

@@ -113,7 +113,42 @@ pub struct Prompt {
     pub image_tokens: u32,
 }
 
+/// One unit of a prompt in decode order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptItem {
+    /// One text position.
+    Token(i32),
+    /// Tile `tile` of the image in `pieces[piece]`: `tokens_per_tile` positions.
+    Tile {
+        /// Index of the image piece.
+        piece: usize,
+        /// Index of the tile within it.
+        tile: usize,
+    },
+}
+
 impl Prompt {
+    /// The prompt flattened into tokens and tiles, in decode order.
+    pub fn items(&self) -> Vec<PromptItem> {
+        let mut items = Vec::with_capacity(self.prompt_tokens as usize);
+        for (piece, p) in self.pieces.iter().enumerate() {
+            match p {
+                Piece::Tokens(tokens) => items.extend(tokens.iter().map(|&t| PromptItem::Token(t))),
+                Piece::Image(tiled) => items
+                    .extend((0..tiled.tiles.len()).map(|tile| PromptItem::Tile { piece, tile })),
+            }
+        }
+        items
+    }
+
+    /// The image a [`PromptItem::Tile`] points at, if it does.
+    pub fn tiled_image(&self, piece: usize) -> Option<&TiledImage> {
+        match self.pieces.get(piece)? {
+            Piece::Image(tiled) => Some(tiled),
+            Piece::Tokens(_) => None,
+        }
+    }
+
     /// Every token id of the text pieces, in order (image positions left out).
     pub fn text_tokens(&self) -> impl Iterator<Item = i32> + '_ {
         self.pieces

@@ -1,20 +1,29 @@
-//! The engine thread: loads the model, then runs one command at a time.
+//! The engine thread: loads the model, then runs continuous batching.
+//!
+//! The context holds `parallel` sequences (slots). Each scheduler step decodes
+//! one batch carrying the next token of every generating slot plus a bounded
+//! chunk of waiting prompts' text, then at most one chunk of image embeddings
+//! and one chunk of an Embed input. Requests enter a free slot in arrival order
+//! once the KV pool has room for their whole prompt and `max_new_tokens`, so a
+//! running sequence never runs out of cells.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, info_span, warn};
 
-use super::cache::{prompt_items, EmbeddingCache, KvContents, KvItem};
+use super::cache::{kv_items, EmbeddingCache, KvContents, KvItem};
 use super::gguf_meta::{check_header, read_tile_spec};
-use super::llama::{self, Context, Model, Outputs, Vision};
-use super::prompt::{ChatTemplate, Piece, Prompt};
+use super::llama::{self, BatchToken, Context, Model, Outputs, Vision};
+use super::prompt::{ChatTemplate, Prompt, PromptItem};
 use super::sampling::{logprobs, TextStream, TokenSampler};
 use super::{
     Command, EmbedJob, Embedding, EngineError, EngineSettings, EngineState, FinishReason,
-    GenerateEvent, GenerateJob, GeneratedToken, Lifecycle, Loaded, ModelInfo, ModelPaths, Pooling,
-    Timings, TopToken, Usage,
+    GenerateEvent, GenerateJob, GenerateRequest, GeneratedToken, Lifecycle, Loaded, ModelInfo,
+    ModelPaths, Pooling, Timings, TopToken, Usage,
 };
 
 /// Positions decoded per call when every position produces an output: llama.cpp
@@ -22,19 +31,22 @@ use super::{
 /// gigabytes with a real vocabulary.
 const EMBED_CHUNK: usize = 256;
 
+/// How long the loop sleeps when every slot waits on a slow client.
+const STALLED_POLL: Duration = Duration::from_millis(1);
+
 /// Stream events carry either an event or the error that ended the stream.
 pub(crate) type EventResult = Result<GenerateEvent, EngineError>;
 
 pub(super) fn run<F>(
     settings: EngineSettings,
     resolve: F,
-    mut commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<Command>,
     state: watch::Sender<EngineState>,
     lifecycle: Arc<Lifecycle>,
 ) where
     F: FnOnce() -> Result<ModelPaths, EngineError>,
 {
-    let mut worker = match Worker::load(&settings, resolve, lifecycle.clone()) {
+    let mut worker = match Worker::load(&settings, resolve, lifecycle) {
         Ok((worker, loaded)) => {
             state.send_replace(EngineState::Ready(loaded));
             worker
@@ -45,14 +57,147 @@ pub(super) fn run<F>(
             return;
         }
     };
-    while let Some(command) = commands.blocking_recv() {
-        match command {
-            Command::Generate(job) => worker.generate(*job),
-            Command::Embed(job) => worker.embed(job),
-        }
-        lifecycle.finished_one();
-    }
+    worker.serve(commands);
     state.send_replace(EngineState::Stopped);
+}
+
+/// Events a stream has produced but its client has not yet taken. The engine
+/// never waits on one client: a full channel keeps the events here and holds
+/// back only that sequence.
+struct Outbox {
+    events: mpsc::Sender<EventResult>,
+    pending: VecDeque<EventResult>,
+}
+
+impl Outbox {
+    /// Hands over what the channel takes. `Err` when the client has left.
+    fn flush(&mut self) -> Result<(), EngineError> {
+        while let Some(event) = self.pending.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.pending.push_front(event);
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(EngineError::ClientGone),
+            }
+        }
+        if self.events.is_closed() {
+            return Err(EngineError::ClientGone);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, event: EventResult) -> Result<(), EngineError> {
+        self.pending.push_back(event);
+        self.flush()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// The prompt items of one input still to be decoded into a slot.
+struct Prefill {
+    prompt: Prompt,
+    items: Vec<PromptItem>,
+    next: usize,
+    /// Embeddings of the tile at `items[next]` and how many of its positions
+    /// are decoded, once it is being decoded.
+    tile: Option<(Arc<Vec<f32>>, usize)>,
+    vision_ms: f64,
+    prefill_ms: f64,
+    cached_tiles: u32,
+}
+
+impl Prefill {
+    fn new(prompt: Prompt, items: Vec<PromptItem>, skip: usize) -> Self {
+        Self {
+            prompt,
+            items,
+            next: skip,
+            tile: None,
+            vision_ms: 0.0,
+            prefill_ms: 0.0,
+            cached_tiles: 0,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.next >= self.items.len()
+    }
+
+    fn front(&self) -> Option<PromptItem> {
+        self.items.get(self.next).copied()
+    }
+}
+
+/// A Generate request in a slot.
+struct GenerateTask {
+    request: GenerateRequest,
+    prefill: Prefill,
+    prompt_tokens: u32,
+    image_tokens: u32,
+    arrived: Instant,
+    timings: Timings,
+    cached_positions: usize,
+    sampler: TokenSampler,
+    stream: TextStream,
+    completion: u32,
+    /// Sampled and sent, not yet decoded into the KV cache.
+    next_token: Option<i32>,
+    decode_started: Option<Instant>,
+    out: Outbox,
+}
+
+/// An Embed request in a slot: its inputs one after another.
+struct EmbedTask {
+    job: EmbedJob,
+    /// Index of the input being decoded.
+    input: usize,
+    prefill: Option<Prefill>,
+    sum: Vec<f64>,
+    last: Vec<f32>,
+    count: u32,
+    done: Vec<Embedding>,
+}
+
+enum Task {
+    Generate(Box<GenerateTask>),
+    Embed(Box<EmbedTask>),
+}
+
+/// One sequence of the context and what it holds.
+struct Slot {
+    seq: i32,
+    kv: KvContents,
+    /// Positions of a tile decoded in part, beyond `kv`.
+    partial: usize,
+    /// Admission order of the task, or of the last one, for FIFO and LRU.
+    stamp: u64,
+    task: Option<Task>,
+}
+
+impl Slot {
+    fn pos(&self) -> i32 {
+        (self.kv.positions() + self.partial) as i32
+    }
+
+    /// KV cells this slot may come to hold.
+    fn reserved(&self) -> usize {
+        match &self.task {
+            None => self.kv.positions(),
+            Some(Task::Generate(g)) => (g.prompt_tokens + g.request.max_new_tokens) as usize,
+            Some(Task::Embed(e)) => e
+                .job
+                .prompts
+                .iter()
+                .map(|p| p.prompt_tokens as usize)
+                .max()
+                .unwrap_or(0),
+        }
+    }
 }
 
 struct Worker {
@@ -63,18 +208,16 @@ struct Worker {
     tokens_per_tile: usize,
     lifecycle: Arc<Lifecycle>,
     embeddings: EmbeddingCache,
-    kv: KvContents,
+    slots: Vec<Slot>,
+    /// Streams whose sequence is over but whose client has not taken every event.
+    outboxes: Vec<Outbox>,
+    /// Taken from the channel, waiting for a slot or for KV room.
+    waiting: Option<Command>,
+    prefill_chunk: usize,
+    clock: u64,
 }
 
-/// What a prefill did.
-#[derive(Default)]
-struct PrefillStats {
-    vision_ms: f64,
-    prefill_ms: f64,
-    cached_tiles: u32,
-}
-
-/// Why a request must stop now, if it must: checked before every decode step.
+/// Why a request must stop now, if it must: checked before every step.
 fn interruption(
     lifecycle: &Lifecycle,
     client_gone: bool,
@@ -94,6 +237,10 @@ fn interruption(
 
 fn token_text(model: &Model, id: i32) -> String {
     String::from_utf8_lossy(&model.token_bytes(id, true)).into_owned()
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 impl Worker {
@@ -155,6 +302,7 @@ impl Worker {
                 .to_string_lossy()
                 .into_owned()
         });
+        let parallel = context.n_seq_max();
         let info = ModelInfo {
             name,
             architecture: model.meta("general.architecture").unwrap_or_default(),
@@ -175,11 +323,13 @@ impl Worker {
                 settings.vision.use_gpu,
                 llama::gpu_offload_supported(),
             ),
+            parallel: parallel as u32,
         };
         info!(
             model = %paths.model.display(),
             mmproj = %paths.mmproj.display(),
             n_ctx = info.context_size,
+            parallel,
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
@@ -191,132 +341,174 @@ impl Worker {
             info,
             image_context_token,
         });
+        // Each step's batch carries one token per generating slot, the rest is
+        // prompt text.
+        let prefill_chunk = settings
+            .prefill_chunk
+            .clamp(1, context.n_batch().saturating_sub(parallel).max(1));
         let worker = Worker {
             model,
+            slots: (0..parallel)
+                .map(|seq| Slot {
+                    seq: seq as i32,
+                    kv: KvContents::default(),
+                    partial: 0,
+                    stamp: 0,
+                    task: None,
+                })
+                .collect(),
             context,
             vision,
             tile_size: spec.tile_size,
             tokens_per_tile: spec.tokens_per_tile as usize,
             lifecycle,
             embeddings: EmbeddingCache::new(settings.image_cache_bytes),
-            kv: KvContents::default(),
+            outboxes: Vec::new(),
+            waiting: None,
+            prefill_chunk,
+            clock: 0,
         };
         Ok((worker, loaded))
     }
 
-    /// Decodes the prompt after its first `skip` items (already in the KV
-    /// cache), calling `on_outputs(context, n)` after each decode with
-    /// `Outputs::All`. Stops with the error `interrupted()` returns before any
-    /// tile or chunk. Every decoded item is recorded in `self.kv`.
-    fn prefill(
-        &mut self,
-        prompt: &Prompt,
-        skip: usize,
-        outputs: Outputs,
-        chunk: usize,
-        interrupted: &dyn Fn() -> Result<(), EngineError>,
-        on_outputs: &mut dyn FnMut(&Context, usize) -> Result<(), EngineError>,
-    ) -> Result<PrefillStats, EngineError> {
-        let mut stats = PrefillStats::default();
-        let mut skip = skip;
-        let mut pos = self.kv.positions() as i32;
-        let n_pieces = prompt.pieces.len();
-        let n_embd = self.model.n_embd_inp() as usize;
-        for (i, piece) in prompt.pieces.iter().enumerate() {
-            let last_piece = i + 1 == n_pieces;
-            match piece {
-                Piece::Tokens(tokens) => {
-                    let rest = &tokens[skip.min(tokens.len())..];
-                    skip -= tokens.len() - rest.len();
-                    let n_chunks = rest.len().div_ceil(chunk);
-                    for (c, part) in rest.chunks(chunk).enumerate() {
-                        interrupted()?;
-                        let want = match outputs {
-                            Outputs::All => Outputs::All,
-                            _ if last_piece && c + 1 == n_chunks => Outputs::Last,
-                            _ => Outputs::None,
-                        };
-                        let t = Instant::now();
-                        self.context.decode_tokens(part, pos, want)?;
-                        stats.prefill_ms += ms(t);
-                        pos += part.len() as i32;
-                        for &token in part {
-                            self.kv.push(KvItem::Token(token), self.tokens_per_tile);
-                        }
-                        if want == Outputs::All {
-                            on_outputs(&self.context, part.len())?;
-                        }
-                    }
+    fn busy(&self) -> bool {
+        self.waiting.is_some()
+            || !self.outboxes.is_empty()
+            || self.slots.iter().any(|s| s.task.is_some())
+    }
+
+    /// The scheduler loop; returns once every handle is gone and no work is left.
+    fn serve(&mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut open = true;
+        loop {
+            if !self.busy() {
+                if !open {
+                    return;
                 }
-                Piece::Image(tiled) => {
-                    let first = skip.min(tiled.tiles.len());
-                    skip -= first;
-                    for (tile, hash) in tiled.tiles.iter().zip(&tiled.hashes).skip(first) {
-                        interrupted()?;
-                        let embd = match self.embeddings.get(hash) {
-                            Some(embd) => {
-                                stats.cached_tiles += 1;
-                                embd
-                            }
-                            None => {
-                                let t = Instant::now();
-                                let embd = Arc::new(
-                                    self.vision.encode_tile(tile.as_raw(), self.tile_size)?,
-                                );
-                                stats.vision_ms += ms(t);
-                                self.embeddings.insert(*hash, embd.clone());
-                                tracing::debug!(bytes = self.embeddings.bytes(), "image cache");
-                                embd
-                            }
-                        };
-                        let t = Instant::now();
-                        for part in embd.chunks(chunk * n_embd) {
-                            let n = part.len() / n_embd;
-                            self.context.decode_embeddings(part, pos, outputs)?;
-                            pos += n as i32;
-                            if outputs == Outputs::All {
-                                on_outputs(&self.context, n)?;
-                            }
-                        }
-                        self.kv.push(KvItem::Tile(*hash), self.tokens_per_tile);
-                        stats.prefill_ms += ms(t);
-                    }
+                match commands.blocking_recv() {
+                    Some(command) => self.waiting = Some(command),
+                    None => return,
                 }
             }
-        }
-        Ok(stats)
-    }
-
-    /// Forgets the KV cache and what it held.
-    fn reset_kv(&mut self) {
-        self.context.clear();
-        self.kv.clear();
-    }
-
-    fn generate(&mut self, job: GenerateJob) {
-        let span = info_span!("generate", request_id = %job.request.request_id);
-        let _enter = span.enter();
-        let events = job.events.clone();
-        match self.try_generate(job) {
-            Ok(done) => info!(?done, "generation finished"),
-            // The KV cache is consistent with `self.kv` up to the last decode.
-            Err(EngineError::ClientGone) => info!("client left; generation cancelled"),
-            Err(e) => {
-                // A failed or cut decode leaves the cache in an unknown state.
-                self.reset_kv();
-                warn!("generation ended: {e}");
-                if events.blocking_send(Err(e)).is_err() {
-                    info!("client left before the error could be sent");
+            // Admit in arrival order while slots and KV room last.
+            loop {
+                if self.waiting.is_none() && open {
+                    match commands.try_recv() {
+                        Ok(command) => self.waiting = Some(command),
+                        Err(TryRecvError::Empty) => {}
+                        Err(TryRecvError::Disconnected) => open = false,
+                    }
                 }
+                let Some(command) = self.waiting.take() else {
+                    break;
+                };
+                if let Err(command) = self.admit(command) {
+                    self.waiting = Some(command);
+                    break;
+                }
+            }
+            if !self.step() && self.busy() {
+                std::thread::sleep(STALLED_POLL);
             }
         }
     }
 
-    /// Runs one generation; [`EngineError::ClientGone`] when the client went away.
-    fn try_generate(
+    /// Puts a command into a free slot, or hands it back when there is no slot
+    /// or no KV room yet.
+    fn admit(&mut self, command: Command) -> Result<(), Command> {
+        let (need, items, kv) = match &command {
+            Command::Generate(job) => {
+                let items = job.prompt.items();
+                let kv = kv_items(&job.prompt, &items);
+                (
+                    (job.prompt.prompt_tokens + job.request.max_new_tokens) as usize,
+                    items,
+                    kv,
+                )
+            }
+            Command::Embed(job) => (
+                job.prompts
+                    .iter()
+                    .map(|p| p.prompt_tokens as usize)
+                    .max()
+                    .unwrap_or(0),
+                Vec::new(),
+                Vec::new(),
+            ),
+        };
+        // The free slot holding the longest prefix of this prompt, else the
+        // one used longest ago.
+        let Some(index) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.task.is_none())
+            .max_by_key(|(_, s)| (s.kv.reusable(&kv), std::cmp::Reverse(s.stamp)))
+            .map(|(i, _)| i)
+        else {
+            return Err(command);
+        };
+        let pool = self.context.n_ctx() as usize;
+        let others = |slots: &[Slot]| -> usize {
+            slots
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .map(|(_, s)| s.reserved())
+                .sum()
+        };
+        // Make room by forgetting idle slots' prefixes, oldest first.
+        while others(&self.slots) + need > pool {
+            let Some(victim) = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| *i != index && s.task.is_none() && s.kv.positions() > 0)
+                .min_by_key(|(_, s)| s.stamp)
+                .map(|(i, _)| i)
+            else {
+                return Err(command);
+            };
+            self.forget(victim);
+        }
+        self.clock += 1;
+        self.slots[index].stamp = self.clock;
+        match command {
+            Command::Generate(job) => self.start_generate(index, *job, items, &kv),
+            Command::Embed(job) => {
+                if let Err(e) =
+                    interruption(&self.lifecycle, job.reply.is_closed(), job.deadline, 0)
+                {
+                    if job.reply.send(Err(e)).is_err() {
+                        info!("embed client left while queued");
+                    }
+                    self.lifecycle.finished_one();
+                    return Ok(());
+                }
+                let n_embd = self.model.n_embd() as usize;
+                self.slots[index].task = Some(Task::Embed(Box::new(EmbedTask {
+                    job,
+                    input: 0,
+                    prefill: None,
+                    sum: vec![0.0; n_embd],
+                    last: vec![0.0; n_embd],
+                    count: 0,
+                    done: Vec::new(),
+                })));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a generation in slot `index`, resuming after the longest prefix
+    /// the slot's KV cache already holds.
+    fn start_generate(
         &mut self,
+        index: usize,
         job: GenerateJob,
-    ) -> Result<(FinishReason, Usage, Timings), EngineError> {
+        items: Vec<PromptItem>,
+        kv: &[KvItem],
+    ) {
         let GenerateJob {
             prompt,
             request,
@@ -324,207 +516,597 @@ impl Worker {
             enqueued,
             events,
         } = job;
-        let started = Instant::now();
-        let mut timings = Timings {
-            queue_ms: (started - enqueued).as_secs_f64() * 1e3,
-            ..Timings::default()
+        let mut out = Outbox {
+            events,
+            pending: VecDeque::new(),
         };
-        // Resume after the longest prefix the KV cache already holds.
-        let items = prompt_items(&prompt);
-        let mut reused = self.kv.reusable(&items);
-        let mut cached_positions = self.kv.truncate(reused, self.tokens_per_tile);
-        if !self.context.remove_from(cached_positions) {
-            self.reset_kv();
-            reused = 0;
-            cached_positions = 0;
+        if let Err(e) = interruption(&self.lifecycle, out.events.is_closed(), request.deadline, 0) {
+            if !matches!(e, EngineError::ClientGone) {
+                out.pending.push_back(Err(e));
+            }
+            self.retire(out);
+            return;
         }
-        let lifecycle = self.lifecycle.clone();
-        let deadline = request.deadline;
-        let interrupted =
-            |completed| interruption(&lifecycle, events.is_closed(), deadline, completed);
-        let n_batch = self.context.n_batch();
-        let stats = self.prefill(
-            &prompt,
-            reused,
-            Outputs::Last,
-            n_batch,
-            &|| interrupted(0),
-            &mut |_, _| Ok(()),
-        )?;
-        timings.vision_ms = stats.vision_ms;
-        timings.prefill_ms = stats.prefill_ms;
-
+        let slot = &mut self.slots[index];
+        let mut reused = slot.kv.reusable(kv);
+        let mut cached = slot.kv.truncate(reused, self.tokens_per_tile);
+        if !self.context.remove_from(slot.seq, cached) {
+            self.forget(index);
+            reused = 0;
+            cached = 0;
+        }
         let mut sampler = TokenSampler::new(&request.sampling, self.model.n_vocab());
         sampler.accept_prompt(prompt.text_tokens());
-        let mut stream = TextStream::new(request.stop.clone());
-        let n_ctx = self.context.n_ctx() as i32;
-        let mut pos = prompt.prompt_tokens as i32;
-        let mut completion = 0u32;
-        let decode_started = Instant::now();
-        let top_n = request.top_logprobs as usize;
-        let want_logprobs = request.logprobs || top_n > 0;
-        let finish = loop {
-            let logits = self.context.logits(-1)?;
-            let token = sampler.sample(logits);
-            // A softmax over the whole vocabulary per token is the largest
-            // per-token cost of the service (0.3 ms at 151k tokens); only pay it
-            // when the client asked.
-            let (logprob, top) = if want_logprobs {
-                logprobs(logits, token, top_n)
-            } else {
-                (0.0, Vec::new())
-            };
-            completion += 1;
-            if !request.ignore_eos && self.model.is_eog(token) {
-                break FinishReason::Stop;
-            }
-            let piece = self.model.token_bytes(token, false);
-            let released = stream.push(&piece);
-            let generated = GeneratedToken {
-                id: token,
-                text: String::from_utf8_lossy(&piece).into_owned(),
-                logprob,
-                top: top
-                    .into_iter()
-                    .map(|(id, logprob)| TopToken {
-                        id,
-                        text: String::from_utf8_lossy(&self.model.token_bytes(id, false))
-                            .into_owned(),
-                        logprob,
-                    })
-                    .collect(),
-            };
-            let delta = GenerateEvent::Delta {
-                text: released.text,
-                tokens: vec![generated],
-            };
-            if events.blocking_send(Ok(delta)).is_err() {
-                return Err(EngineError::ClientGone);
-            }
-            if completion == 1 {
-                timings.ttft_ms = arrived.elapsed().as_secs_f64() * 1e3;
-            }
-            if released.stopped {
-                break FinishReason::StopSequence;
-            }
-            if completion >= request.max_new_tokens || pos >= n_ctx {
-                break FinishReason::Length;
-            }
-            interrupted(completion)?;
-            self.context.decode_tokens(&[token], pos, Outputs::Last)?;
-            self.kv.push(KvItem::Token(token), self.tokens_per_tile);
-            pos += 1;
-        };
-        timings.decode_ms = ms(decode_started);
-        if finish != FinishReason::StopSequence {
-            let tail = stream.finish();
-            if !tail.text.is_empty()
-                && events
-                    .blocking_send(Ok(GenerateEvent::Delta {
-                        text: tail.text,
-                        tokens: Vec::new(),
-                    }))
-                    .is_err()
-            {
-                return Err(EngineError::ClientGone);
-            }
-        }
-        let usage = Usage {
+        let task = GenerateTask {
+            stream: TextStream::new(request.stop.clone()),
             prompt_tokens: prompt.prompt_tokens,
             image_tokens: prompt.image_tokens,
-            completion_tokens: completion,
-            cached_tokens: cached_positions as u32,
-            cached_image_tiles: stats.cached_tiles,
-        };
-        let done = GenerateEvent::Done {
-            finish_reason: finish,
-            usage,
-            timings,
-        };
-        if events.blocking_send(Ok(done)).is_err() {
-            return Err(EngineError::ClientGone);
-        }
-        Ok((finish, usage, timings))
-    }
-
-    fn embed(&mut self, job: EmbedJob) {
-        let lifecycle = self.lifecycle.clone();
-        let interrupted = || interruption(&lifecycle, job.reply.is_closed(), job.deadline, 0);
-        // Each input starts from an empty cache (`embed_one`); the generation
-        // prefix is gone after this, so forget it once at the end.
-        self.context.set_embeddings(true);
-        let outcome: Result<Vec<Embedding>, EngineError> = job
-            .prompts
-            .iter()
-            .map(|prompt| self.embed_one(prompt, job.pooling, job.normalize, &interrupted))
-            .collect();
-        self.context.set_embeddings(false);
-        self.reset_kv();
-        if job.reply.send(outcome).is_err() {
-            info!("embed client left before the reply");
-        }
-    }
-
-    fn embed_one(
-        &mut self,
-        prompt: &Prompt,
-        pooling: Pooling,
-        normalize: bool,
-        interrupted: &dyn Fn() -> Result<(), EngineError>,
-    ) -> Result<Embedding, EngineError> {
-        let n_embd = self.model.n_embd() as usize;
-        let mut sum = vec![0f64; n_embd];
-        let mut last = vec![0f32; n_embd];
-        let mut count = 0u32;
-        self.reset_kv();
-        self.prefill(
-            prompt,
-            0,
-            Outputs::All,
-            EMBED_CHUNK,
-            interrupted,
-            &mut |ctx, n| {
-                for i in 0..n {
-                    let e = ctx.embeddings(i as i32)?;
-                    for (s, &v) in sum.iter_mut().zip(e) {
-                        *s += f64::from(v);
-                    }
-                    last.copy_from_slice(e);
-                    count += 1;
-                }
-                Ok(())
+            prefill: Prefill::new(prompt, items, reused),
+            request,
+            arrived,
+            timings: Timings {
+                queue_ms: (Instant::now() - enqueued).as_secs_f64() * 1e3,
+                ..Timings::default()
             },
-        )?;
-
-        if count != prompt.prompt_tokens {
-            return Err(EngineError::Inference(format!(
-                "pooled {count} positions of a {}-position input",
-                prompt.prompt_tokens
-            )));
-        }
-        let mut values: Vec<f32> = match pooling {
-            Pooling::Mean => sum.iter().map(|s| (s / f64::from(count)) as f32).collect(),
-            Pooling::Last => last,
+            cached_positions: cached,
+            sampler,
+            completion: 0,
+            next_token: None,
+            decode_started: None,
+            out,
         };
-        if normalize {
-            let norm = values
-                .iter()
-                .map(|v| f64::from(*v) * f64::from(*v))
-                .sum::<f64>()
-                .sqrt();
-            if norm > 0.0 {
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = (f64::from(*v) / norm) as f32);
+        self.slots[index].task = Some(Task::Generate(Box::new(task)));
+    }
+
+    /// Empties a slot's KV cache.
+    fn forget(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        slot.kv.clear();
+        slot.partial = 0;
+        if !self.context.remove_from(slot.seq, 0) {
+            warn!(
+                seq = slot.seq,
+                "could not clear a sequence; clearing the whole cache"
+            );
+            self.context.clear();
+            for s in &mut self.slots {
+                s.kv.clear();
+                s.partial = 0;
             }
         }
-        Ok(Embedding {
-            values,
-            tokens: count,
-        })
+    }
+
+    /// Keeps an ended stream's undelivered events until its client takes them;
+    /// the request counts as in flight until then.
+    fn retire(&mut self, mut out: Outbox) {
+        if out.flush().is_ok() && !out.is_empty() {
+            self.outboxes.push(out);
+        } else {
+            self.lifecycle.finished_one();
+        }
+    }
+
+    /// One scheduler step; false when nothing could move.
+    fn step(&mut self) -> bool {
+        let mut progress = false;
+        let lifecycle = self.lifecycle.clone();
+        self.outboxes.retain_mut(|out| {
+            let before = out.pending.len();
+            let keep = out.flush().is_ok() && !out.is_empty();
+            progress |= !keep || out.pending.len() != before;
+            if !keep {
+                lifecycle.finished_one();
+            }
+            keep
+        });
+        for index in 0..self.slots.len() {
+            if let Err(e) = self.check(index) {
+                self.end(index, Err(e));
+                progress = true;
+            }
+        }
+        progress |= self.decode_tokens();
+        progress |= self.decode_image_chunk();
+        progress |= self.decode_embed_chunk();
+        progress
+    }
+
+    /// Cancellation, drain and deadline checks; also delivers held events.
+    fn check(&mut self, index: usize) -> Result<(), EngineError> {
+        match &mut self.slots[index].task {
+            None => Ok(()),
+            Some(Task::Generate(g)) => {
+                g.out.flush()?;
+                interruption(&self.lifecycle, false, g.request.deadline, g.completion)
+            }
+            Some(Task::Embed(e)) => {
+                interruption(&self.lifecycle, e.job.reply.is_closed(), e.job.deadline, 0)
+            }
+        }
+    }
+
+    /// Decodes the next token of every generating slot whose client keeps up,
+    /// plus as much waiting prompt text as the step allows, in one batch.
+    fn decode_tokens(&mut self) -> bool {
+        let mut batch = Vec::new();
+        let mut members: Vec<usize> = Vec::new();
+        // Generating slots first: one token each.
+        for (index, slot) in self.slots.iter().enumerate() {
+            if let Some(Task::Generate(g)) = &slot.task {
+                if let (Some(token), true) = (g.next_token, g.out.is_empty()) {
+                    batch.push(BatchToken {
+                        token,
+                        pos: slot.pos(),
+                        seq: slot.seq,
+                        output: true,
+                    });
+                    members.push(index);
+                }
+            }
+        }
+        // Then prompt text, oldest request first.
+        let mut budget = self.prefill_chunk;
+        let mut order: Vec<usize> = (0..self.slots.len()).collect();
+        order.sort_by_key(|&i| self.slots[i].stamp);
+        for index in order {
+            if budget == 0 {
+                break;
+            }
+            let slot = &self.slots[index];
+            let Some(Task::Generate(g)) = &slot.task else {
+                continue;
+            };
+            let p = &g.prefill;
+            let mut pos = slot.pos();
+            let mut taken = false;
+            let mut next = p.next;
+            while budget > 0 {
+                let Some(&PromptItem::Token(token)) = p.items.get(next) else {
+                    break;
+                };
+                next += 1;
+                batch.push(BatchToken {
+                    token,
+                    pos,
+                    seq: slot.seq,
+                    output: next == p.items.len(),
+                });
+                pos += 1;
+                budget -= 1;
+                taken = true;
+            }
+            if taken {
+                members.push(index);
+            }
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        let started = Instant::now();
+        let result = self.context.decode_batch(&batch);
+        let elapsed = ms(started);
+        if let Err(e) = result {
+            warn!("batch decode failed: {e}");
+            for index in members {
+                self.end(index, Err(EngineError::Inference(e.to_string())));
+            }
+            return true;
+        }
+        // Record what each member's positions now hold, then sample outputs.
+        let mut cursor = 0;
+        for &index in &members {
+            let slot = &mut self.slots[index];
+            let Some(Task::Generate(g)) = &mut slot.task else {
+                continue;
+            };
+            let seq = slot.seq;
+            let generating = g.prefill.done();
+            if generating {
+                g.next_token = None;
+            } else {
+                g.prefill.prefill_ms += elapsed;
+            }
+            let mut outputs = Vec::new();
+            while cursor < batch.len() && batch[cursor].seq == seq {
+                let entry = batch[cursor];
+                if !generating {
+                    g.prefill.next += 1;
+                }
+                slot.kv
+                    .push(KvItem::Token(entry.token), self.tokens_per_tile);
+                if entry.output {
+                    outputs.push(cursor);
+                }
+                cursor += 1;
+            }
+            for i in outputs {
+                self.sample(index, i as i32);
+            }
+        }
+        true
+    }
+
+    /// Encodes (or finds in the cache) the tile the oldest prefilling request
+    /// waits on, and decodes one chunk of its embeddings.
+    fn decode_image_chunk(&mut self) -> bool {
+        let Some(index) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| match &s.task {
+                Some(Task::Generate(g)) => {
+                    matches!(g.prefill.front(), Some(PromptItem::Tile { .. }))
+                }
+                _ => false,
+            })
+            .min_by_key(|(_, s)| s.stamp)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        match self.decode_prefill_tile(index, Outputs::Last) {
+            Ok(Some((n, Outputs::Last))) => self.sample(index, n as i32 - 1),
+            Ok(_) => {}
+            Err(e) => self.end(index, Err(e)),
+        }
+        true
+    }
+
+    /// Decodes the next chunk of the tile at the front of slot `index`'s
+    /// prefill: how many positions, and which of them produced outputs
+    /// (`Last` only when this chunk ends the prompt).
+    fn decode_prefill_tile(
+        &mut self,
+        index: usize,
+        outputs: Outputs,
+    ) -> Result<Option<(usize, Outputs)>, EngineError> {
+        let n_embd = self.model.n_embd_inp() as usize;
+        let chunk = match outputs {
+            Outputs::All => EMBED_CHUNK.min(self.prefill_chunk),
+            _ => self.prefill_chunk,
+        };
+        let slot = &mut self.slots[index];
+        let prefill = match &mut slot.task {
+            Some(Task::Generate(g)) => &mut g.prefill,
+            Some(Task::Embed(e)) => match e.prefill.as_mut() {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        let Some(PromptItem::Tile { piece, tile }) = prefill.front() else {
+            return Ok(None);
+        };
+        let tiled = prefill
+            .prompt
+            .tiled_image(piece)
+            .ok_or_else(|| EngineError::Inference("prompt item is not an image".into()))?;
+        let hash = tiled.hashes[tile];
+        if prefill.tile.is_none() {
+            let embd = match self.embeddings.get(&hash) {
+                Some(embd) => {
+                    prefill.cached_tiles += 1;
+                    embd
+                }
+                None => {
+                    let t = Instant::now();
+                    let embd = Arc::new(
+                        self.vision
+                            .encode_tile(tiled.tiles[tile].as_raw(), self.tile_size)?,
+                    );
+                    prefill.vision_ms += ms(t);
+                    self.embeddings.insert(hash, embd.clone());
+                    tracing::debug!(bytes = self.embeddings.bytes(), "image cache");
+                    embd
+                }
+            };
+            prefill.tile = Some((embd, 0));
+        }
+        let Some((embd, done)) = prefill.tile.as_mut() else {
+            return Ok(None);
+        };
+        let total = embd.len() / n_embd;
+        let n = (total - *done).min(chunk);
+        let part = &embd[*done * n_embd..(*done + n) * n_embd];
+        let last_of_prompt = *done + n == total && prefill.next + 1 == prefill.items.len();
+        let want = match outputs {
+            Outputs::All => Outputs::All,
+            _ if last_of_prompt => Outputs::Last,
+            _ => Outputs::None,
+        };
+        let t = Instant::now();
+        let pos = (slot.kv.positions() + slot.partial) as i32;
+        self.context.decode_embeddings(part, pos, slot.seq, want)?;
+        prefill.prefill_ms += ms(t);
+        *done += n;
+        slot.partial += n;
+        if *done == total {
+            prefill.tile = None;
+            prefill.next += 1;
+            slot.partial = 0;
+            slot.kv.push(KvItem::Tile(hash), self.tokens_per_tile);
+        }
+        Ok(Some((n, want)))
+    }
+
+    /// Samples the token at batch output `output` for generating slot `index`,
+    /// streams it, and ends the request when it is over.
+    fn sample(&mut self, index: usize, output: i32) {
+        let outcome = {
+            let pos = self.slots[index].kv.positions() as u32;
+            let Some(Task::Generate(g)) = &mut self.slots[index].task else {
+                return;
+            };
+            match self.context.logits(output) {
+                Err(e) => Some(Err(e)),
+                Ok(logits) => next_token(&self.model, g, logits, pos, self.context.n_ctx()),
+            }
+        };
+        if let Some(outcome) = outcome {
+            self.end(index, outcome);
+        }
+    }
+
+    /// Ends slot `index`'s request with `outcome`: the stream gets its `Done`
+    /// or error, and the slot keeps its decoded prefix for the next request.
+    fn end(&mut self, index: usize, outcome: Result<FinishReason, EngineError>) {
+        let slot = &mut self.slots[index];
+        let Some(task) = slot.task.take() else {
+            return;
+        };
+        // A tile decoded in part is not a reusable prefix.
+        if slot.partial > 0 {
+            let keep = slot.kv.positions();
+            slot.partial = 0;
+            if !self.context.remove_from(slot.seq, keep) {
+                self.forget(index);
+            }
+        }
+        if matches!(outcome, Err(EngineError::Inference(_))) {
+            // A failed decode leaves the sequence in an unknown state.
+            self.forget(index);
+        }
+        match task {
+            Task::Generate(g) => self.end_generate(*g, outcome),
+            Task::Embed(e) => {
+                let result = match outcome {
+                    Ok(_) => Ok(e.done),
+                    Err(err) => Err(err),
+                };
+                if e.job.reply.send(result).is_err() {
+                    info!("embed client left before the reply");
+                }
+                self.lifecycle.finished_one();
+            }
+        }
+    }
+
+    fn end_generate(&mut self, mut g: GenerateTask, outcome: Result<FinishReason, EngineError>) {
+        let span = info_span!("generate", request_id = %g.request.request_id);
+        let _enter = span.enter();
+        match outcome {
+            Ok(finish) => {
+                g.timings.vision_ms = g.prefill.vision_ms;
+                g.timings.prefill_ms = g.prefill.prefill_ms;
+                g.timings.decode_ms = g.decode_started.map_or(0.0, ms);
+                if finish != FinishReason::StopSequence {
+                    let tail = g.stream.finish();
+                    if !tail.text.is_empty() {
+                        g.out.pending.push_back(Ok(GenerateEvent::Delta {
+                            text: tail.text,
+                            tokens: Vec::new(),
+                        }));
+                    }
+                }
+                let usage = Usage {
+                    prompt_tokens: g.prompt_tokens,
+                    image_tokens: g.image_tokens,
+                    completion_tokens: g.completion,
+                    cached_tokens: g.cached_positions as u32,
+                    cached_image_tiles: g.prefill.cached_tiles,
+                };
+                info!(?finish, ?usage, timings = ?g.timings, "generation finished");
+                g.out.pending.push_back(Ok(GenerateEvent::Done {
+                    finish_reason: finish,
+                    usage,
+                    timings: g.timings,
+                }));
+            }
+            Err(EngineError::ClientGone) => {
+                info!("client left; generation cancelled");
+                g.out.pending.clear();
+            }
+            Err(e) => {
+                warn!("generation ended: {e}");
+                g.out.pending.push_back(Err(e));
+            }
+        }
+        self.retire(g.out);
+    }
+
+    /// Decodes one chunk of the Embed request that arrived first.
+    fn decode_embed_chunk(&mut self) -> bool {
+        let Some(index) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.task, Some(Task::Embed(_))))
+            .min_by_key(|(_, s)| s.stamp)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        self.context.set_embeddings(true);
+        let result = self.embed_chunk(index);
+        self.context.set_embeddings(false);
+        match result {
+            Ok(true) => self.end(index, Ok(FinishReason::Stop)),
+            Ok(false) => {}
+            Err(e) => self.end(index, Err(e)),
+        }
+        true
+    }
+
+    /// Advances an Embed request by one chunk; true when every input is done.
+    fn embed_chunk(&mut self, index: usize) -> Result<bool, EngineError> {
+        let Some(Task::Embed(e)) = &mut self.slots[index].task else {
+            return Ok(true);
+        };
+        if e.prefill.is_none() {
+            let Some(prompt) = e.job.prompts.get(e.input) else {
+                return Ok(true);
+            };
+            e.prefill = Some(Prefill::new(prompt.clone(), prompt.items(), 0));
+            e.sum.iter_mut().for_each(|s| *s = 0.0);
+            e.count = 0;
+            // Each input starts from an empty sequence.
+            self.forget(index);
+        }
+        let front = match &self.slots[index].task {
+            Some(Task::Embed(e)) => e.prefill.as_ref().and_then(Prefill::front),
+            _ => None,
+        };
+        let outputs = match front {
+            Some(PromptItem::Tile { .. }) => self
+                .decode_prefill_tile(index, Outputs::All)?
+                .map_or(0, |(n, _)| n),
+            Some(PromptItem::Token(_)) => {
+                let slot = &mut self.slots[index];
+                let Some(Task::Embed(e)) = &mut slot.task else {
+                    return Ok(true);
+                };
+                let p = e.prefill.as_mut().expect("set above");
+                let tokens: Vec<i32> = p.items[p.next..]
+                    .iter()
+                    .map_while(|item| match item {
+                        PromptItem::Token(t) => Some(*t),
+                        PromptItem::Tile { .. } => None,
+                    })
+                    .take(EMBED_CHUNK)
+                    .collect();
+                let pos = slot.kv.positions() as i32;
+                self.context
+                    .decode_tokens(&tokens, pos, slot.seq, Outputs::All)?;
+                p.next += tokens.len();
+                for &t in &tokens {
+                    slot.kv.push(KvItem::Token(t), self.tokens_per_tile);
+                }
+                tokens.len()
+            }
+            None => 0,
+        };
+        let slot = &mut self.slots[index];
+        let Some(Task::Embed(e)) = &mut slot.task else {
+            return Ok(true);
+        };
+        for i in 0..outputs {
+            let v = self.context.embeddings(i as i32)?;
+            for (s, &x) in e.sum.iter_mut().zip(v) {
+                *s += f64::from(x);
+            }
+            e.last.copy_from_slice(v);
+            e.count += 1;
+        }
+        if e.prefill.as_ref().is_some_and(Prefill::done) {
+            let prompt_tokens = e.job.prompts[e.input].prompt_tokens;
+            e.prefill = None;
+            e.done.push(pool(e, prompt_tokens)?);
+            e.input += 1;
+        }
+        Ok(e.input >= e.job.prompts.len())
     }
 }
 
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
+/// Samples the next token from `logits` and streams it. `Some` ends the
+/// request (finished, or the client left).
+fn next_token(
+    model: &Model,
+    g: &mut GenerateTask,
+    logits: &[f32],
+    pos: u32,
+    n_ctx: u32,
+) -> Option<Result<FinishReason, EngineError>> {
+    let token = g.sampler.sample(logits);
+    // A softmax over the whole vocabulary per token is the largest per-token
+    // cost of the service (0.3 ms at 151k tokens); only pay it when asked.
+    let top_n = g.request.top_logprobs as usize;
+    let (logprob, top) = if g.request.logprobs || top_n > 0 {
+        logprobs(logits, token, top_n)
+    } else {
+        (0.0, Vec::new())
+    };
+    g.completion += 1;
+    if g.completion == 1 {
+        g.decode_started = Some(Instant::now());
+    }
+    if !g.request.ignore_eos && model.is_eog(token) {
+        return Some(Ok(FinishReason::Stop));
+    }
+    let piece = model.token_bytes(token, false);
+    let released = g.stream.push(&piece);
+    let generated = GeneratedToken {
+        id: token,
+        text: String::from_utf8_lossy(&piece).into_owned(),
+        logprob,
+        top: top
+            .into_iter()
+            .map(|(id, logprob)| TopToken {
+                id,
+                text: String::from_utf8_lossy(&model.token_bytes(id, false)).into_owned(),
+                logprob,
+            })
+            .collect(),
+    };
+    let delta = GenerateEvent::Delta {
+        text: released.text,
+        tokens: vec![generated],
+    };
+    if let Err(e) = g.out.send(Ok(delta)) {
+        return Some(Err(e));
+    }
+    if g.completion == 1 {
+        g.timings.ttft_ms = ms(g.arrived);
+    }
+    if released.stopped {
+        return Some(Ok(FinishReason::StopSequence));
+    }
+    if g.completion >= g.request.max_new_tokens || pos >= n_ctx {
+        return Some(Ok(FinishReason::Length));
+    }
+    g.next_token = Some(token);
+    None
+}
+
+/// The pooled (and maybe normalized) vector of a finished Embed input.
+fn pool(e: &EmbedTask, prompt_tokens: u32) -> Result<Embedding, EngineError> {
+    if e.count != prompt_tokens {
+        return Err(EngineError::Inference(format!(
+            "pooled {} positions of a {prompt_tokens}-position input",
+            e.count
+        )));
+    }
+    let mut values: Vec<f32> = match e.job.pooling {
+        Pooling::Mean => e
+            .sum
+            .iter()
+            .map(|s| (s / f64::from(e.count)) as f32)
+            .collect(),
+        Pooling::Last => e.last.clone(),
+    };
+    if e.job.normalize {
+        let norm = values
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 {
+            values
+                .iter_mut()
+                .for_each(|v| *v = (f64::from(*v) / norm) as f32);
+        }
+    }
+    Ok(Embedding {
+        values,
+        tokens: e.count,
+    })
 }

@@ -236,6 +236,7 @@ impl InternVl for InternVlService {
                 offload: info.offload,
                 projector: info.projector,
                 training_context_size: info.training_context_size,
+                parallel: info.parallel,
             }))
         }
         .await;
