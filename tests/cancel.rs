@@ -1,6 +1,6 @@
 //! A client that drops its stream stops its generation within a decode step:
-//! the engine is free for the next request at once instead of finishing the
-//! abandoned one.
+//! its slot is free for the next request at once instead of finishing the
+//! abandoned one. One slot, so the next request must wait for exactly that.
 
 mod common;
 
@@ -12,7 +12,11 @@ const LONG: u32 = 6000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_frees_the_engine() {
-    let server = start(tiny_config()).await;
+    let server = start(internvl_grpc::config::Config {
+        parallel: 1,
+        ..tiny_config()
+    })
+    .await;
     let mut client = server.client().await;
     let hello = || vec![user(vec![text("Hello! Who are you?")])];
 

@@ -93,6 +93,16 @@ impl KvContents {
         self.items.push(item);
     }
 
+    /// Items held (tokens and whole tiles).
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     /// Positions covered.
     pub fn positions(&self) -> usize {
         self.positions

@@ -30,9 +30,12 @@ pub enum EngineError {
     /// The engine is still loading the model.
     #[error("the model is still loading")]
     NotReady,
-    /// The request queue is full; the client should retry later.
-    #[error("the request queue is full, retry later")]
-    QueueFull,
+    /// Every slot is busy and the queue is full; the client should retry.
+    #[error("every sequence slot is busy and the request queue is full; retry in about {retry_after_ms} ms")]
+    QueueFull {
+        /// About how long until a queue place frees up.
+        retry_after_ms: u64,
+    },
     /// The server is draining: no new work, and work past the grace period is cut.
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,

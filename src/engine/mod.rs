@@ -16,7 +16,7 @@ pub mod vision;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -290,6 +290,10 @@ pub(crate) enum Command {
     Embed(EmbedJob),
 }
 
+/// Bounds of the retry hint sent with RESOURCE_EXHAUSTED.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// How long a drain waits for cut requests to stop (one decode step each).
 const CUT_WAIT: Duration = Duration::from_secs(30);
 
@@ -301,6 +305,10 @@ pub(crate) struct Lifecycle {
     aborting: AtomicBool,
     /// Jobs accepted and not yet finished (queued or running).
     in_flight: watch::Sender<usize>,
+    /// Moving average of how long a request holds a slot, in microseconds.
+    service_us: AtomicU64,
+    /// Slots that run requests at once.
+    parallel: u64,
 }
 
 impl Lifecycle {
@@ -310,6 +318,25 @@ impl Lifecycle {
 
     pub(crate) fn finished_one(&self) {
         self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    /// Folds one request's time in a slot into the moving average.
+    pub(crate) fn record_service_time(&self, took: Duration) {
+        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.service_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.service_us.store(new, Ordering::Relaxed);
+    }
+
+    /// About how long until a full queue moves by one: a slot frees up every
+    /// average service time divided by the slots, bounded to a sane range.
+    fn retry_after(&self) -> Duration {
+        let per_slot = self.service_us.load(Ordering::Relaxed) / self.parallel.max(1);
+        Duration::from_micros(per_slot).clamp(RETRY_MIN, RETRY_MAX)
     }
 }
 
@@ -336,6 +363,8 @@ impl Engine {
             draining: AtomicBool::new(false),
             aborting: AtomicBool::new(false),
             in_flight: watch::Sender::new(0),
+            service_us: AtomicU64::new(0),
+            parallel: u64::from(settings.context.n_seq_max),
         });
         let worker_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
@@ -599,7 +628,9 @@ impl Engine {
         self.commands.try_send(command).map_err(|e| {
             self.lifecycle.finished_one();
             match e {
-                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull,
+                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull {
+                    retry_after_ms: self.lifecycle.retry_after().as_millis() as u64,
+                },
                 mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
             }
         })

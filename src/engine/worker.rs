@@ -176,6 +176,8 @@ struct Slot {
     partial: usize,
     /// Admission order of the task, or of the last one, for FIFO and LRU.
     stamp: u64,
+    /// When the running task was admitted.
+    admitted: Instant,
     task: Option<Task>,
 }
 
@@ -354,6 +356,7 @@ impl Worker {
                     kv: KvContents::default(),
                     partial: 0,
                     stamp: 0,
+                    admitted: Instant::now(),
                     task: None,
                 })
                 .collect(),
@@ -436,15 +439,24 @@ impl Worker {
                 Vec::new(),
             ),
         };
-        // The free slot holding the longest prefix of this prompt, else the
-        // one used longest ago.
-        let Some(index) = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.task.is_none())
-            .max_by_key(|(_, s)| (s.kv.reusable(&kv), std::cmp::Reverse(s.stamp)))
-            .map(|(i, _)| i)
+        // The free slot holding the longest prefix of this prompt among those
+        // that would keep at least half of what they hold (empty ones always
+        // do), so a shared system prompt does not overwrite a cached image
+        // conversation while an empty slot is there; else the least recently
+        // used.
+        let free = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.task.is_none())
+        };
+        let keeps_most = free()
+            .map(|(i, s)| (i, s.kv.reusable(&kv), s))
+            .filter(|(_, reused, s)| reused * 2 >= s.kv.len())
+            .max_by_key(|(_, reused, s)| (*reused, std::cmp::Reverse(s.stamp)))
+            .map(|(i, _, _)| i);
+        let Some(index) =
+            keeps_most.or_else(|| free().min_by_key(|(_, s)| s.stamp).map(|(i, _)| i))
         else {
             return Err(command);
         };
@@ -463,7 +475,7 @@ impl Worker {
                 .slots
                 .iter()
                 .enumerate()
-                .filter(|(i, s)| *i != index && s.task.is_none() && s.kv.positions() > 0)
+                .filter(|(i, s)| *i != index && s.task.is_none() && !s.kv.is_empty())
                 .min_by_key(|(_, s)| s.stamp)
                 .map(|(i, _)| i)
             else {
@@ -473,6 +485,7 @@ impl Worker {
         }
         self.clock += 1;
         self.slots[index].stamp = self.clock;
+        self.slots[index].admitted = Instant::now();
         match command {
             Command::Generate(job) => self.start_generate(index, *job, items, &kv),
             Command::Embed(job) => {
@@ -854,6 +867,7 @@ impl Worker {
         let Some(task) = slot.task.take() else {
             return;
         };
+        self.lifecycle.record_service_time(slot.admitted.elapsed());
         // A tile decoded in part is not a reusable prefix.
         if slot.partial > 0 {
             let keep = slot.kv.positions();

@@ -1,8 +1,16 @@
 //! The one mapping from engine errors to gRPC statuses.
 
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::engine::EngineError;
+
+/// gRPC's server pushback header (gRFC A6): clients with a retry policy wait
+/// this long before retrying.
+const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 impl From<EngineError> for Status {
     fn from(error: EngineError) -> Self {
@@ -15,7 +23,19 @@ impl From<EngineError> for Status {
             }
             EngineError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             EngineError::ClientGone => Code::Cancelled,
-            EngineError::QueueFull => Code::ResourceExhausted,
+            EngineError::QueueFull { retry_after_ms } => {
+                // The hint travels twice: as pushback for retry policies, and as
+                // google.rpc.RetryInfo for clients that read status details.
+                let mut status = Status::with_error_details(
+                    Code::ResourceExhausted,
+                    error.to_string(),
+                    ErrorDetails::with_retry_info(Some(Duration::from_millis(*retry_after_ms))),
+                );
+                status
+                    .metadata_mut()
+                    .insert(RETRY_PUSHBACK, MetadataValue::from(*retry_after_ms));
+                return status;
+            }
             EngineError::ModelFile { .. } => Code::FailedPrecondition,
             EngineError::Inference(_) => Code::Internal,
         };
