@@ -55,7 +55,8 @@ pub struct Config {
     pub cache_type_k: String,
     /// KV cache type for V (quantized V needs flash attention).
     pub cache_type_v: String,
-    /// Requests waiting for a free slot; beyond it calls get RESOURCE_EXHAUSTED.
+    /// Requests waiting for a free slot: at most `parallel + queue_depth` are in
+    /// flight, beyond that calls get RESOURCE_EXHAUSTED with a retry hint.
     pub queue_depth: usize,
     /// Events buffered per stream.
     pub stream_buffer: usize,
@@ -65,6 +66,8 @@ pub struct Config {
     pub max_image_side: u32,
     /// Largest image area accepted, in pixels.
     pub max_image_pixels: u64,
+    /// Most memory one image decoder may allocate, in MiB (`image::Limits`).
+    pub max_image_alloc_mb: u64,
     /// Emit logs as JSON lines.
     pub log_json: bool,
     /// On shutdown, seconds running requests get to finish before they are cut.
@@ -123,6 +126,7 @@ impl Default for Config {
             max_message_bytes: 32 * 1024 * 1024,
             max_image_side: 16_384,
             max_image_pixels: 64 * 1024 * 1024,
+            max_image_alloc_mb: 512,
             log_json: false,
             drain_grace_secs: 30.0,
             image_cache_mb: 512,
@@ -269,6 +273,9 @@ impl Config {
                 "must be a positive number of seconds",
             ));
         }
+        if self.max_image_alloc_mb == 0 {
+            return Err(invalid("max_image_alloc_mb", "must be at least 1"));
+        }
         if !(1..=64).contains(&self.parallel) {
             return Err(invalid("parallel", "must be between 1 and 64"));
         }
@@ -306,7 +313,7 @@ impl Config {
             decode_limits: DecodeLimits {
                 max_side: self.max_image_side,
                 max_pixels: self.max_image_pixels,
-                ..DecodeLimits::default()
+                max_alloc: self.max_image_alloc_mb.saturating_mul(1024 * 1024),
             },
             queue_depth: self.queue_depth,
             prefill_chunk: self.prefill_chunk as usize,

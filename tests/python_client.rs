@@ -11,21 +11,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_streams_generate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let stubs = std::env::temp_dir().join(format!("internvl-py-stubs-{}", std::process::id()));
-    std::fs::create_dir_all(&stubs).unwrap();
-    let protoc = Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(root.join("proto"))
-        .arg(format!("--python_out={}", stubs.display()))
-        .arg(format!("--grpc_python_out={}", stubs.display()))
-        .arg(root.join("proto/internvl/v1/internvl.proto"))
-        .output()
-        .expect("python3 runs (install grpcio-tools: see .ci/run)");
-    assert!(
-        protoc.status.success(),
-        "grpc_tools.protoc failed: {}",
-        String::from_utf8_lossy(&protoc.stderr)
-    );
+    let stubs = python_stubs();
 
     let server = start(tiny_config()).await;
     let addr = server.addr.to_string();

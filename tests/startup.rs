@@ -49,6 +49,9 @@ fn missing_and_corrupt_files_fail_start_up_naming_the_file() {
         &model_bytes[..model_bytes.len() / 3],
     );
     let truncated_mmproj = scratch("truncated-mmproj.gguf", &mmproj_bytes[..4096]);
+    let mut lying = model_bytes.clone();
+    lying[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let lying_counts = scratch("lying-counts.gguf", &lying);
     let cases = [
         (
             "/nonexistent/model.gguf".to_string(),
@@ -73,6 +76,10 @@ fn missing_and_corrupt_files_fail_start_up_naming_the_file() {
         ),
         // The language model given as the mmproj: a valid GGUF, but not a projector.
         (model.clone(), model.clone(), model.as_str()),
+        // And the other way round.
+        (mmproj.clone(), mmproj.clone(), mmproj.as_str()),
+        // A tensor count no file could hold.
+        (lying_counts.clone(), mmproj.clone(), lying_counts.as_str()),
     ];
     for (m, p, named) in &cases {
         let (ok, stderr) = serve(m, p);

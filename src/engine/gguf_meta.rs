@@ -1,12 +1,12 @@
 //! Checks of the model files made in Rust before llama.cpp opens them, and the
 //! vision encoder's tiling read from the mmproj metadata.
 
-use std::io::Read;
 use std::path::Path;
 
 use llama_cpp_2::gguf::GgufContext;
 use llama_cpp_sys_2 as sys;
 
+use super::gguf::{self, Gguf};
 use super::vision::TileSpec;
 use super::EngineError;
 
@@ -17,25 +17,18 @@ fn file_error(path: &Path, message: impl Into<String>) -> EngineError {
     }
 }
 
-/// Refuses a file that is missing, unreadable or does not start like a GGUF
-/// (magic `GGUF`, version 2 or 3), so llama.cpp never parses garbage.
-pub fn check_header(path: &Path) -> Result<(), EngineError> {
-    let mut file =
-        std::fs::File::open(path).map_err(|e| file_error(path, format!("cannot open: {e}")))?;
-    let mut header = [0u8; 8];
-    file.read_exact(&mut header)
-        .map_err(|_| file_error(path, "file is too short to be a GGUF model"))?;
-    if &header[..4] != b"GGUF" {
-        return Err(file_error(path, "not a GGUF file (bad magic)"));
-    }
-    let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if !(2..=3).contains(&version) {
-        return Err(file_error(
-            path,
-            format!("unsupported GGUF version {version}"),
-        ));
-    }
-    Ok(())
+/// Refuses a file that is missing, unreadable or not a well-formed GGUF
+/// (header, metadata and tensor table read in Rust), so llama.cpp never
+/// parses garbage.
+pub fn check_file(path: &Path) -> Result<Gguf, EngineError> {
+    gguf::read(path).map_err(|message| file_error(path, message))
+}
+
+/// [`check_file`], then what a language model needs: architecture sizes,
+/// a vocabulary, tensors, and not being an mmproj.
+pub fn check_language_model(path: &Path) -> Result<(), EngineError> {
+    let file = check_file(path)?;
+    gguf::check_language_model(&file).map_err(|message| file_error(path, message))
 }
 
 /// Typed, assert-free access to GGUF metadata.
@@ -81,7 +74,7 @@ const MAX_TILES_LIMIT: u64 = 64;
 /// Reads and checks the mmproj's tiling: an InternVL projector, a tile size the
 /// patch size and pixel shuffle divide, and sane tile limits.
 pub fn read_tile_spec(path: &Path) -> Result<(TileSpec, String), EngineError> {
-    check_header(path)?;
+    check_file(path)?;
     let ctx =
         GgufContext::from_file(path).ok_or_else(|| file_error(path, "GGUF metadata is corrupt"))?;
     let meta = Meta { ctx, path };

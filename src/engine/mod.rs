@@ -7,6 +7,7 @@
 
 mod cache;
 mod error;
+pub mod gguf;
 mod gguf_meta;
 pub mod llama;
 pub mod prompt;
@@ -309,6 +310,8 @@ pub(crate) struct Lifecycle {
     service_us: AtomicU64,
     /// Slots that run requests at once.
     parallel: u64,
+    /// Requests in flight at most: slots plus queue.
+    capacity: usize,
 }
 
 impl Lifecycle {
@@ -356,7 +359,10 @@ impl Engine {
     where
         F: FnOnce() -> Result<ModelPaths, EngineError> + Send + 'static,
     {
-        let (commands, receiver) = mpsc::channel(settings.queue_depth.max(1));
+        // Admission is decided by `capacity` in `submit`; the channel only
+        // needs room for everything admitted.
+        let capacity = settings.queue_depth + settings.context.n_seq_max as usize;
+        let (commands, receiver) = mpsc::channel(capacity + 1);
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let stream_buffer = settings.stream_buffer.max(1);
         let lifecycle = Arc::new(Lifecycle {
@@ -365,6 +371,7 @@ impl Engine {
             in_flight: watch::Sender::new(0),
             service_us: AtomicU64::new(0),
             parallel: u64::from(settings.context.n_seq_max),
+            capacity,
         });
         let worker_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
@@ -623,14 +630,27 @@ impl Engine {
         if self.is_draining() {
             return Err(EngineError::ShuttingDown);
         }
-        // Counted before it is queued, so a drain never sees a job in neither place.
-        self.lifecycle.in_flight.send_modify(|n| *n += 1);
+        let full = || EngineError::QueueFull {
+            retry_after_ms: self.lifecycle.retry_after().as_millis() as u64,
+        };
+        // Counted before it is queued, so a drain never sees a job in neither
+        // place; and checked against capacity in the same step, so a burst of
+        // calls cannot overshoot it while the engine thread is still waking.
+        let capacity = self.lifecycle.capacity;
+        let admitted = self.lifecycle.in_flight.send_if_modified(|n| {
+            let room = *n < capacity;
+            if room {
+                *n += 1;
+            }
+            room
+        });
+        if !admitted {
+            return Err(full());
+        }
         self.commands.try_send(command).map_err(|e| {
             self.lifecycle.finished_one();
             match e {
-                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull {
-                    retry_after_ms: self.lifecycle.retry_after().as_millis() as u64,
-                },
+                mpsc::error::TrySendError::Full(_) => full(),
                 mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
             }
         })

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, info_span, warn};
 
 use super::cache::{kv_items, EmbeddingCache, KvContents, KvItem};
-use super::gguf_meta::{check_header, read_tile_spec};
+use super::gguf_meta::{check_language_model, read_tile_spec};
 use super::llama::{self, BatchToken, Context, Model, Outputs, Vision};
 use super::prompt::{ChatTemplate, Prompt, PromptItem};
 use super::sampling::{logprobs, TextStream, TokenSampler};
@@ -255,7 +255,7 @@ impl Worker {
         F: FnOnce() -> Result<ModelPaths, EngineError>,
     {
         let paths = resolve()?;
-        check_header(&paths.model)?;
+        check_language_model(&paths.model)?;
         let (spec, projector) = read_tile_spec(&paths.mmproj)?;
         llama::init_backend()?;
         let started = Instant::now();

@@ -278,3 +278,31 @@ pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     png[29..33].copy_from_slice(&crc.to_be_bytes());
     png
 }
+
+/// Python grpcio stubs generated from `proto/` into a fresh directory.
+pub fn python_stubs() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stubs = std::env::temp_dir().join(format!(
+        "internvl-py-stubs-{}-{}",
+        std::process::id(),
+        std::thread::current()
+            .name()
+            .unwrap_or("main")
+            .replace("::", "-")
+    ));
+    std::fs::create_dir_all(&stubs).unwrap();
+    let protoc = std::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(root.join("proto"))
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .arg(root.join("proto/internvl/v1/internvl.proto"))
+        .output()
+        .expect("python3 runs (install grpcio-tools: see .ci/run)");
+    assert!(
+        protoc.status.success(),
+        "grpc_tools.protoc failed: {}",
+        String::from_utf8_lossy(&protoc.stderr)
+    );
+    stubs
+}
