@@ -393,7 +393,7 @@ mod tests {
         f.extend(2u64.to_le_bytes());
         f.extend(ggml_type.to_le_bytes());
         f.extend(0u64.to_le_bytes());
-        while f.len() % 32 != 0 {
+        while !f.len().is_multiple_of(32) {
             f.push(0);
         }
         f.extend([0u8; 32]);
