@@ -74,6 +74,9 @@ pub struct Config {
     pub drain_grace_secs: f64,
     /// MiB of encoded image tiles kept for reuse (0 = no image cache).
     pub image_cache_mb: usize,
+    /// MiB of finished conversations' KV cells kept in memory so a prompt that
+    /// starts the same way skips their prefill (0 = no prefix cache).
+    pub prefix_cache_mb: usize,
     /// Accepted API keys (`authorization: Bearer <key>`); empty = no authentication.
     pub api_keys: Vec<String>,
     /// Health and reflection answer without an API key (for probes and tooling).
@@ -130,6 +133,7 @@ impl Default for Config {
             log_json: false,
             drain_grace_secs: 30.0,
             image_cache_mb: 512,
+            prefix_cache_mb: 1024,
             api_keys: Vec::new(),
             open_health_and_reflection: true,
             tls_cert: None,
@@ -319,6 +323,7 @@ impl Config {
             prefill_chunk: self.prefill_chunk as usize,
             stream_buffer: self.stream_buffer,
             image_cache_bytes: self.image_cache_mb.saturating_mul(1024 * 1024),
+            prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1024 * 1024),
         })
     }
 }

@@ -393,6 +393,47 @@ impl Context {
         unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), seq, pos, -1) }
     }
 
+    /// A copy of sequence `seq`'s KV cells (positions, keys, values), to put
+    /// back later with [`Context::restore_seq`].
+    pub fn save_seq(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(EngineError::Inference(format!("no sequence {seq}")));
+        }
+        // SAFETY: live context; seq is one of its sequences.
+        let size = unsafe { sys::llama_state_seq_get_size(self.ptr.as_ptr(), seq) };
+        let mut buf = vec![0u8; size];
+        // SAFETY: buf holds `size` bytes, the size llama.cpp asked for.
+        let written = unsafe {
+            sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), size, seq)
+        };
+        if written == 0 || written > size {
+            return Err(EngineError::Inference(format!(
+                "could not save sequence {seq}"
+            )));
+        }
+        buf.truncate(written);
+        Ok(buf)
+    }
+
+    /// Replaces sequence `seq`'s cells with ones saved by [`Context::save_seq`]
+    /// from any sequence of this context.
+    pub fn restore_seq(&mut self, seq: i32, state: &[u8]) -> Result<(), EngineError> {
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(EngineError::Inference(format!("no sequence {seq}")));
+        }
+        // SAFETY: state is a buffer llama_state_seq_get_data wrote for this
+        // context; llama.cpp returns 0 when it cannot place it.
+        let read = unsafe {
+            sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), seq)
+        };
+        if read == 0 {
+            return Err(EngineError::Inference(format!(
+                "could not restore sequence {seq}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the next decodes also extract per-position hidden states.
     pub fn set_embeddings(&mut self, on: bool) {
         // SAFETY: live context.

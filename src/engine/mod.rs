@@ -51,6 +51,8 @@ pub struct EngineSettings {
     pub stream_buffer: usize,
     /// Bytes of encoded tiles kept for reuse (0 = none).
     pub image_cache_bytes: usize,
+    /// Bytes of finished sequences' KV cells kept for prefix reuse (0 = none).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Where the two model files are on disk.

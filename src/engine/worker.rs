@@ -15,7 +15,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, info_span, warn};
 
-use super::cache::{kv_items, EmbeddingCache, KvContents, KvItem};
+use super::cache::{kv_items, EmbeddingCache, KvContents, KvItem, PrefixCache};
 use super::gguf_meta::{check_language_model, read_tile_spec};
 use super::llama::{self, BatchToken, Context, Model, Outputs, Vision};
 use super::prompt::{ChatTemplate, Prompt, PromptItem};
@@ -215,6 +215,9 @@ struct Worker {
     outboxes: Vec<Outbox>,
     /// Taken from the channel, waiting for a slot or for KV room.
     waiting: Option<Command>,
+    /// Finished sequences' cells, for prompts that start the same way.
+    prefixes: PrefixCache,
+    prefix_cache_enabled: bool,
     prefill_chunk: usize,
     clock: u64,
 }
@@ -368,6 +371,8 @@ impl Worker {
             embeddings: EmbeddingCache::new(settings.image_cache_bytes),
             outboxes: Vec::new(),
             waiting: None,
+            prefixes: PrefixCache::new(settings.prefix_cache_bytes),
+            prefix_cache_enabled: settings.prefix_cache_bytes > 0,
             prefill_chunk,
             clock: 0,
         };
@@ -439,49 +444,15 @@ impl Worker {
                 Vec::new(),
             ),
         };
-        // The free slot holding the longest prefix of this prompt among those
-        // that would keep at least half of what they hold (empty ones always
-        // do), so a shared system prompt does not overwrite a cached image
-        // conversation while an empty slot is there; else the least recently
-        // used.
-        let free = || {
-            self.slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.task.is_none())
-        };
-        let keeps_most = free()
-            .map(|(i, s)| (i, s.kv.reusable(&kv), s))
-            .filter(|(_, reused, s)| reused * 2 >= s.kv.len())
-            .max_by_key(|(_, reused, s)| (*reused, std::cmp::Reverse(s.stamp)))
-            .map(|(i, _, _)| i);
-        let Some(index) =
-            keeps_most.or_else(|| free().min_by_key(|(_, s)| s.stamp).map(|(i, _)| i))
-        else {
+        // Idle slots hold nothing (finished sequences move to the prefix
+        // cache), so any free slot will do; room is what running ones reserve.
+        let Some(index) = self.slots.iter().position(|s| s.task.is_none()) else {
             return Err(command);
         };
         let pool = self.context.n_ctx() as usize;
-        let others = |slots: &[Slot]| -> usize {
-            slots
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != index)
-                .map(|(_, s)| s.reserved())
-                .sum()
-        };
-        // Make room by forgetting idle slots' prefixes, oldest first.
-        while others(&self.slots) + need > pool {
-            let Some(victim) = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(i, s)| *i != index && s.task.is_none() && !s.kv.is_empty())
-                .min_by_key(|(_, s)| s.stamp)
-                .map(|(i, _)| i)
-            else {
-                return Err(command);
-            };
-            self.forget(victim);
+        let reserved: usize = self.slots.iter().map(Slot::reserved).sum();
+        if reserved + need > pool {
+            return Err(command);
         }
         self.clock += 1;
         self.slots[index].stamp = self.clock;
@@ -540,14 +511,7 @@ impl Worker {
             self.retire(out);
             return;
         }
-        let slot = &mut self.slots[index];
-        let mut reused = slot.kv.reusable(kv);
-        let mut cached = slot.kv.truncate(reused, self.tokens_per_tile);
-        if !self.context.remove_from(slot.seq, cached) {
-            self.forget(index);
-            reused = 0;
-            cached = 0;
-        }
+        let (reused, cached) = self.restore_prefix(index, kv);
         let mut sampler = TokenSampler::new(&request.sampling, self.model.n_vocab());
         sampler.accept_prompt(prompt.text_tokens());
         let task = GenerateTask {
@@ -569,6 +533,32 @@ impl Worker {
             out,
         };
         self.slots[index].task = Some(Task::Generate(Box::new(task)));
+    }
+
+    /// Copies the longest saved prefix of `kv` into slot `index`, if the pool
+    /// has room for all of it while it is trimmed; returns the items and
+    /// positions reused.
+    fn restore_prefix(&mut self, index: usize, kv: &[KvItem]) -> (usize, usize) {
+        let Some((entry, reused)) = self.prefixes.best(kv) else {
+            return (0, 0);
+        };
+        let per_tile = self.tokens_per_tile;
+        let held: usize = self.slots.iter().map(|s| s.kv.positions()).sum();
+        let mut contents = KvContents::default();
+        contents.set(entry.items.clone(), per_tile);
+        if held + contents.positions() > self.context.n_ctx() as usize {
+            return (0, 0);
+        }
+        let seq = self.slots[index].seq;
+        let restored = self.context.restore_seq(seq, &entry.state);
+        let cached = contents.truncate(reused, per_tile);
+        if restored.is_err() || !self.context.remove_from(seq, cached) {
+            warn!("could not restore a cached prefix; decoding the prompt whole");
+            self.forget(index);
+            return (0, 0);
+        }
+        self.slots[index].kv = contents;
+        (reused, cached)
     }
 
     /// Empties a slot's KV cache.
@@ -876,10 +866,11 @@ impl Worker {
                 self.forget(index);
             }
         }
-        if matches!(outcome, Err(EngineError::Inference(_))) {
-            // A failed decode leaves the sequence in an unknown state.
-            self.forget(index);
-        }
+        // A failed decode leaves the sequence in an unknown state; anything
+        // else is a prefix worth keeping, out of the pool.
+        let keep =
+            matches!(task, Task::Generate(_)) && !matches!(outcome, Err(EngineError::Inference(_)));
+        self.save_prefix(index, keep);
         match task {
             Task::Generate(g) => self.end_generate(*g, outcome),
             Task::Embed(e) => {
@@ -893,6 +884,27 @@ impl Worker {
                 self.lifecycle.finished_one();
             }
         }
+    }
+
+    /// Moves slot `index`'s cells to the prefix cache (when `keep`) and
+    /// empties the slot.
+    fn save_prefix(&mut self, index: usize, keep: bool) {
+        let slot = &self.slots[index];
+        if keep && !slot.kv.is_empty() && self.prefix_cache_enabled {
+            match self.context.save_seq(slot.seq) {
+                Ok(state) => {
+                    let items = slot.kv.items().to_vec();
+                    self.prefixes.insert(items, state);
+                    tracing::debug!(
+                        bytes = self.prefixes.bytes(),
+                        sequences = self.prefixes.sequences(),
+                        "prefix cache"
+                    );
+                }
+                Err(e) => warn!("could not save a finished sequence: {e}"),
+            }
+        }
+        self.forget(index);
     }
 
     fn end_generate(&mut self, mut g: GenerateTask, outcome: Result<FinishReason, EngineError>) {
