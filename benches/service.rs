@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use internvl_grpc::config::Config;
 use internvl_grpc::engine::llama::{self, BatchToken, Context, Model, Outputs, Vision};
 use internvl_grpc::engine::sampling::argmax;
+use internvl_grpc::engine::vision::{decode_rgb, tile_image};
+use internvl_grpc::engine::{DecodeLimits, TileSpec};
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
@@ -75,6 +77,8 @@ struct Figures {
     text_ttft_ms: f64,
     decode_tok_s: f64,
     image_ttft_ms: f64,
+    /// A 13-tile image (12 tiles plus thumbnail) plus a question, one run.
+    image13_ttft_ms: f64,
     /// Summed decode tokens/s with `STREAMS[i]` sequences running together.
     aggregate_tok_s: Vec<f64>,
 }
@@ -120,6 +124,17 @@ fn bare_batched(ctx: &mut Context, prompt: &[i32], n: usize, tokens: u32) -> f64
     (n as f64 * f64::from(tokens - 1)) / t.elapsed().as_secs_f64()
 }
 
+/// The 13-tile test image (800×600 → 4×3 grid plus thumbnail) with one pixel
+/// changed, so no cache has seen it.
+fn landscape13() -> Vec<u8> {
+    let jpg = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-internvl/images/landscape_800x600.jpg"),
+    )
+    .unwrap();
+    variant(&jpg, 7)
+}
+
 fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     let prompt_tokens = &prompts.text;
     llama::init_backend().unwrap();
@@ -161,6 +176,34 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
         argmax(ctx.logits(-1).unwrap());
         image.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    // 13 tiles: decoding and tiling in Rust are timed too, as the service's are.
+    ctx.clear();
+    let bytes = landscape13();
+    let t = Instant::now();
+    let spec = TileSpec {
+        tile_size: 448,
+        min_tiles: 1,
+        max_tiles: 12,
+        tokens_per_tile: 0,
+    };
+    let limits = DecodeLimits::default();
+    let tiled = tile_image(&decode_rgb(&bytes, &limits).unwrap(), &spec, 1, 12);
+    assert_eq!(tiled.tiles.len(), 13);
+    ctx.decode_tokens(&prompts.before_image, 0, 0, Outputs::None)
+        .unwrap();
+    let mut pos = prompts.before_image.len() as i32;
+    for tile in &tiled.tiles {
+        let embd = vision.encode_tile(tile.as_raw(), 448).unwrap();
+        for part in embd.chunks(ctx.n_batch() * model.n_embd_inp() as usize) {
+            ctx.decode_embeddings(part, pos, 0, Outputs::None).unwrap();
+            pos += (part.len() / model.n_embd_inp() as usize) as i32;
+        }
+    }
+    ctx.decode_tokens(&prompts.after_image, pos, 0, Outputs::Last)
+        .unwrap();
+    argmax(ctx.logits(-1).unwrap());
+    let image13_ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+
     let aggregate_tok_s = STREAMS
         .iter()
         .map(|&n| {
@@ -175,6 +218,7 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
         text_ttft_ms: median(ttft),
         decode_tok_s: median(rate),
         image_ttft_ms: median(image),
+        image13_ttft_ms,
         aggregate_tok_s,
     }
 }
@@ -338,6 +382,27 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
         }
     }
 
+    // 13 tiles, once: a fresh image.
+    let image13_ttft_ms = {
+        let big = proto::Content {
+            part: Some(proto::content::Part::Image(proto::Image {
+                data: landscape13(),
+                max_tiles: 12,
+                min_tiles: 1,
+            })),
+        };
+        let t = Instant::now();
+        let mut stream = client
+            .generate(request(vec![big, text("What is shown?")], 1))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        while stream.message().await.unwrap().is_some() {}
+        ms
+    };
+
     // `n` streams at once. Decode throughput is counted over the window in
     // which all of them are past their first token, as tokens delivered.
     let mut aggregate_tok_s = Vec::new();
@@ -382,6 +447,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
             text_ttft_ms: median(ttft),
             decode_tok_s: median(rate),
             image_ttft_ms: median(image),
+            image13_ttft_ms,
             aggregate_tok_s,
         },
         median(repeated),
@@ -429,6 +495,12 @@ fn main() {
         "1-tile image TTFT",
         svc.image_ttft_ms,
         bare.image_ttft_ms,
+        "ms",
+    );
+    row(
+        "13-tile image TTFT, one run",
+        svc.image13_ttft_ms,
+        bare.image13_ttft_ms,
         "ms",
     );
     println!(

@@ -133,7 +133,7 @@ impl Default for Config {
             log_json: false,
             drain_grace_secs: 30.0,
             image_cache_mb: 512,
-            prefix_cache_mb: 1024,
+            prefix_cache_mb: 512,
             api_keys: Vec::new(),
             open_health_and_reflection: true,
             tls_cert: None,

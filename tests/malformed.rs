@@ -407,3 +407,45 @@ async fn prompts_at_the_batch_and_context_edges() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoder_memory_is_bounded_by_config() {
+    let server = start(internvl_grpc::config::Config {
+        max_image_alloc_mb: 1,
+        ..tiny_config()
+    })
+    .await;
+    let mut client = server.client().await;
+    // 1000 × 1000 RGB needs 3 MB to decode, over the 1 MiB allowed.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(1000, 1000)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let status = client
+        .generate(greedy(
+            vec![user(vec![image(png.into_inner()), text("What is this?")])],
+            2,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("messages[0].content[0].image"),
+        "{}",
+        status.message()
+    );
+    // A small image still decodes.
+    let small = generate_ok(
+        &mut client,
+        greedy(
+            vec![user(vec![
+                image(image_bytes("small_64x48.png")),
+                text("Hi"),
+            ])],
+            2,
+        ),
+    )
+    .await;
+    assert_eq!(small.ids.len(), 2);
+    server.stop().await;
+}

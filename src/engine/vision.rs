@@ -116,6 +116,15 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Engin
             limits.max_pixels
         )));
     }
+    // `set_limits` bounds the decoder's own buffers, not the image it returns
+    // (only `ImageReader::decode` reserves that), so the output is checked here.
+    let needed = decoder.total_bytes();
+    if needed > limits.max_alloc {
+        return Err(EngineError::InvalidImage(format!(
+            "decoding this {width}x{height} image needs {needed} bytes, more than the {} allowed",
+            limits.max_alloc
+        )));
+    }
     let orientation = decoder.orientation().ok();
     let mut image = DynamicImage::from_decoder(decoder)
         .map_err(|e| EngineError::InvalidImage(format!("cannot decode image: {e}")))?;
