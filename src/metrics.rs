@@ -32,6 +32,7 @@ pub struct Metrics {
     cached_tokens: IntCounter,
     cached_tiles: IntCounter,
     in_flight: IntGauge,
+    active: IntGauge,
 }
 
 fn seconds(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -99,6 +100,11 @@ impl Default for Metrics {
                 "Requests queued or running in the engine",
             )
             .expect("valid gauge"),
+            active: IntGauge::new(
+                "internvl_active_sequences",
+                "Sequences being prefilled or decoded (continuous-batching slots in use)",
+            )
+            .expect("valid gauge"),
         };
         let r = &metrics.registry;
         let register =
@@ -114,6 +120,7 @@ impl Default for Metrics {
         register(Box::new(metrics.cached_tokens.clone()));
         register(Box::new(metrics.cached_tiles.clone()));
         register(Box::new(metrics.in_flight.clone()));
+        register(Box::new(metrics.active.clone()));
         metrics
     }
 }
@@ -144,8 +151,9 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self, in_flight: usize) -> String {
+    pub fn render(&self, in_flight: usize, active_sequences: usize) -> String {
         self.in_flight.set(in_flight as i64);
+        self.active.set(active_sequences as i64);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!("metrics encoding failed: {e}");
@@ -168,7 +176,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, engine: Engine)
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| {
-                    let body = metrics.render(engine.in_flight());
+                    let body = metrics.render(engine.in_flight(), engine.active_sequences());
                     async move {
                         Ok::<_, Infallible>(
                             Response::builder()

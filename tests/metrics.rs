@@ -68,6 +68,19 @@ async fn requests_tokens_and_latencies_are_exported() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
+    // While a stream runs: one request in flight, one active sequence.
+    let mut running = client
+        .generate(greedy(vec![user(vec![text("Hello! Who are you?")])], 6000))
+        .await
+        .unwrap()
+        .into_inner();
+    running.message().await.unwrap().expect("first delta");
+    let during = scrape(metrics_addr).await;
+    assert_eq!(value(&during, "internvl_requests_in_flight"), Some(1.0));
+    assert_eq!(value(&during, "internvl_active_sequences"), Some(1.0));
+    drop(running);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
     let m = scrape(metrics_addr).await;
     assert_eq!(
         value(
@@ -97,6 +110,7 @@ async fn requests_tokens_and_latencies_are_exported() {
     assert_eq!(value(&m, "internvl_ttft_seconds_count"), Some(1.0));
     assert_eq!(value(&m, "internvl_inter_token_seconds_count"), Some(1.0));
     assert_eq!(value(&m, "internvl_requests_in_flight"), Some(0.0));
+    assert_eq!(value(&m, "internvl_active_sequences"), Some(0.0));
 
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();

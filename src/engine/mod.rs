@@ -17,7 +17,7 @@ pub mod vision;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -314,11 +314,17 @@ pub(crate) struct Lifecycle {
     parallel: u64,
     /// Requests in flight at most: slots plus queue.
     capacity: usize,
+    /// Slots running a request, as of the engine's last step.
+    active: AtomicUsize,
 }
 
 impl Lifecycle {
     pub(crate) fn aborting(&self) -> bool {
         self.aborting.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_active(&self, slots: usize) {
+        self.active.store(slots, Ordering::Relaxed);
     }
 
     pub(crate) fn finished_one(&self) {
@@ -374,6 +380,7 @@ impl Engine {
             service_us: AtomicU64::new(0),
             parallel: u64::from(settings.context.n_seq_max),
             capacity,
+            active: AtomicUsize::new(0),
         });
         let worker_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
@@ -391,6 +398,12 @@ impl Engine {
     /// Requests accepted and not yet finished (queued or running).
     pub fn in_flight(&self) -> usize {
         *self.lifecycle.in_flight.borrow()
+    }
+
+    /// Sequences being prefilled or decoded now (the rest of
+    /// [`Engine::in_flight`] waits for a slot or for its client).
+    pub fn active_sequences(&self) -> usize {
+        self.lifecycle.active.load(Ordering::Relaxed)
     }
 
     /// Whether [`Engine::drain`] has begun.

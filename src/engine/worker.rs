@@ -174,7 +174,7 @@ struct Slot {
     kv: KvContents,
     /// Positions of a tile decoded in part, beyond `kv`.
     partial: usize,
-    /// Admission order of the task, or of the last one, for FIFO and LRU.
+    /// Admission order of its task: prompts are read oldest first.
     stamp: u64,
     /// When the running task was admitted.
     admitted: Instant,
@@ -186,7 +186,8 @@ impl Slot {
         (self.kv.positions() + self.partial) as i32
     }
 
-    /// KV cells this slot may come to hold.
+    /// KV cells this slot may come to hold (an idle slot holds none: its
+    /// cells went to the prefix cache).
     fn reserved(&self) -> usize {
         match &self.task {
             None => self.kv.positions(),
@@ -611,6 +612,8 @@ impl Worker {
         progress |= self.decode_tokens();
         progress |= self.decode_image_chunk();
         progress |= self.decode_embed_chunk();
+        self.lifecycle
+            .set_active(self.slots.iter().filter(|s| s.task.is_some()).count());
         progress
     }
 
@@ -690,8 +693,12 @@ impl Worker {
         let elapsed = ms(started);
         if let Err(e) = result {
             warn!("batch decode failed: {e}");
+            let message = match e {
+                EngineError::Inference(message) => message,
+                other => other.to_string(),
+            };
             for index in members {
-                self.end(index, Err(EngineError::Inference(e.to_string())));
+                self.end(index, Err(EngineError::Inference(message.clone())));
             }
             return true;
         }
