@@ -135,6 +135,25 @@ fn landscape13() -> Vec<u8> {
     variant(&jpg, 7)
 }
 
+/// `<img>`, each tile encoded and its embeddings decoded, `</img>`, the
+/// question, then the first token: what the service does for an image prompt.
+fn bare_image_prompt(ctx: &mut Context, vision: &mut Vision, prompts: &Prompts, tiles: &[&[u8]]) {
+    ctx.decode_tokens(&prompts.before_image, 0, 0, Outputs::None)
+        .unwrap();
+    let n_embd = ctx.n_embd_inp();
+    let mut pos = prompts.before_image.len() as i32;
+    for tile in tiles {
+        let embd = vision.encode_tile(tile, 448).unwrap();
+        for part in embd.chunks(ctx.n_batch() * n_embd) {
+            ctx.decode_embeddings(part, pos, 0, Outputs::None).unwrap();
+            pos += (part.len() / n_embd) as i32;
+        }
+    }
+    ctx.decode_tokens(&prompts.after_image, pos, 0, Outputs::Last)
+        .unwrap();
+    argmax(ctx.logits(-1).unwrap());
+}
+
 fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     let prompt_tokens = &prompts.text;
     llama::init_backend().unwrap();
@@ -160,20 +179,10 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
         }
         rate.push(f64::from(s.tokens - 1) / t.elapsed().as_secs_f64());
 
-        // One 448×448 tile: encode, then <img> embeddings </img> question.
+        // One 448×448 tile.
         ctx.clear();
         let t = Instant::now();
-        let embd = vision.encode_tile(tile, 448).unwrap();
-        ctx.decode_tokens(&prompts.before_image, 0, 0, Outputs::None)
-            .unwrap();
-        let mut pos = prompts.before_image.len() as i32;
-        for part in embd.chunks(ctx.n_batch() * model.n_embd_inp() as usize) {
-            ctx.decode_embeddings(part, pos, 0, Outputs::None).unwrap();
-            pos += (part.len() / model.n_embd_inp() as usize) as i32;
-        }
-        ctx.decode_tokens(&prompts.after_image, pos, 0, Outputs::Last)
-            .unwrap();
-        argmax(ctx.logits(-1).unwrap());
+        bare_image_prompt(&mut ctx, &mut vision, prompts, &[tile]);
         image.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // 13 tiles: decoding and tiling in Rust are timed too, as the service's are.
@@ -189,19 +198,8 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     let limits = DecodeLimits::default();
     let tiled = tile_image(&decode_rgb(&bytes, &limits).unwrap(), &spec, 1, 12);
     assert_eq!(tiled.tiles.len(), 13);
-    ctx.decode_tokens(&prompts.before_image, 0, 0, Outputs::None)
-        .unwrap();
-    let mut pos = prompts.before_image.len() as i32;
-    for tile in &tiled.tiles {
-        let embd = vision.encode_tile(tile.as_raw(), 448).unwrap();
-        for part in embd.chunks(ctx.n_batch() * model.n_embd_inp() as usize) {
-            ctx.decode_embeddings(part, pos, 0, Outputs::None).unwrap();
-            pos += (part.len() / model.n_embd_inp() as usize) as i32;
-        }
-    }
-    ctx.decode_tokens(&prompts.after_image, pos, 0, Outputs::Last)
-        .unwrap();
-    argmax(ctx.logits(-1).unwrap());
+    let tiles: Vec<&[u8]> = tiled.tiles.iter().map(|t| t.as_raw().as_slice()).collect();
+    bare_image_prompt(&mut ctx, &mut vision, prompts, &tiles);
     let image13_ttft_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let aggregate_tok_s = STREAMS

@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 use internvl_grpc::config::Config;
 use serde_json::Value;
@@ -19,24 +16,9 @@ const TOKENS: u32 = 16;
 const TIME_LIMIT_S: u32 = 300;
 
 async fn load(addr: String, stubs: std::path::PathBuf, concurrency: u32, requests: u32) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/load_client.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .arg(stubs)
-            .arg(addr)
-            .args([concurrency, requests, TOKENS, TIME_LIMIT_S].map(|n| n.to_string()))
-            .output()
-            .expect("python3 runs")
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "load client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&output.stdout).expect("json summary");
+    let mut args = vec![stubs.display().to_string(), addr];
+    args.extend([concurrency, requests, TOKENS, TIME_LIMIT_S].map(|n| n.to_string()));
+    let summary = run_python_client("load_client.py", args).await;
     eprintln!("{summary}");
     assert_eq!(summary["finished_in_time"], true, "{summary}");
     summary

@@ -3,36 +3,19 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_client_streams_generate() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let stubs = python_stubs();
 
     let server = start(tiny_config()).await;
     let addr = server.addr.to_string();
-    let script = root.join("tests/python/generate_client.py");
-    let stubs_arg = stubs.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .arg(stubs_arg)
-            .arg(addr)
-            .output()
-            .expect("python3 runs")
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "python client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json summary");
+    let summary = run_python_client(
+        "generate_client.py",
+        vec![stubs.display().to_string(), addr],
+    )
+    .await;
 
     let case = reference()["chat"]
         .as_array()

@@ -144,6 +144,11 @@ impl PrefixCache {
         self.bytes
     }
 
+    /// Whether it keeps anything at all (saving a sequence is a copy).
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
     /// Sequences held.
     pub fn sequences(&self) -> usize {
         self.entries.len()
@@ -215,11 +220,7 @@ impl KvContents {
     /// Keeps the first `items`, returning the positions they cover.
     pub fn truncate(&mut self, items: usize, tokens_per_tile: usize) -> usize {
         self.items.truncate(items);
-        self.positions = self
-            .items
-            .iter()
-            .map(|&i| item_positions(i, tokens_per_tile))
-            .sum();
+        self.recount(tokens_per_tile);
         self.positions
     }
 
@@ -231,6 +232,10 @@ impl KvContents {
     /// Takes over `items` as what the sequence now holds.
     pub fn set(&mut self, items: Vec<KvItem>, tokens_per_tile: usize) {
         self.items = items;
+        self.recount(tokens_per_tile);
+    }
+
+    fn recount(&mut self, tokens_per_tile: usize) {
         self.positions = self
             .items
             .iter()

@@ -375,6 +375,11 @@ impl Context {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
     }
 
+    /// Width of one input embedding (floats per position of `decode_embeddings`).
+    pub fn n_embd_inp(&self) -> usize {
+        self.n_embd_inp
+    }
+
     /// Sequences this context decodes together.
     pub fn n_seq_max(&self) -> usize {
         self.n_seq_max as usize

@@ -498,12 +498,12 @@ impl Engine {
         let (loaded, prompt) = self.chat_prompt(messages).await?;
         let per_tile = loaded.spec.tokens_per_tile as usize;
         let input_ids = prompt
-            .pieces
-            .iter()
-            .flat_map(|piece| match piece {
-                prompt::Piece::Tokens(tokens) => tokens.clone(),
-                prompt::Piece::Image(tiled) => {
-                    vec![loaded.image_context_token; tiled.tiles.len() * per_tile]
+            .items()
+            .into_iter()
+            .flat_map(|item| match item {
+                prompt::PromptItem::Token(token) => std::iter::repeat_n(token, 1),
+                prompt::PromptItem::Tile { .. } => {
+                    std::iter::repeat_n(loaded.image_context_token, per_tile)
                 }
             })
             .collect();

@@ -218,7 +218,6 @@ struct Worker {
     waiting: Option<Command>,
     /// Finished sequences' cells, for prompts that start the same way.
     prefixes: PrefixCache,
-    prefix_cache_enabled: bool,
     prefill_chunk: usize,
     clock: u64,
 }
@@ -373,7 +372,6 @@ impl Worker {
             outboxes: Vec::new(),
             waiting: None,
             prefixes: PrefixCache::new(settings.prefix_cache_bytes),
-            prefix_cache_enabled: settings.prefix_cache_bytes > 0,
             prefill_chunk,
             clock: 0,
         };
@@ -416,6 +414,9 @@ impl Worker {
                     break;
                 }
             }
+            // Before this step streams anything, so a client that has its
+            // first token sees its sequence counted.
+            self.publish_active();
             if !self.step() && self.busy() {
                 std::thread::sleep(STALLED_POLL);
             }
@@ -562,6 +563,12 @@ impl Worker {
         (reused, cached)
     }
 
+    /// Tells handles how many slots run a request.
+    fn publish_active(&self) {
+        self.lifecycle
+            .set_active(self.slots.iter().filter(|s| s.task.is_some()).count());
+    }
+
     /// Empties a slot's KV cache.
     fn forget(&mut self, index: usize) {
         let slot = &mut self.slots[index];
@@ -612,8 +619,6 @@ impl Worker {
         progress |= self.decode_tokens();
         progress |= self.decode_image_chunk();
         progress |= self.decode_embed_chunk();
-        self.lifecycle
-            .set_active(self.slots.iter().filter(|s| s.task.is_some()).count());
         progress
     }
 
@@ -858,7 +863,7 @@ impl Worker {
     }
 
     /// Ends slot `index`'s request with `outcome`: the stream gets its `Done`
-    /// or error, and the slot keeps its decoded prefix for the next request.
+    /// or error, and the slot's cells move to the prefix cache.
     fn end(&mut self, index: usize, outcome: Result<FinishReason, EngineError>) {
         let slot = &mut self.slots[index];
         let Some(task) = slot.task.take() else {
@@ -873,6 +878,7 @@ impl Worker {
                 self.forget(index);
             }
         }
+        self.publish_active();
         // A failed decode leaves the sequence in an unknown state; anything
         // else is a prefix worth keeping, out of the pool.
         let keep =
@@ -897,7 +903,7 @@ impl Worker {
     /// empties the slot.
     fn save_prefix(&mut self, index: usize, keep: bool) {
         let slot = &self.slots[index];
-        if keep && !slot.kv.is_empty() && self.prefix_cache_enabled {
+        if keep && !slot.kv.is_empty() && self.prefixes.enabled() {
             match self.context.save_seq(slot.seq) {
                 Ok(state) => {
                     let items = slot.kv.items().to_vec();

@@ -306,3 +306,26 @@ pub fn python_stubs() -> PathBuf {
     );
     stubs
 }
+
+/// Runs `tests/python/<script>` with `args` in its own process (off the async
+/// runtime), requires success, and parses the JSON summary it prints.
+pub async fn run_python_client(script: &str, args: Vec<String>) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .args(&args)
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("json summary")
+}
