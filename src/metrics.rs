@@ -33,6 +33,7 @@ pub struct Metrics {
     cached_tiles: IntCounter,
     in_flight: IntGauge,
     active: IntGauge,
+    queued: IntGauge,
 }
 
 fn seconds(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -105,6 +106,11 @@ impl Default for Metrics {
                 "Sequences being prefilled or decoded (continuous-batching slots in use)",
             )
             .expect("valid gauge"),
+            queued: IntGauge::new(
+                "internvl_queue_depth",
+                "Requests accepted and waiting for a slot (in flight minus active)",
+            )
+            .expect("valid gauge"),
         };
         let r = &metrics.registry;
         let register =
@@ -121,6 +127,7 @@ impl Default for Metrics {
         register(Box::new(metrics.cached_tiles.clone()));
         register(Box::new(metrics.in_flight.clone()));
         register(Box::new(metrics.active.clone()));
+        register(Box::new(metrics.queued.clone()));
         metrics
     }
 }
@@ -154,6 +161,10 @@ impl Metrics {
     pub fn render(&self, in_flight: usize, active_sequences: usize) -> String {
         self.in_flight.set(in_flight as i64);
         self.active.set(active_sequences as i64);
+        // Both are read without a lock, so a slot filling between the reads
+        // could make the difference negative for an instant.
+        self.queued
+            .set(in_flight.saturating_sub(active_sequences) as i64);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!("metrics encoding failed: {e}");

@@ -449,3 +449,81 @@ async fn decoder_memory_is_bounded_by_config() {
     assert_eq!(small.ids.len(), 2);
     server.stop().await;
 }
+
+/// Sends already-encoded request bytes, which a typed client cannot get wrong.
+#[derive(Default)]
+struct RawBytes;
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = proto::GenerateResponse;
+    type Encoder = RawBytes;
+    type Decoder = tonic_prost::ProstDecoder<proto::GenerateResponse>;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_invalid_argument() {
+    use prost::Message as _;
+    let server = start(tiny_config()).await;
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/internvl.v1.InternVL/Generate");
+    let valid = ask(vec![text("marker!!")]).encode_to_vec();
+    let at = valid
+        .windows(8)
+        .position(|w| w == b"marker!!")
+        .expect("text is in the encoding");
+    let mut bad_utf8 = valid.clone();
+    bad_utf8[at..at + 2].copy_from_slice(&[0xff, 0xfe]);
+    let truncated = valid[..valid.len() - 3].to_vec();
+    for (name, bytes, names) in [
+        ("invalid UTF-8 in text", bad_utf8, "Content.part"),
+        ("truncated message", truncated, ""),
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let result = grpc
+            .server_streaming(tonic::Request::new(bytes), path.clone(), RawBytes)
+            .await;
+        let status = match result {
+            Ok(stream) => match collect(stream.into_inner()).await {
+                Ok(_) => panic!("{name}: served"),
+                Err(status) => status,
+            },
+            Err(status) => status,
+        };
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert!(status.message().contains(names), "{name}: {status:?}");
+    }
+    let mut client = server.client().await;
+    let next = generate_ok(&mut client, ask(vec![text("Hello! Who are you?")])).await;
+    assert_eq!(next.ids.len(), 2);
+    server.stop().await;
+}

@@ -34,8 +34,11 @@ async fn requests_tokens_and_latencies_are_exported() {
         metrics_listener.local_addr().unwrap(),
     );
     let (stop, stopped) = oneshot::channel::<()>();
+    // One slot, so a second stream has to queue.
+    let mut config = tiny_config();
+    config.parallel = 1;
     let server = tokio::spawn(internvl_grpc::run_with_metrics(
-        tiny_config(),
+        config,
         listener,
         Some(metrics_listener),
         async move {
@@ -78,6 +81,19 @@ async fn requests_tokens_and_latencies_are_exported() {
     let during = scrape(metrics_addr).await;
     assert_eq!(value(&during, "internvl_requests_in_flight"), Some(1.0));
     assert_eq!(value(&during, "internvl_active_sequences"), Some(1.0));
+    assert_eq!(value(&during, "internvl_queue_depth"), Some(0.0));
+    // A second stream waits for the only slot.
+    let queued = client
+        .clone()
+        .generate(greedy(vec![user(vec![text("hi")])], 5))
+        .await
+        .unwrap()
+        .into_inner();
+    let waiting = scrape(metrics_addr).await;
+    assert_eq!(value(&waiting, "internvl_requests_in_flight"), Some(2.0));
+    assert_eq!(value(&waiting, "internvl_active_sequences"), Some(1.0));
+    assert_eq!(value(&waiting, "internvl_queue_depth"), Some(1.0));
+    drop(queued);
     drop(running);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
@@ -111,6 +127,7 @@ async fn requests_tokens_and_latencies_are_exported() {
     assert_eq!(value(&m, "internvl_inter_token_seconds_count"), Some(1.0));
     assert_eq!(value(&m, "internvl_requests_in_flight"), Some(0.0));
     assert_eq!(value(&m, "internvl_active_sequences"), Some(0.0));
+    assert_eq!(value(&m, "internvl_queue_depth"), Some(0.0));
 
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();

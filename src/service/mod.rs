@@ -2,6 +2,7 @@
 //! convert. No llama.cpp types here.
 
 pub mod auth;
+pub mod codec;
 mod error;
 pub mod validation;
 
