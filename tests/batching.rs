@@ -23,45 +23,6 @@ fn with(parallel: u32) -> Config {
     }
 }
 
-/// Every Delta's arrival time, and the Done's, of one stream.
-struct Timeline {
-    arrivals: Vec<Instant>,
-    done: Option<Instant>,
-    ids: Vec<i32>,
-}
-
-/// Streams `request` in a task, recording arrivals; `started` fires after the
-/// fifth token.
-fn spawn_timeline(
-    mut client: proto::intern_vl_client::InternVlClient<tonic::transport::Channel>,
-    request: proto::GenerateRequest,
-    started: Option<tokio::sync::mpsc::Sender<()>>,
-) -> tokio::task::JoinHandle<Timeline> {
-    tokio::spawn(async move {
-        let mut stream = client.generate(request).await.unwrap().into_inner();
-        let mut t = Timeline {
-            arrivals: Vec::new(),
-            done: None,
-            ids: Vec::new(),
-        };
-        while let Some(msg) = stream.message().await.unwrap() {
-            match msg.event.unwrap() {
-                proto::generate_response::Event::Delta(d) => {
-                    t.arrivals.push(Instant::now());
-                    t.ids.extend(d.tokens.iter().map(|x| x.id));
-                    if t.arrivals.len() == 5 {
-                        if let Some(started) = &started {
-                            started.send(()).await.unwrap();
-                        }
-                    }
-                }
-                proto::generate_response::Event::Done(_) => t.done = Some(Instant::now()),
-            }
-        }
-        t
-    })
-}
-
 /// Greedy with the two best alternatives, to see near-ties.
 fn greedy_with_margins(messages: Vec<proto::Message>, n: u32) -> proto::GenerateRequest {
     proto::GenerateRequest {

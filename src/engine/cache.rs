@@ -30,6 +30,11 @@ impl EmbeddingCache {
         self.entries.get(hash).cloned()
     }
 
+    /// Whether a tile's embeddings are held (without marking them used).
+    pub fn contains(&self, hash: &TileHash) -> bool {
+        self.entries.contains(hash)
+    }
+
     /// Keeps a tile's embeddings, evicting the least recently used over budget.
     pub fn insert(&mut self, hash: TileHash, embeddings: Arc<Vec<f32>>) {
         let size = embeddings.len() * std::mem::size_of::<f32>();

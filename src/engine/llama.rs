@@ -653,10 +653,6 @@ pub struct Vision {
     _model: Arc<Model>,
 }
 
-// SAFETY: the mtmd context is only used from the engine thread that owns it;
-// moving it there once is fine.
-unsafe impl Send for Vision {}
-
 impl Drop for Vision {
     fn drop(&mut self) {
         // SAFETY: created by mtmd_init_from_file, freed once.

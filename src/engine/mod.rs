@@ -1,11 +1,13 @@
 //! The inference engine: domain types, prompt preparation and the engine thread.
 //!
-//! No transport types here. One thread owns the context and the vision encoder
-//! and takes work from a bounded command channel; callers get results back on
-//! channels. The model itself is read-only after loading and is shared so that
+//! No transport types here. One thread owns the context and takes work from a
+//! bounded command channel; callers get results back on channels. The vision
+//! encoder has a thread of its own that only the engine thread talks to, so
+//! that encoding a tile does not pause running streams. The model itself is read-only after loading and is shared so that
 //! tokenization and image tiling run on the caller's blocking threads.
 
 mod cache;
+mod encoder;
 mod error;
 pub mod gguf;
 mod gguf_meta;

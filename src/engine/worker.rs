@@ -3,11 +3,13 @@
 //! The context holds `parallel` sequences (slots). Each scheduler step decodes
 //! one batch carrying the next token of every generating slot plus a bounded
 //! chunk of waiting prompts' text, then at most one chunk of image embeddings
-//! and one chunk of an Embed input. Requests enter a free slot in arrival order
+//! and one chunk of an Embed input. Tiles are encoded on the vision thread
+//! (`encoder.rs`) meanwhile, oldest request first, and their embeddings are
+//! decoded once back. Requests enter a free slot in arrival order
 //! once the KV pool has room for their whole prompt and `max_new_tokens`, so a
 //! running sequence never runs out of cells.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,10 +18,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, info_span, warn};
 
 use super::cache::{kv_items, EmbeddingCache, KvContents, KvItem, PrefixCache};
+use super::encoder::{EncodeResult, Encoded, TileEncoder};
 use super::gguf_meta::{check_language_model, read_tile_spec};
-use super::llama::{self, BatchToken, Context, Model, Outputs, Vision};
+use super::llama::{self, BatchToken, Context, Model, Outputs};
 use super::prompt::{ChatTemplate, Prompt, PromptItem};
 use super::sampling::{logprobs, TextStream, TokenSampler};
+use super::vision::TileHash;
 use super::{
     Command, EmbedJob, Embedding, EngineError, EngineSettings, EngineState, FinishReason,
     GenerateEvent, GenerateJob, GenerateRequest, GeneratedToken, Lifecycle, Loaded, ModelInfo,
@@ -31,8 +35,13 @@ use super::{
 /// gigabytes with a real vocabulary.
 const EMBED_CHUNK: usize = 256;
 
-/// How long the loop sleeps when every slot waits on a slow client.
+/// How long the loop sleeps when every slot waits on a slow client or on the
+/// vision encoder.
 const STALLED_POLL: Duration = Duration::from_millis(1);
+
+/// Encoded tiles held for requests that have not reached them yet, at most;
+/// beyond this the encoder only works on tiles a request waits on now.
+const MAX_PREFETCHED_TILES: usize = 16;
 
 /// Stream events carry either an event or the error that ended the stream.
 pub(crate) type EventResult = Result<GenerateEvent, EngineError>;
@@ -106,6 +115,8 @@ struct Prefill {
     /// Embeddings of the tile at `items[next]` and how many of its positions
     /// are decoded, once it is being decoded.
     tile: Option<(Arc<Vec<f32>>, usize)>,
+    /// Items before this were looked at for tiles to encode ahead.
+    prefetched: usize,
     vision_ms: f64,
     prefill_ms: f64,
     cached_tiles: u32,
@@ -118,6 +129,7 @@ impl Prefill {
             items,
             next: skip,
             tile: None,
+            prefetched: skip,
             vision_ms: 0.0,
             prefill_ms: 0.0,
             cached_tiles: 0,
@@ -130,6 +142,54 @@ impl Prefill {
 
     fn front(&self) -> Option<PromptItem> {
         self.items.get(self.next).copied()
+    }
+
+    /// The hash of the tile at `items[i]`, if it is a tile.
+    fn tile_hash(&self, i: usize) -> Option<TileHash> {
+        match self.items.get(i) {
+            Some(PromptItem::Tile { piece, tile }) => {
+                Some(self.prompt.tiled_image(*piece)?.hashes[*tile])
+            }
+            _ => None,
+        }
+    }
+
+    /// The pixels of the tile at `items[i]`, if it is a tile.
+    fn tile_pixels(&self, i: usize) -> Option<Vec<u8>> {
+        match self.items.get(i) {
+            Some(PromptItem::Tile { piece, tile }) => Some(
+                self.prompt
+                    .tiled_image(*piece)?
+                    .tiles
+                    .get(*tile)?
+                    .as_raw()
+                    .clone(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether a tile is still to be taken for decoding.
+    fn needs(&self, hash: &TileHash) -> bool {
+        let from = self.next + usize::from(self.tile.is_some());
+        (from..self.items.len()).any(|i| self.tile_hash(i).as_ref() == Some(hash))
+    }
+}
+
+impl Task {
+    /// What is left to decode of the current input, if anything.
+    fn prefill(&self) -> Option<&Prefill> {
+        match self {
+            Task::Generate(g) => (!g.prefill.done()).then_some(&g.prefill),
+            Task::Embed(e) => e.prefill.as_ref(),
+        }
+    }
+
+    fn prefill_mut(&mut self) -> Option<&mut Prefill> {
+        match self {
+            Task::Generate(g) => (!g.prefill.done()).then_some(&mut g.prefill),
+            Task::Embed(e) => e.prefill.as_mut(),
+        }
     }
 }
 
@@ -206,8 +266,9 @@ impl Slot {
 struct Worker {
     model: Arc<Model>,
     context: Context,
-    vision: Vision,
-    tile_size: u32,
+    encoder: TileEncoder,
+    /// Tiles back from the encoder that a request has not taken yet.
+    encoded: HashMap<TileHash, (EncodeResult, Duration)>,
     tokens_per_tile: usize,
     lifecycle: Arc<Lifecycle>,
     embeddings: EmbeddingCache,
@@ -297,7 +358,12 @@ impl Worker {
             [id] => *id,
             _ => -1,
         };
-        let vision = Vision::load(&paths.mmproj, model.clone(), &settings.vision)?;
+        let encoder = TileEncoder::start(
+            &paths.mmproj,
+            model.clone(),
+            &settings.vision,
+            spec.tile_size,
+        )?;
         let context = Context::new(model.clone(), &settings.context)?;
         let name = model.meta("general.name").unwrap_or_else(|| {
             paths
@@ -364,8 +430,8 @@ impl Worker {
                 })
                 .collect(),
             context,
-            vision,
-            tile_size: spec.tile_size,
+            encoder,
+            encoded: HashMap::new(),
             tokens_per_tile: spec.tokens_per_tile as usize,
             lifecycle,
             embeddings: EmbeddingCache::new(settings.image_cache_bytes),
@@ -610,6 +676,8 @@ impl Worker {
             }
             keep
         });
+        progress |= self.collect_encoded();
+        self.feed_encoder();
         for index in 0..self.slots.len() {
             if let Err(e) = self.check(index) {
                 self.end(index, Err(e));
@@ -741,8 +809,91 @@ impl Worker {
         true
     }
 
-    /// Encodes (or finds in the cache) the tile the oldest prefilling request
-    /// waits on, and decodes one chunk of its embeddings.
+    /// Takes the tile the encoder finished, if any: into the image cache, and
+    /// held for the requests that wait on it.
+    fn collect_encoded(&mut self) -> bool {
+        let Some(Encoded { hash, result, took }) = self.encoder.finished() else {
+            return false;
+        };
+        if let Ok(embd) = &result {
+            self.embeddings.insert(hash, embd.clone());
+            tracing::debug!(bytes = self.embeddings.bytes(), "image cache");
+        }
+        let wanted = self
+            .slots
+            .iter()
+            .filter_map(|s| s.task.as_ref()?.prefill())
+            .any(|p| p.needs(&hash));
+        if wanted {
+            self.encoded.insert(hash, (result, took));
+        }
+        true
+    }
+
+    /// Whether a tile's embeddings are at hand (cached, or back from the encoder).
+    fn tile_available(&self, hash: &TileHash) -> bool {
+        self.encoded.contains_key(hash) || self.embeddings.contains(hash)
+    }
+
+    /// Whether the front of this prefill is a tile that cannot be decoded yet.
+    fn front_tile_pending(&self, p: &Prefill) -> bool {
+        p.tile.is_none()
+            && p.tile_hash(p.next)
+                .is_some_and(|hash| !self.tile_available(&hash))
+    }
+
+    /// Hands the encoder its next tile when it is idle: first a tile some
+    /// request waits on now, oldest request first; else the next tile ahead in
+    /// the oldest request's prompt.
+    fn feed_encoder(&mut self) {
+        if !self.encoder.is_idle() {
+            return;
+        }
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].task.is_some())
+            .collect();
+        order.sort_by_key(|&i| self.slots[i].stamp);
+        for &index in &order {
+            let Some(p) = self.slots[index].task.as_ref().and_then(Task::prefill) else {
+                continue;
+            };
+            if self.front_tile_pending(p) {
+                if let (Some(hash), Some(rgb)) = (p.tile_hash(p.next), p.tile_pixels(p.next)) {
+                    self.encoder.submit(hash, rgb);
+                    return;
+                }
+            }
+        }
+        if self.encoded.len() >= MAX_PREFETCHED_TILES {
+            return;
+        }
+        for &index in &order {
+            let Some(p) = self.slots[index].task.as_ref().and_then(Task::prefill) else {
+                continue;
+            };
+            // The front tile, once taken, is being decoded: not to encode again.
+            let mut i = p.prefetched.max(p.next + usize::from(p.tile.is_some()));
+            let mut job = None;
+            while i < p.items.len() {
+                let ahead = p.tile_hash(i).filter(|h| !self.tile_available(h));
+                i += 1;
+                if let Some(hash) = ahead {
+                    job = p.tile_pixels(i - 1).map(|rgb| (hash, rgb));
+                    break;
+                }
+            }
+            if let Some(p) = self.slots[index].task.as_mut().and_then(Task::prefill_mut) {
+                p.prefetched = i;
+            }
+            if let Some((hash, rgb)) = job {
+                self.encoder.submit(hash, rgb);
+                return;
+            }
+        }
+    }
+
+    /// Decodes one chunk of embeddings of the tile the oldest prefilling
+    /// request waits on, among those whose tile is encoded.
     fn decode_image_chunk(&mut self) -> bool {
         let Some(index) = self
             .slots
@@ -751,6 +902,7 @@ impl Worker {
             .filter(|(_, s)| match &s.task {
                 Some(Task::Generate(g)) => {
                     matches!(g.prefill.front(), Some(PromptItem::Tile { .. }))
+                        && !self.front_tile_pending(&g.prefill)
                 }
                 _ => false,
             })
@@ -798,22 +950,16 @@ impl Worker {
             .ok_or_else(|| EngineError::Inference("prompt item is not an image".into()))?;
         let hash = tiled.hashes[tile];
         if prefill.tile.is_none() {
-            let embd = match self.embeddings.get(&hash) {
-                Some(embd) => {
-                    prefill.cached_tiles += 1;
-                    embd
-                }
-                None => {
-                    let t = Instant::now();
-                    let embd = Arc::new(
-                        self.vision
-                            .encode_tile(tiled.tiles[tile].as_raw(), self.tile_size)?,
-                    );
-                    prefill.vision_ms += ms(t);
-                    self.embeddings.insert(hash, embd.clone());
-                    tracing::debug!(bytes = self.embeddings.bytes(), "image cache");
-                    embd
-                }
+            // Encoded for a request that waited on it: its cost is this one's.
+            let embd = if let Some((result, took)) = self.encoded.remove(&hash) {
+                prefill.vision_ms += took.as_secs_f64() * 1e3;
+                result.map_err(EngineError::Inference)?
+            } else if let Some(embd) = self.embeddings.get(&hash) {
+                prefill.cached_tiles += 1;
+                embd
+            } else {
+                // Not encoded yet: the encoder is on it (see `feed_encoder`).
+                return Ok(None);
             };
             prefill.tile = Some((embd, 0));
         }
@@ -879,6 +1025,16 @@ impl Worker {
             }
         }
         self.publish_active();
+        // Tiles encoded ahead for this request alone are not needed any more.
+        if !self.encoded.is_empty() {
+            let slots = &self.slots;
+            self.encoded.retain(|hash, _| {
+                slots
+                    .iter()
+                    .filter_map(|s| s.task.as_ref()?.prefill())
+                    .any(|p| p.needs(hash))
+            });
+        }
         // A failed decode leaves the sequence in an unknown state; anything
         // else is a prefix worth keeping, out of the pool.
         let keep =
@@ -963,7 +1119,8 @@ impl Worker {
         self.retire(g.out);
     }
 
-    /// Decodes one chunk of the Embed request that arrived first.
+    /// Decodes one chunk of the Embed request that arrived first, unless it
+    /// waits on the encoder.
     fn decode_embed_chunk(&mut self) -> bool {
         let Some(index) = self
             .slots
@@ -975,6 +1132,14 @@ impl Worker {
         else {
             return false;
         };
+        if let Some(Task::Embed(e)) = &self.slots[index].task {
+            if e.prefill
+                .as_ref()
+                .is_some_and(|p| self.front_tile_pending(p))
+            {
+                return false;
+            }
+        }
         self.context.set_embeddings(true);
         let result = self.embed_chunk(index);
         self.context.set_embeddings(false);

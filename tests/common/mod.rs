@@ -329,3 +329,44 @@ pub async fn run_python_client(script: &str, args: Vec<String>) -> Value {
     );
     serde_json::from_slice(&output.stdout).expect("json summary")
 }
+
+/// Every Delta's arrival time, and the Done's, of one stream.
+pub struct Timeline {
+    pub arrivals: Vec<std::time::Instant>,
+    pub done: Option<std::time::Instant>,
+    pub ids: Vec<i32>,
+}
+
+/// Streams `request` in a task, recording arrivals; `started` fires after the
+/// fifth token.
+pub fn spawn_timeline(
+    mut client: InternVlClient<Channel>,
+    request: proto::GenerateRequest,
+    started: Option<tokio::sync::mpsc::Sender<()>>,
+) -> tokio::task::JoinHandle<Timeline> {
+    tokio::spawn(async move {
+        let mut stream = client.generate(request).await.unwrap().into_inner();
+        let mut t = Timeline {
+            arrivals: Vec::new(),
+            done: None,
+            ids: Vec::new(),
+        };
+        while let Some(msg) = stream.message().await.unwrap() {
+            match msg.event.unwrap() {
+                proto::generate_response::Event::Delta(d) => {
+                    t.arrivals.push(std::time::Instant::now());
+                    t.ids.extend(d.tokens.iter().map(|x| x.id));
+                    if t.arrivals.len() == 5 {
+                        if let Some(started) = &started {
+                            started.send(()).await.unwrap();
+                        }
+                    }
+                }
+                proto::generate_response::Event::Done(_) => {
+                    t.done = Some(std::time::Instant::now())
+                }
+            }
+        }
+        t
+    })
+}

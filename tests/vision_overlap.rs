@@ -1,0 +1,103 @@
+//! The vision encoder runs beside the decoding of other streams. Its own test
+//! binary, so that other tests' streams do not share the two CPU cores.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use internvl_grpc::config::Config;
+use internvl_grpc::service::proto;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_keep_decoding_while_an_image_is_encoded() {
+    // Small prefill chunks, so that a step decoding part of a tile's
+    // embeddings is short next to encoding the tile (as with real models,
+    // where encoding dominates; in this tiny one they are alike).
+    let server = start(Config {
+        parallel: 2,
+        n_ctx: 2 * 4096,
+        prefill_chunk: 64,
+        ..tiny_config()
+    })
+    .await;
+    let mut client = server.client().await;
+    let (started, mut running) = tokio::sync::mpsc::channel(1);
+    let long = spawn_timeline(
+        client.clone(),
+        greedy(vec![user(vec![text("Tell me a long story.")])], 4000),
+        Some(started),
+    );
+    running.recv().await.unwrap();
+    let picture = || proto::Content {
+        part: Some(proto::content::Part::Image(proto::Image {
+            data: image_bytes("landscape_800x600.jpg"),
+            max_tiles: 12,
+            min_tiles: 0,
+        })),
+    };
+    let submitted = Instant::now();
+    let mut stream = client
+        .generate(greedy(
+            vec![user(vec![picture(), text("What is in the image?")])],
+            2,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("first delta");
+    let first_at = Instant::now();
+    assert!(matches!(
+        first.event,
+        Some(proto::generate_response::Event::Delta(_))
+    ));
+    let rest = collect(stream).await.unwrap();
+    let done = rest.done.expect("done");
+    let usage = done.usage.unwrap();
+    let timings = done.timings.unwrap();
+    let t = long.await.unwrap();
+    assert_eq!(t.ids.len(), 4000);
+    let during = t
+        .arrivals
+        .iter()
+        .filter(|&&a| a > submitted && a < first_at)
+        .count();
+    let tiles = client
+        .count_tokens(proto::CountTokensRequest {
+            messages: vec![user(vec![picture(), text("What is in the image?")])],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .images[0]
+        .tiles;
+    // The other stream's pauses while the image was prefilled, longest first.
+    let mut gaps: Vec<f64> = t
+        .arrivals
+        .windows(2)
+        .filter(|w| w[1] > submitted && w[0] < first_at)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+        .collect();
+    gaps.sort_by(|a, b| b.total_cmp(a));
+    let per_tile = timings.vision_ms / f64::from(tiles);
+    let long_pauses = gaps.iter().filter(|&&g| g >= 0.75 * per_tile).count();
+    eprintln!(
+        "{tiles} tiles ({} image tokens), vision {:.1} ms ({per_tile:.1} per tile), \
+         prefill {:.1} ms, TTFT {:.1} ms; the other stream got {during} tokens meanwhile, \
+         {long_pauses} pauses of 3/4 of a tile's encoding or more; longest (ms): {:.1?}",
+        usage.image_tokens,
+        timings.vision_ms,
+        timings.prefill_ms,
+        timings.ttft_ms,
+        &gaps[..gaps.len().min(8)]
+    );
+    assert_eq!(tiles, 13);
+    // Encoding on the engine thread paused the other stream for each tile's
+    // whole encoding (13 such pauses when measured); beside it, only decoding
+    // a tile's embeddings pauses it.
+    assert!(
+        long_pauses < tiles as usize / 2,
+        "{long_pauses} pauses as long as encoding a tile"
+    );
+    server.stop().await;
+}
