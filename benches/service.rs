@@ -83,6 +83,19 @@ struct Figures {
     aggregate_tok_s: Vec<f64>,
 }
 
+/// A fresh 1-tile image arriving while `BUSY_STREAMS` streams decode.
+#[derive(Debug)]
+struct UnderLoad {
+    image_ttft_ms: f64,
+    /// The longest any of the streams waited for a token meanwhile.
+    longest_pause_ms: f64,
+    /// Their summed tokens/s meanwhile.
+    tok_s: f64,
+}
+
+/// Streams decoding while an image arrives, for [`UnderLoad`].
+const BUSY_STREAMS: usize = 4;
+
 /// Peak resident memory of this process so far (VmHWM), in MiB.
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -238,7 +251,7 @@ fn variant(png: &[u8], seed: usize) -> Vec<u8> {
     out.into_inner()
 }
 
-async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
+async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderLoad) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -438,6 +451,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
         }
         aggregate_tok_s.push(median(runs));
     }
+    let under_load = image_under_load(&client, &cold_text, &request, &tile_png).await;
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
     (
@@ -450,7 +464,88 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts) {
         },
         median(repeated),
         prompts,
+        under_load,
     )
+}
+
+/// A fresh 1-tile image request while [`BUSY_STREAMS`] long streams decode:
+/// its TTFT, and how the streams fare until it has its first token.
+async fn image_under_load(
+    client: &InternVlClient<tonic::transport::Channel>,
+    cold_text: &impl Fn(usize, u32) -> proto::GenerateRequest,
+    request: &impl Fn(Vec<proto::Content>, u32) -> proto::GenerateRequest,
+    tile_png: &[u8],
+) -> UnderLoad {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (started, mut running) = tokio::sync::mpsc::channel(BUSY_STREAMS);
+    let streams: Vec<_> = (0..BUSY_STREAMS)
+        .map(|i| {
+            let mut client = client.clone();
+            let req = cold_text(5000 + i, 1500);
+            let (started, mut stopped) = (started.clone(), stopped.clone());
+            tokio::spawn(async move {
+                let mut stream = client.generate(req).await.unwrap().into_inner();
+                let mut arrivals = Vec::new();
+                loop {
+                    tokio::select! {
+                        msg = stream.message() => match msg.unwrap() {
+                            Some(_) => arrivals.push(Instant::now()),
+                            None => break,
+                        },
+                        _ = stopped.changed() => break,
+                    }
+                    if arrivals.len() == 3 {
+                        started.send(()).await.unwrap();
+                    }
+                }
+                arrivals
+            })
+        })
+        .collect();
+    for _ in 0..BUSY_STREAMS {
+        running.recv().await.unwrap();
+    }
+    let image = proto::Content {
+        part: Some(proto::content::Part::Image(proto::Image {
+            data: variant(tile_png, 9999),
+            max_tiles: 1,
+            min_tiles: 1,
+        })),
+    };
+    let question = proto::Content {
+        part: Some(proto::content::Part::Text("What is shown?".into())),
+    };
+    let sent = Instant::now();
+    let mut stream = client
+        .clone()
+        .generate(request(vec![image, question], 1))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap();
+    let answered = Instant::now();
+    while stream.message().await.unwrap().is_some() {}
+    stop.send(true).unwrap();
+    let mut longest_pause = Duration::ZERO;
+    let mut tokens = 0;
+    for s in streams {
+        let arrivals = s.await.unwrap();
+        tokens += arrivals
+            .iter()
+            .filter(|&&t| t > sent && t <= answered)
+            .count();
+        for w in arrivals.windows(2) {
+            if w[1] > sent && w[0] < answered {
+                longest_pause = longest_pause.max(w[1] - w[0]);
+            }
+        }
+    }
+    let window = (answered - sent).as_secs_f64();
+    UnderLoad {
+        image_ttft_ms: window * 1e3,
+        longest_pause_ms: longest_pause.as_secs_f64() * 1e3,
+        tok_s: tokens as f64 / window,
+    }
 }
 
 fn main() {
@@ -471,7 +566,7 @@ fn main() {
     let tile = image::load_from_memory(&png).unwrap().to_rgb8();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (svc, repeated_ms, prompts) = runtime.block_on(service(&s, png));
+    let (svc, repeated_ms, prompts, under_load) = runtime.block_on(service(&s, png));
     drop(runtime);
     // Measured before the bare run loads its own copy of the model.
     let service_peak_rss = peak_rss_mib();
@@ -516,5 +611,23 @@ fn main() {
             "tok/s",
         );
     }
+    println!(
+        "| 1-tile image TTFT with {BUSY_STREAMS} streams decoding (ms) | {:.2} | | {:.3} × alone |",
+        under_load.image_ttft_ms,
+        under_load.image_ttft_ms / svc.image_ttft_ms
+    );
+    println!(
+        "| meanwhile: longest pause of those streams (ms) | {:.2} | | |",
+        under_load.longest_pause_ms
+    );
+    println!(
+        "| meanwhile: their summed decode (tok/s) | {:.2} | | {:.3} × without the image |",
+        under_load.tok_s,
+        under_load.tok_s
+            / svc.aggregate_tok_s[STREAMS
+                .iter()
+                .position(|&n| n as usize == BUSY_STREAMS)
+                .unwrap()]
+    );
     println!("| peak RSS of the service run (MiB) | {service_peak_rss:.0} | | |");
 }
