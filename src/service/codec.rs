@@ -5,6 +5,8 @@
 //! public service that reads as a server fault: meshes count it as an error of
 //! ours and clients may retry it. The bytes are the caller's, so this codec
 //! answers INVALID_ARGUMENT and keeps prost's message, which names the field.
+//! The generated client shares the codec, so a response it cannot decode also
+//! reads INVALID_ARGUMENT there.
 
 use prost::Message;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
