@@ -382,14 +382,12 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
         };
         for times in [&mut image, &mut repeated] {
             let t = Instant::now();
-            let mut stream = client
-                .generate(request(vec![fresh.clone(), text("What is shown?")], 1))
-                .await
-                .unwrap()
-                .into_inner();
-            stream.message().await.unwrap();
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-            while stream.message().await.unwrap().is_some() {}
+            let first = first_event_at(
+                &client,
+                request(vec![fresh.clone(), text("What is shown?")], 1),
+            )
+            .await;
+            times.push((first - t).as_secs_f64() * 1e3);
         }
     }
 
@@ -403,15 +401,8 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
             })),
         };
         let t = Instant::now();
-        let mut stream = client
-            .generate(request(vec![big, text("What is shown?")], 1))
-            .await
-            .unwrap()
-            .into_inner();
-        stream.message().await.unwrap();
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        while stream.message().await.unwrap().is_some() {}
-        ms
+        let first = first_event_at(&client, request(vec![big, text("What is shown?")], 1)).await;
+        (first - t).as_secs_f64() * 1e3
     };
 
     // `n` streams at once. Decode throughput is counted over the window in
@@ -451,7 +442,19 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
         }
         aggregate_tok_s.push(median(runs));
     }
-    let under_load = image_under_load(&client, &cold_text, &request, &tile_png).await;
+    let fresh = proto::Content {
+        part: Some(proto::content::Part::Image(proto::Image {
+            data: variant(&tile_png, 9999),
+            max_tiles: 1,
+            min_tiles: 1,
+        })),
+    };
+    let under_load = image_under_load(
+        &client,
+        &cold_text,
+        request(vec![fresh, text("What is shown?")], 1),
+    )
+    .await;
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
     (
@@ -468,13 +471,24 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
     )
 }
 
-/// A fresh 1-tile image request while [`BUSY_STREAMS`] long streams decode:
+/// Sends `request` and reads its whole stream; returns when the first event came.
+async fn first_event_at(
+    client: &InternVlClient<tonic::transport::Channel>,
+    request: proto::GenerateRequest,
+) -> Instant {
+    let mut stream = client.clone().generate(request).await.unwrap().into_inner();
+    stream.message().await.unwrap();
+    let first = Instant::now();
+    while stream.message().await.unwrap().is_some() {}
+    first
+}
+
+/// An image request (not cached) while [`BUSY_STREAMS`] long streams decode:
 /// its TTFT, and how the streams fare until it has its first token.
 async fn image_under_load(
     client: &InternVlClient<tonic::transport::Channel>,
     cold_text: &impl Fn(usize, u32) -> proto::GenerateRequest,
-    request: &impl Fn(Vec<proto::Content>, u32) -> proto::GenerateRequest,
-    tile_png: &[u8],
+    image_request: proto::GenerateRequest,
 ) -> UnderLoad {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (started, mut running) = tokio::sync::mpsc::channel(BUSY_STREAMS);
@@ -505,26 +519,8 @@ async fn image_under_load(
     for _ in 0..BUSY_STREAMS {
         running.recv().await.unwrap();
     }
-    let image = proto::Content {
-        part: Some(proto::content::Part::Image(proto::Image {
-            data: variant(tile_png, 9999),
-            max_tiles: 1,
-            min_tiles: 1,
-        })),
-    };
-    let question = proto::Content {
-        part: Some(proto::content::Part::Text("What is shown?".into())),
-    };
     let sent = Instant::now();
-    let mut stream = client
-        .clone()
-        .generate(request(vec![image, question], 1))
-        .await
-        .unwrap()
-        .into_inner();
-    stream.message().await.unwrap();
-    let answered = Instant::now();
-    while stream.message().await.unwrap().is_some() {}
+    let answered = first_event_at(client, image_request).await;
     stop.send(true).unwrap();
     let mut longest_pause = Duration::ZERO;
     let mut tokens = 0;

@@ -3,8 +3,9 @@
 //! No transport types here. One thread owns the context and takes work from a
 //! bounded command channel; callers get results back on channels. The vision
 //! encoder has a thread of its own that only the engine thread talks to, so
-//! that encoding a tile does not pause running streams. The model itself is read-only after loading and is shared so that
-//! tokenization and image tiling run on the caller's blocking threads.
+//! that encoding a tile does not pause running streams. The model itself is
+//! read-only after loading and is shared so that tokenization and image tiling
+//! run on the caller's blocking threads.
 
 mod cache;
 mod encoder;
@@ -316,7 +317,7 @@ pub(crate) struct Lifecycle {
     parallel: u64,
     /// Requests in flight at most: slots plus queue.
     capacity: usize,
-    /// Slots running a request, as of the engine's last step.
+    /// Slots running a request, published whenever one fills or empties.
     active: AtomicUsize,
 }
 

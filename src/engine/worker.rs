@@ -23,7 +23,7 @@ use super::gguf_meta::{check_language_model, read_tile_spec};
 use super::llama::{self, BatchToken, Context, Model, Outputs};
 use super::prompt::{ChatTemplate, Prompt, PromptItem};
 use super::sampling::{logprobs, TextStream, TokenSampler};
-use super::vision::TileHash;
+use super::vision::{TileHash, TiledImage};
 use super::{
     Command, EmbedJob, Embedding, EngineError, EngineSettings, EngineState, FinishReason,
     GenerateEvent, GenerateJob, GenerateRequest, GeneratedToken, Lifecycle, Loaded, ModelInfo,
@@ -137,29 +137,17 @@ impl Prefill {
         self.items.get(self.next).copied()
     }
 
-    /// The hash of the tile at `items[i]`, if it is a tile.
-    fn tile_hash(&self, i: usize) -> Option<TileHash> {
-        match self.items.get(i) {
-            Some(PromptItem::Tile { piece, tile }) => {
-                Some(self.prompt.tiled_image(*piece)?.hashes[*tile])
-            }
-            _ => None,
+    /// The image and tile index at `items[i]`, if it is a tile.
+    fn tile_at(&self, i: usize) -> Option<(&TiledImage, usize)> {
+        match self.items.get(i)? {
+            PromptItem::Tile { piece, tile } => Some((self.prompt.tiled_image(*piece)?, *tile)),
+            PromptItem::Token(_) => None,
         }
     }
 
-    /// The pixels of the tile at `items[i]`, if it is a tile.
-    fn tile_pixels(&self, i: usize) -> Option<Vec<u8>> {
-        match self.items.get(i) {
-            Some(PromptItem::Tile { piece, tile }) => Some(
-                self.prompt
-                    .tiled_image(*piece)?
-                    .tiles
-                    .get(*tile)?
-                    .as_raw()
-                    .clone(),
-            ),
-            _ => None,
-        }
+    /// The hash of the tile at `items[i]`, if it is a tile.
+    fn tile_hash(&self, i: usize) -> Option<TileHash> {
+        self.tile_at(i).map(|(tiled, tile)| tiled.hashes[tile])
     }
 
     /// Whether a tile is still to be taken for decoding.
@@ -167,6 +155,14 @@ impl Prefill {
         let from = self.next + usize::from(self.tile.is_some());
         (from..self.items.len()).any(|i| self.tile_hash(i).as_ref() == Some(hash))
     }
+}
+
+/// Whether a running request has yet to take this tile.
+fn awaited(slots: &[Slot], hash: &TileHash) -> bool {
+    slots
+        .iter()
+        .filter_map(|s| s.task.as_ref()?.prefill())
+        .any(|p| p.needs(hash))
 }
 
 impl Task {
@@ -805,12 +801,7 @@ impl Worker {
             self.embeddings.insert(hash, embd.clone());
             tracing::debug!(bytes = self.embeddings.bytes(), "image cache");
         }
-        let wanted = self
-            .slots
-            .iter()
-            .filter_map(|s| s.task.as_ref()?.prefill())
-            .any(|p| p.needs(&hash));
-        if wanted {
+        if awaited(&self.slots, &hash) {
             self.encoded.insert(hash, (result, took));
         }
         true
@@ -843,7 +834,8 @@ impl Worker {
             .filter_map(|s| Some((s.stamp, s.task.as_ref()?.prefill()?)))
             .filter(|(_, p)| self.front_tile_pending(p))
             .min_by_key(|(stamp, _)| *stamp)
-            .and_then(|(_, p)| Some((p.tile_hash(p.next)?, p.tile_pixels(p.next)?)));
+            .and_then(|(_, p)| p.tile_at(p.next))
+            .map(|(tiled, tile)| (tiled.hashes[tile], tiled.tiles[tile].as_raw().clone()));
         if let Some((hash, rgb)) = job {
             self.encoder.submit(hash, rgb);
         }
@@ -985,12 +977,7 @@ impl Worker {
         // A tile encoded for this request alone is not needed any more.
         if !self.encoded.is_empty() {
             let slots = &self.slots;
-            self.encoded.retain(|hash, _| {
-                slots
-                    .iter()
-                    .filter_map(|s| s.task.as_ref()?.prefill())
-                    .any(|p| p.needs(hash))
-            });
+            self.encoded.retain(|hash, _| awaited(slots, hash));
         }
         // A failed decode leaves the sequence in an unknown state; anything
         // else is a prefix worth keeping, out of the pool.
