@@ -98,6 +98,7 @@ async fn a_new_request_gets_its_first_token_while_eight_streams_decode() {
     let server = start(with(9)).await;
     let client = server.client().await;
     let (started, mut running) = tokio::sync::mpsc::channel(8);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let long: Vec<_> = (0..8)
         .map(|i| {
             spawn_timeline(
@@ -107,6 +108,7 @@ async fn a_new_request_gets_its_first_token_while_eight_streams_decode() {
                     4000,
                 ),
                 Some(started.clone()),
+                Some(stopped.clone()),
             )
         })
         .collect();
@@ -118,20 +120,21 @@ async fn a_new_request_gets_its_first_token_while_eight_streams_decode() {
         client.clone(),
         greedy(vec![user(vec![text("Hello! Who are you?")])], 4),
         None,
+        None,
     )
     .await
     .unwrap();
     let first = short.arrivals[0];
     assert_eq!(short.ids.len(), 4);
+    stop.send(true).unwrap();
     for (i, handle) in long.into_iter().enumerate() {
         let t = handle.await.unwrap();
-        assert_eq!(t.ids.len(), 4000, "stream {i} completes");
-        let before = t.arrivals.iter().filter(|&&a| a < first).count();
-        let after = t.arrivals.len() - before;
+        let after = t.arrived_after(first);
+        let before = t.arrivals.len() - after;
         eprintln!("stream {i}: {before} tokens before the newcomer's first, {after} after");
         assert!(before > 0, "stream {i} had not started");
         assert!(
-            t.done.unwrap() > first && after > 0,
+            t.done.is_none_or(|done| done > first) && after > 0,
             "stream {i} was not running when the newcomer got its first token"
         );
     }
@@ -147,13 +150,30 @@ async fn a_client_that_stops_reading_holds_back_only_itself() {
     .await;
     let mut client = server.client().await;
     let hello = || vec![user(vec![text("Hello! Who are you?")])];
-    // A stream nobody reads for a while: its buffer fills after two events.
-    let mut stalled = client
-        .generate(greedy(hello(), 400))
+    // A stream nobody reads for a while, on its own connection with a 4 KiB
+    // HTTP/2 window. The server takes events from the engine only as that
+    // window allows, and 400 tokens with 20 alternatives each are far more
+    // than it and the stream's two-event channel hold: the engine has to hold
+    // it back. (Under a default 64 KiB window, plain tokens never filled it:
+    // the earlier form of this test did not stall anything.)
+    let mut stalled_client = proto::intern_vl_client::InternVlClient::new(
+        tonic::transport::Endpoint::from_shared(server.url())
+            .unwrap()
+            .initial_stream_window_size(Some(4096))
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut stalled = stalled_client
+        .generate(proto::GenerateRequest {
+            top_logprobs: 20,
+            ..greedy(hello(), 400)
+        })
         .await
         .unwrap()
         .into_inner();
     stalled.message().await.unwrap().expect("first delta");
+    let held = Instant::now();
     // Others are served meanwhile.
     for _ in 0..3 {
         let got = tokio::time::timeout(
@@ -164,10 +184,18 @@ async fn a_client_that_stops_reading_holds_back_only_itself() {
         .expect("served while another client is not reading");
         assert_eq!(got.ids.len(), 32);
     }
-    // The stalled client then gets everything, nothing lost.
+    // Long enough for the whole stream had it not been held back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held_ms = held.elapsed().as_secs_f64() * 1e3;
+    // The stalled client then gets everything, nothing lost, and the engine
+    // was still decoding it when the client came back.
     let rest = collect(stalled).await.unwrap();
     assert_eq!(rest.ids.len(), 399);
-    assert!(rest.done.is_some());
+    let decode_ms = rest.done.expect("done").timings.unwrap().decode_ms;
+    assert!(
+        decode_ms >= held_ms,
+        "decoded in {decode_ms:.0} ms, within the {held_ms:.0} ms nobody read: not held back"
+    );
     server.stop().await;
 }
 
@@ -190,12 +218,14 @@ async fn embed_is_answered_while_streams_run_and_matches_embed_alone() {
     let alone = client.embed(embed_request()).await.unwrap().into_inner();
 
     let (started, mut running) = tokio::sync::mpsc::channel(2);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let long: Vec<_> = (0..2)
         .map(|i| {
             spawn_timeline(
                 client.clone(),
                 greedy(vec![user(vec![text(&format!("Tell story {i}."))])], 4000),
                 Some(started.clone()),
+                Some(stopped.clone()),
             )
         })
         .collect();
@@ -208,10 +238,11 @@ async fn embed_is_answered_while_streams_run_and_matches_embed_alone() {
         answered_at = Instant::now();
         r
     };
+    stop.send(true).unwrap();
     for handle in long {
         let t = handle.await.unwrap();
         assert!(
-            t.done.unwrap() > answered_at,
+            t.done.is_none_or(|done| done > answered_at) && t.arrived_after(answered_at) > 0,
             "a stream finished before Embed was answered: Embed waited for it"
         );
     }
@@ -231,20 +262,21 @@ async fn a_full_queue_answers_resource_exhausted_with_a_retry_hint() {
     })
     .await;
     let client = server.client().await;
-    let hello = || greedy(vec![user(vec![text("Hello! Who are you?")])], 2000);
+    let request = |n| greedy(vec![user(vec![text("Hello! Who are you?")])], n);
     // One running and one queued: capacity is slots plus queue, so the third
-    // is refused.
+    // is refused. The running one is long so that it still runs when the
+    // third arrives; the test ends it itself below.
     let mut held = Vec::new();
     let mut refused = None;
-    for _ in 0..6 {
-        match client.clone().generate(hello()).await {
+    for n in [4000, 200, 200, 200, 200, 200] {
+        match client.clone().generate(request(n)).await {
             Ok(stream) => held.push(stream.into_inner()),
             Err(status) => {
                 refused = Some(status);
                 break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let status = refused.expect("a call beyond slots and queue is refused");
     assert_eq!(held.len(), 2, "calls accepted");
@@ -263,10 +295,13 @@ async fn a_full_queue_answers_resource_exhausted_with_a_retry_hint() {
         .expect("RetryInfo detail");
     assert_eq!(retry.as_millis() as u64, pushback);
     assert!((50..=30_000).contains(&pushback), "{pushback} ms");
-    // The accepted ones all complete.
-    for stream in held {
-        let got = collect(stream).await.unwrap();
-        assert_eq!(got.ids.len(), 2000);
-    }
+    // The running one was still streaming; once its client hangs up, the
+    // queued one gets the slot and completes.
+    let queued = held.pop().unwrap();
+    let mut running = held.pop().unwrap();
+    assert!(running.message().await.unwrap().is_some());
+    drop(running);
+    let got = collect(queued).await.unwrap();
+    assert_eq!(got.ids.len(), 200);
     server.stop().await;
 }

@@ -333,16 +333,28 @@ pub async fn run_python_client(script: &str, args: Vec<String>) -> Value {
 /// Every Delta's arrival time, and the Done's, of one stream.
 pub struct Timeline {
     pub arrivals: Vec<std::time::Instant>,
+    /// None when the test hung up first (see `spawn_timeline`'s `stop`).
     pub done: Option<std::time::Instant>,
     pub ids: Vec<i32>,
 }
 
+impl Timeline {
+    /// Tokens that arrived after `t`.
+    pub fn arrived_after(&self, t: std::time::Instant) -> usize {
+        self.arrivals.iter().filter(|&&a| a > t).count()
+    }
+}
+
 /// Streams `request` in a task, recording arrivals; `started` fires after the
-/// fifth token.
+/// fifth token. Once `stop` turns true the task reads one more token (so a
+/// stream still running shows a token after that moment) and hangs up: tests
+/// of "streams keep running while X" end when X is seen, not after a fixed
+/// number of tokens that a slow machine takes minutes to decode.
 pub fn spawn_timeline(
     mut client: InternVlClient<Channel>,
     request: proto::GenerateRequest,
     started: Option<tokio::sync::mpsc::Sender<()>>,
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> tokio::task::JoinHandle<Timeline> {
     tokio::spawn(async move {
         let mut stream = client.generate(request).await.unwrap().into_inner();
@@ -351,7 +363,21 @@ pub fn spawn_timeline(
             done: None,
             ids: Vec::new(),
         };
-        while let Some(msg) = stream.message().await.unwrap() {
+        // How many tokens had arrived when `stop` was seen.
+        let mut stopped_at: Option<usize> = None;
+        loop {
+            let next = match stop.as_mut().filter(|_| stopped_at.is_none()) {
+                // `Streaming::message` is cancel safe.
+                Some(stop) => tokio::select! {
+                    next = stream.message() => next,
+                    _ = stop.wait_for(|&s| s) => {
+                        stopped_at = Some(t.arrivals.len());
+                        continue;
+                    }
+                },
+                None => stream.message().await,
+            };
+            let Some(msg) = next.unwrap() else { break };
             match msg.event.unwrap() {
                 proto::generate_response::Event::Delta(d) => {
                     t.arrivals.push(std::time::Instant::now());
@@ -360,6 +386,9 @@ pub fn spawn_timeline(
                         if let Some(started) = &started {
                             started.send(()).await.unwrap();
                         }
+                    }
+                    if stopped_at.is_some_and(|n| t.arrivals.len() > n) {
+                        break;
                     }
                 }
                 proto::generate_response::Event::Done(_) => {
