@@ -398,6 +398,13 @@ impl Context {
         self.n_batch
     }
 
+    /// Uses the first `threads` of the context's threadpool from the next
+    /// decode on (at most as many as it was created with).
+    pub fn set_threads(&mut self, threads: i32) {
+        // SAFETY: the context is live; ggml caps the count at the pool's size.
+        unsafe { sys::llama_set_n_threads(self.ptr.as_ptr(), threads, threads) }
+    }
+
     /// Forgets every cached position.
     pub fn clear(&mut self) {
         // SAFETY: live context; clearing the memory is always valid.

@@ -263,6 +263,50 @@ struct Worker {
     prefixes: PrefixCache,
     prefill_chunk: usize,
     clock: u64,
+    threads: DecodeThreads,
+}
+
+/// CPU threads for decoding, fewer while the vision encoder runs beside it.
+/// ggml's threads wait for each other at every graph node by spinning, so a
+/// thread the OS parks for the other pool's stalls all of its pool: with both
+/// pools at every core of a 2-core machine, running streams crawled while a
+/// tile encoded (measured in `benches/README.md`).
+struct DecodeThreads {
+    alone: i32,
+    beside_encoder: i32,
+    now: i32,
+}
+
+impl DecodeThreads {
+    fn new(settings: &EngineSettings) -> Self {
+        let alone = settings.context.threads.max(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as i32);
+        // An encoder on the GPU leaves the cores to decoding.
+        let encoder_on_cpu = !(settings.vision.use_gpu && llama::gpu_offload_supported());
+        let beside_encoder = if encoder_on_cpu {
+            (cores - settings.vision.threads).clamp(1, alone)
+        } else {
+            alone
+        };
+        DecodeThreads {
+            alone,
+            beside_encoder,
+            now: alone,
+        }
+    }
+
+    /// The count to switch to, when it changes.
+    fn for_encoder_idle(&mut self, idle: bool) -> Option<i32> {
+        let want = if idle {
+            self.alone
+        } else {
+            self.beside_encoder
+        };
+        (want != self.now).then(|| {
+            self.now = want;
+            want
+        })
+    }
 }
 
 /// Why a request must stop now, if it must: checked before every step.
@@ -422,6 +466,7 @@ impl Worker {
             prefixes: PrefixCache::new(settings.prefix_cache_bytes),
             prefill_chunk,
             clock: 0,
+            threads: DecodeThreads::new(settings),
         };
         Ok((worker, loaded))
     }
@@ -660,6 +705,10 @@ impl Worker {
         });
         progress |= self.collect_encoded();
         self.feed_encoder();
+        let threads = self.threads.for_encoder_idle(self.encoder.is_idle());
+        if let Some(threads) = threads {
+            self.context.set_threads(threads);
+        }
         for index in 0..self.slots.len() {
             if let Err(e) = self.check(index) {
                 self.end(index, Err(e));
@@ -1257,4 +1306,22 @@ fn pool(e: &EmbedTask, prompt_tokens: u32) -> Result<Embedding, EngineError> {
         values,
         tokens: e.count,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DecodeThreads;
+
+    #[test]
+    fn decode_threads_change_only_when_the_encoder_starts_or_stops() {
+        let mut threads = DecodeThreads {
+            alone: 2,
+            beside_encoder: 1,
+            now: 2,
+        };
+        assert_eq!(threads.for_encoder_idle(true), None);
+        assert_eq!(threads.for_encoder_idle(false), Some(1));
+        assert_eq!(threads.for_encoder_idle(false), None);
+        assert_eq!(threads.for_encoder_idle(true), Some(2));
+    }
 }
