@@ -125,3 +125,47 @@ async fn deadlines_end_the_stream_and_free_the_engine() {
 
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_that_pass_before_the_first_token_are_deadline_exceeded() {
+    let server = start(tiny_config()).await;
+    let mut client = server.client().await;
+    // A 13-tile image takes the tiny model over a second to encode, far past
+    // these deadlines: they pass while the call is still being prepared,
+    // before any response exists.
+    let picture = || proto::Content {
+        part: Some(proto::content::Part::Image(proto::Image {
+            data: image_bytes("landscape_800x600.jpg"),
+            max_tiles: 12,
+            min_tiles: 0,
+        })),
+    };
+    let mut embed = tonic::Request::new(proto::EmbedRequest {
+        inputs: vec![proto::EmbedInput {
+            content: vec![picture()],
+        }],
+        ..Default::default()
+    });
+    embed.set_timeout(Duration::from_millis(50));
+    let status = client.embed(embed).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    let mut generate = tonic::Request::new(greedy(
+        vec![user(vec![picture(), text("What is this?")])],
+        4,
+    ));
+    generate.set_timeout(Duration::from_millis(50));
+    let status = match client.generate(generate).await {
+        Ok(stream) => collect(stream.into_inner())
+            .await
+            .err()
+            .expect("the deadline ends the call"),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    // Nothing was left behind: a call without a deadline is served at once.
+    let next = generate_ok(&mut client, greedy(hello(), 2)).await;
+    assert_eq!(next.ids.len(), 2);
+    server.stop().await;
+}

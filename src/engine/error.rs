@@ -45,6 +45,10 @@ pub enum EngineError {
         /// Tokens generated before the deadline.
         completed: u32,
     },
+    /// The caller's deadline passed before the response began (while the
+    /// call was prepared or queued); nothing of it is left running.
+    #[error("deadline exceeded before the response began")]
+    DeadlineBeforeResponse,
     /// The client went away; nothing is sent (internal to the engine).
     #[error("the client cancelled the request")]
     ClientGone,

@@ -21,7 +21,9 @@ impl From<EngineError> for Status {
             EngineError::NotReady | EngineError::Stopped | EngineError::ShuttingDown => {
                 Code::Unavailable
             }
-            EngineError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            EngineError::DeadlineExceeded { .. } | EngineError::DeadlineBeforeResponse => {
+                Code::DeadlineExceeded
+            }
             EngineError::ClientGone => Code::Cancelled,
             EngineError::QueueFull { retry_after_ms } => {
                 // The hint travels twice: as pushback for retry policies, and as

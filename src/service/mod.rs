@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod codec;
+pub mod deadline;
 mod error;
 pub mod validation;
 
@@ -124,10 +125,10 @@ impl InternVl for InternVlService {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = async {
-            let deadline = validation::deadline(request.metadata(), &self.limits)?;
+            let deadline = deadline::of(request.metadata(), request.extensions(), &self.limits)?;
             let mut request = validation::generate(request.into_inner(), &self.limits)?;
             request.deadline = deadline;
-            Ok::<_, Status>(self.engine.generate(request).await?)
+            deadline::within(deadline, async { Ok(self.engine.generate(request).await?) }).await
         }
         .await;
         let events = match started {
@@ -157,10 +158,11 @@ impl InternVl for InternVlService {
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
         let result = async {
-            let deadline = validation::deadline(request.metadata(), &self.limits)?;
+            let deadline = deadline::of(request.metadata(), request.extensions(), &self.limits)?;
             let mut request = validation::embed(request.into_inner(), &self.limits)?;
             request.deadline = deadline;
-            let embeddings = self.engine.embed(request).await?;
+            let embeddings =
+                deadline::within(deadline, async { Ok(self.engine.embed(request).await?) }).await?;
             let dimensions = embeddings.first().map_or(0, |e| e.values.len() as u32);
             Ok(Response::new(proto::EmbedResponse {
                 embeddings: embeddings
@@ -182,8 +184,12 @@ impl InternVl for InternVlService {
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
         let result = async {
+            let deadline = deadline::of(request.metadata(), request.extensions(), &self.limits)?;
             let messages = validation::messages(request.into_inner().messages, &self.limits)?;
-            let count = self.engine.count_tokens(messages).await?;
+            let count = deadline::within(deadline, async {
+                Ok(self.engine.count_tokens(messages).await?)
+            })
+            .await?;
             Ok(Response::new(proto::CountTokensResponse {
                 prompt_tokens: count.prompt_tokens,
                 image_tokens: count.image_tokens,

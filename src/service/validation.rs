@@ -44,36 +44,6 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
 type Result<T> = std::result::Result<T, EngineError>;
 
-/// The request's deadline: the caller's `grpc-timeout` (gRPC over HTTP/2: at
-/// most 8 digits and a unit of H, M, S, m, u or n), capped at `max_deadline`,
-/// which also applies when the caller sets none.
-pub fn deadline(
-    metadata: &tonic::metadata::MetadataMap,
-    limits: &Limits,
-) -> Result<Option<std::time::Instant>> {
-    let cap = limits.max_deadline;
-    let Some(value) = metadata.get("grpc-timeout") else {
-        return Ok(std::time::Instant::now().checked_add(cap));
-    };
-    let bad = || invalid("grpc-timeout", "malformed header");
-    let text = value.to_str().map_err(|_| bad())?;
-    if text.len() < 2 || text.len() > 9 {
-        return Err(bad());
-    }
-    let (digits, unit) = text.split_at(text.len() - 1);
-    let amount: u64 = digits.parse().map_err(|_| bad())?;
-    let timeout = match unit {
-        "H" => std::time::Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => std::time::Duration::from_secs(amount.saturating_mul(60)),
-        "S" => std::time::Duration::from_secs(amount),
-        "m" => std::time::Duration::from_millis(amount),
-        "u" => std::time::Duration::from_micros(amount),
-        "n" => std::time::Duration::from_nanos(amount),
-        _ => return Err(bad()),
-    };
-    Ok(std::time::Instant::now().checked_add(timeout.min(cap)))
-}
-
 /// Images and sampled video frames among `parts`: each becomes at least one tile.
 fn images_in<'a>(parts: impl Iterator<Item = &'a Part>) -> usize {
     parts
