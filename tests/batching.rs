@@ -23,23 +23,6 @@ fn with(parallel: u32) -> Config {
     }
 }
 
-/// Greedy with the two best alternatives, to see near-ties.
-fn greedy_with_margins(messages: Vec<proto::Message>, n: u32) -> proto::GenerateRequest {
-    proto::GenerateRequest {
-        top_logprobs: 2,
-        ..greedy(messages, n)
-    }
-}
-
-/// How many leading tokens must agree: up to the first position where the
-/// two best candidates are within `margin` (batch shapes may round them apart).
-fn decisive_prefix(tokens: &[proto::Token], margin: f32) -> usize {
-    tokens
-        .iter()
-        .position(|t| t.top.len() >= 2 && (t.top[0].logprob - t.top[1].logprob).abs() < margin)
-        .unwrap_or(tokens.len())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_decoded_together_answer_as_they_do_alone() {
     let server = start(with(4)).await;

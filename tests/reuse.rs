@@ -1,6 +1,6 @@
 //! Work not repeated: a prompt that starts like the previous one resumes from
-//! the KV cache, a tile seen before is not encoded again, and answers stay
-//! the same.
+//! the KV cache, one that starts like a running one shares its cells, a tile
+//! seen before is not encoded again, and answers stay the same.
 
 mod common;
 
@@ -70,5 +70,56 @@ async fn tiles_outlive_the_kv_cache_that_held_them() {
     assert!(back.cached_tokens < back.image_tokens, "{back:?}");
     assert_eq!(back.cached_image_tiles, 13);
     assert_eq!(back_t.vision_ms, 0.0);
+    server.stop().await;
+}
+
+/// A question about the same picture while a first one is still answered:
+/// the second shares the running sequence's cells for the image instead of
+/// decoding them again (the prefix cache is off, so nothing else could
+/// supply them), and answers as it does alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_together_share_their_common_prefix() {
+    let server = start(internvl_grpc::config::Config {
+        parallel: 2,
+        n_ctx: 2 * 8192,
+        prefix_cache_mb: 0,
+        ..tiny_config()
+    })
+    .await;
+    let mut client = server.client().await;
+    let landscape = || image(image_bytes("landscape_800x600.jpg"));
+    let ask = |q: &str| vec![user(vec![landscape(), text(q)])];
+
+    let (started, mut running) = tokio::sync::mpsc::channel(1);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let first = spawn_timeline(
+        client.clone(),
+        greedy(ask("Describe the picture."), 4000),
+        Some(started),
+        Some(stopped),
+    );
+    running.recv().await.unwrap();
+    let together = generate_ok(
+        &mut client,
+        greedy_with_margins(ask("What colors are there?"), 8),
+    )
+    .await;
+    stop.send(true).unwrap();
+    let first = first.await.unwrap();
+    assert!(first.done.is_none(), "the first request ended too early");
+    let usage = together.done.as_ref().unwrap().usage.unwrap();
+    assert!(usage.cached_tokens > usage.image_tokens, "{usage:?}");
+    assert!(usage.cached_tokens < usage.prompt_tokens - 1, "{usage:?}");
+
+    let alone = generate_ok(
+        &mut client,
+        greedy_with_margins(ask("What colors are there?"), 8),
+    )
+    .await;
+    let alone_usage = alone.done.as_ref().unwrap().usage.unwrap();
+    assert_eq!(alone_usage.cached_tokens, 0, "nothing to share any more");
+    let n = decisive_prefix(&alone.tokens, 0.01);
+    assert!(n > 0, "no decisive token to compare");
+    assert_eq!(together.ids[..n], alone.ids[..n]);
     server.stop().await;
 }

@@ -162,7 +162,7 @@ impl PrefixCache {
 
 /// How many leading items of `prompt` `held` already covers, leaving at least
 /// the prompt's last item to decode (its logits start generation).
-fn reusable(held: &[KvItem], prompt: &[KvItem]) -> usize {
+pub fn reusable(held: &[KvItem], prompt: &[KvItem]) -> usize {
     let common = held.iter().zip(prompt).take_while(|(a, b)| a == b).count();
     common.min(prompt.len().saturating_sub(1))
 }

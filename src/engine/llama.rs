@@ -434,6 +434,24 @@ impl Context {
         unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), seq, pos, -1) }
     }
 
+    /// Makes the empty sequence `dst` hold `src`'s cells at positions
+    /// `0..positions` as well. The pool is unified, so the cells are shared,
+    /// not copied: each keeps its place until neither sequence holds it.
+    pub fn share_prefix(&mut self, src: i32, dst: i32, positions: usize) -> bool {
+        let Ok(end) = i32::try_from(positions) else {
+            return false;
+        };
+        let seqs = 0..self.n_seq_max;
+        if src == dst || !seqs.contains(&src) || !seqs.contains(&dst) {
+            return false;
+        }
+        // SAFETY: live context; both are its sequences.
+        unsafe {
+            sys::llama_memory_seq_cp(sys::llama_get_memory(self.ptr.as_ptr()), src, dst, 0, end)
+        };
+        true
+    }
+
     /// A copy of sequence `seq`'s KV cells (positions, keys, values), to put
     /// back later with [`Context::restore_seq`].
     pub fn save_seq(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {

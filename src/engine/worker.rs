@@ -17,7 +17,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, info_span, warn};
 
-use super::cache::{kv_items, EmbeddingCache, KvContents, KvItem, PrefixCache};
+use super::cache::{kv_items, reusable, EmbeddingCache, KvContents, KvItem, PrefixCache};
 use super::encoder::{EncodeResult, Encoded, TileEncoder};
 use super::gguf_meta::{check_language_model, read_tile_spec};
 use super::llama::{self, BatchToken, Context, Model, Outputs};
@@ -630,10 +630,15 @@ impl Worker {
         self.slots[index].task = Some(Task::Generate(Box::new(task)));
     }
 
-    /// Copies the longest saved prefix of `kv` into slot `index`, if the pool
-    /// has room for all of it while it is trimmed; returns the items and
-    /// positions reused.
+    /// Gives slot `index` the longest prefix of `kv` that a running sequence
+    /// holds (shared cells) or the prefix cache saved (copied back, if the
+    /// pool has room for all of it while it is trimmed); returns the items
+    /// and positions reused.
     fn restore_prefix(&mut self, index: usize, kv: &[KvItem]) -> (usize, usize) {
+        let saved = self.prefixes.best(kv).map_or(0, |(_, reused)| reused);
+        if let Some(shared) = self.share_running_prefix(index, kv, saved) {
+            return shared;
+        }
         let Some((entry, reused)) = self.prefixes.best(kv) else {
             return (0, 0);
         };
@@ -654,6 +659,34 @@ impl Worker {
         }
         self.slots[index].kv = contents;
         (reused, cached)
+    }
+
+    /// Shares with slot `index` the cells of the running generation whose
+    /// prefix of `kv` is longest, when longer than `saved`: requests arriving
+    /// together with the same system prompt or image decode it once.
+    fn share_running_prefix(
+        &mut self,
+        index: usize,
+        kv: &[KvItem],
+        saved: usize,
+    ) -> Option<(usize, usize)> {
+        let (source, reused) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i != index && matches!(s.task, Some(Task::Generate(_))))
+            .map(|(i, s)| (i, reusable(s.kv.items(), kv)))
+            .filter(|&(_, reused)| reused > saved)
+            .max_by_key(|&(_, reused)| reused)?;
+        let mut contents = KvContents::default();
+        contents.set(kv[..reused].to_vec(), self.tokens_per_tile);
+        let positions = contents.positions();
+        let (from, to) = (self.slots[source].seq, self.slots[index].seq);
+        if !self.context.share_prefix(from, to, positions) {
+            return None;
+        }
+        self.slots[index].kv = contents;
+        Some((reused, positions))
     }
 
     /// Tells handles how many slots run a request.

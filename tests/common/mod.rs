@@ -263,6 +263,23 @@ pub fn greedy(messages: Vec<proto::Message>, max_new_tokens: u32) -> proto::Gene
     }
 }
 
+/// Greedy with the two best alternatives, to see near-ties.
+pub fn greedy_with_margins(messages: Vec<proto::Message>, n: u32) -> proto::GenerateRequest {
+    proto::GenerateRequest {
+        top_logprobs: 2,
+        ..greedy(messages, n)
+    }
+}
+
+/// How many leading tokens must agree: up to the first position where the
+/// two best candidates are within `margin` (batch shapes may round them apart).
+pub fn decisive_prefix(tokens: &[proto::Token], margin: f32) -> usize {
+    tokens
+        .iter()
+        .position(|t| t.top.len() >= 2 && (t.top[0].logprob - t.top[1].logprob).abs() < margin)
+        .unwrap_or(tokens.len())
+}
+
 /// A PNG whose IHDR claims `width` × `height` and carries no pixels.
 pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut png = {
