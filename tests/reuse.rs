@@ -18,12 +18,18 @@ async fn run(
     (got.ids, done.usage.unwrap(), done.timings.unwrap())
 }
 
+/// A question about the 13-tile landscape fixture.
+fn ask(question: &str) -> Vec<proto::Message> {
+    vec![user(vec![
+        image(image_bytes("landscape_800x600.jpg")),
+        text(question),
+    ])]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_prefixes_and_images_are_not_recomputed() {
     let server = start(tiny_config()).await;
     let mut client = server.client().await;
-    let landscape = || image(image_bytes("landscape_800x600.jpg"));
-    let ask = |q: &str| vec![user(vec![landscape(), text(q)])];
 
     let (first_ids, first, first_t) = run(&mut client, ask("Describe the picture.")).await;
     assert_eq!(first.cached_tokens, 0);
@@ -60,8 +66,6 @@ async fn tiles_outlive_the_kv_cache_that_held_them() {
     })
     .await;
     let mut client = server.client().await;
-    let landscape = || image(image_bytes("landscape_800x600.jpg"));
-    let ask = |q: &str| vec![user(vec![landscape(), text(q)])];
     let (first_ids, _, _) = run(&mut client, ask("Describe the picture.")).await;
 
     // Its tiles are still in the image cache: no vision time, 13 cached tiles.
@@ -87,8 +91,6 @@ async fn requests_arriving_together_share_their_common_prefix() {
     })
     .await;
     let mut client = server.client().await;
-    let landscape = || image(image_bytes("landscape_800x600.jpg"));
-    let ask = |q: &str| vec![user(vec![landscape(), text(q)])];
 
     let (started, mut running) = tokio::sync::mpsc::channel(1);
     let (stop, stopped) = tokio::sync::watch::channel(false);
