@@ -635,11 +635,22 @@ impl Worker {
     /// pool has room for all of it while it is trimmed); returns the items
     /// and positions reused.
     fn restore_prefix(&mut self, index: usize, kv: &[KvItem]) -> (usize, usize) {
-        let saved = self.prefixes.best(kv).map_or(0, |(_, reused)| reused);
-        if let Some(shared) = self.share_running_prefix(index, kv, saved) {
-            return shared;
+        let running = self.longest_running_prefix(index, kv);
+        let saved = self.prefixes.best(kv);
+        let saved_items = saved.as_ref().map_or(0, |&(_, reused)| reused);
+        if let Some((source, reused)) = running.filter(|&(_, reused)| reused > saved_items) {
+            // Requests arriving together with the same system prompt or image
+            // decode it once.
+            let mut contents = KvContents::default();
+            contents.set(kv[..reused].to_vec(), self.tokens_per_tile);
+            let positions = contents.positions();
+            let (from, to) = (self.slots[source].seq, self.slots[index].seq);
+            if self.context.share_prefix(from, to, positions) {
+                self.slots[index].kv = contents;
+                return (reused, positions);
+            }
         }
-        let Some((entry, reused)) = self.prefixes.best(kv) else {
+        let Some((entry, reused)) = saved else {
             return (0, 0);
         };
         let per_tile = self.tokens_per_tile;
@@ -661,32 +672,16 @@ impl Worker {
         (reused, cached)
     }
 
-    /// Shares with slot `index` the cells of the running generation whose
-    /// prefix of `kv` is longest, when longer than `saved`: requests arriving
-    /// together with the same system prompt or image decode it once.
-    fn share_running_prefix(
-        &mut self,
-        index: usize,
-        kv: &[KvItem],
-        saved: usize,
-    ) -> Option<(usize, usize)> {
-        let (source, reused) = self
-            .slots
+    /// The running generation (other than slot `index`) that holds the
+    /// longest prefix of `kv`, and how many items of it.
+    fn longest_running_prefix(&self, index: usize, kv: &[KvItem]) -> Option<(usize, usize)> {
+        self.slots
             .iter()
             .enumerate()
             .filter(|(i, s)| *i != index && matches!(s.task, Some(Task::Generate(_))))
             .map(|(i, s)| (i, reusable(s.kv.items(), kv)))
-            .filter(|&(_, reused)| reused > saved)
-            .max_by_key(|&(_, reused)| reused)?;
-        let mut contents = KvContents::default();
-        contents.set(kv[..reused].to_vec(), self.tokens_per_tile);
-        let positions = contents.positions();
-        let (from, to) = (self.slots[source].seq, self.slots[index].seq);
-        if !self.context.share_prefix(from, to, positions) {
-            return None;
-        }
-        self.slots[index].kv = contents;
-        Some((reused, positions))
+            .filter(|&(_, reused)| reused > 0)
+            .max_by_key(|&(_, reused)| reused)
     }
 
     /// Tells handles how many slots run a request.
@@ -738,8 +733,7 @@ impl Worker {
         });
         progress |= self.collect_encoded();
         self.feed_encoder();
-        let threads = self.threads.for_encoder_idle(self.encoder.is_idle());
-        if let Some(threads) = threads {
+        if let Some(threads) = self.threads.for_encoder_idle(self.encoder.is_idle()) {
             self.context.set_threads(threads);
         }
         for index in 0..self.slots.len() {
