@@ -8,5 +8,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("internvl_descriptor.bin"))
         .compile_protos(&["proto/internvl/v1/internvl.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
+    catalog(&out_dir)?;
+    Ok(())
+}
+
+/// Compiles every `models/*.toml` into the binary: adding a model to the
+/// catalog is adding a file, with no code change.
+fn catalog(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR")?).join("models");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    let mut code = String::from("&[\n");
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+        code.push_str(&format!(
+            "    ({:?}, include_str!({:?})),\n",
+            file.file_name().unwrap_or_default().to_string_lossy(),
+            file.display().to_string()
+        ));
+    }
+    code.push_str("]\n");
+    std::fs::write(out_dir.join("catalog_files.rs"), code)?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use internvl_grpc::config::Config;
 use internvl_grpc::engine::llama::{self, BatchToken, Context, Model, Outputs, Vision};
+use internvl_grpc::engine::position_rows;
 use internvl_grpc::engine::sampling::argmax;
 use internvl_grpc::engine::vision::{decode_rgb, tile_image};
 use internvl_grpc::engine::{DecodeLimits, TileSpec};
@@ -37,10 +38,10 @@ fn setup() -> Setup {
     Setup {
         model: std::env::var("INTERNVL_BENCH_MODEL")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| fixtures.join("tiny-internvl-f32.gguf")),
+            .unwrap_or_else(|_| fixtures.join("tiny-internvl3-f32.gguf")),
         mmproj: std::env::var("INTERNVL_BENCH_MMPROJ")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| fixtures.join("mmproj-tiny-internvl-f32.gguf")),
+            .unwrap_or_else(|_| fixtures.join("mmproj-tiny-internvl3-f32.gguf")),
         threads: env_or(
             "INTERNVL_BENCH_THREADS",
             std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
@@ -175,7 +176,9 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     llama::init_backend().unwrap();
     let cfg = config(s).engine_settings().unwrap();
     let model = Arc::new(Model::load(&s.model, &cfg.model).unwrap());
-    let mut vision = Vision::load(&s.mmproj, model.clone(), &cfg.vision).unwrap();
+    // The same (corrected) vision file the service loads.
+    let served = position_rows::prepare(&s.mmproj, cfg.cache_dir.as_deref()).unwrap();
+    let mut vision = Vision::load(served.path(), model.clone(), &cfg.vision).unwrap();
     let mut ctx = Context::new(model.clone(), &cfg.context).unwrap();
     let mut ttft = Vec::new();
     let mut rate = Vec::new();

@@ -30,6 +30,28 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Show what a running server serves.
     Info(ClientArgs),
+    /// List the model catalog, marking what is already downloaded.
+    Models(HubArgs),
+    /// Download a catalog model's two files (NAME or NAME:QUANT).
+    Pull(PullArgs),
+}
+
+/// Where hub files are cached.
+#[derive(Debug, Args)]
+pub struct HubArgs {
+    /// Hugging Face cache directory (default: HF_HOME/hub or ~/.cache/huggingface/hub).
+    #[arg(long)]
+    pub hf_cache: Option<PathBuf>,
+}
+
+/// Flags of `pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Catalog name, optionally with a quantization: internvl3.5-2b:q4_k_m.
+    pub name: String,
+    /// Cache.
+    #[command(flatten)]
+    pub hub: HubArgs,
 }
 
 /// Flags of `serve`; each one overrides the file and the environment. Unset
@@ -40,11 +62,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Language model: preset (tiny, internvl3-1b, internvl3-2b, internvl3-8b), path, or hf://owner/repo/file.gguf.
+    /// Language model: catalog name (`internvl-grpc models`; NAME or NAME:QUANT), path, or hf://owner/repo/file.gguf.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// Vision encoder (mmproj): path or hf://owner/repo/file.gguf; defaults to the preset's.
+    /// Vision encoder (mmproj): path or hf://owner/repo/file.gguf; defaults to the catalog entry's.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mmproj: Option<String>,
@@ -56,6 +78,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hf_cache: Option<PathBuf>,
+    /// Directory for files derived from the model (the corrected mmproj).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
     /// Only use cached hub files.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -305,5 +331,65 @@ pub async fn info(args: ClientArgs) -> ClientResult {
     );
     println!("offload:       {}", info.offload);
     println!("parallel:      {} sequences", info.parallel);
+    Ok(())
+}
+
+fn hub_options(args: &HubArgs) -> crate::models::HubOptions {
+    crate::models::HubOptions {
+        cache_dir: args.hf_cache.clone(),
+        offline: false,
+        endpoint: None,
+    }
+}
+
+/// `models`: one line per catalog entry; quantizations already in the cache
+/// (or bundled) are marked.
+pub fn models(args: HubArgs) -> ClientResult {
+    let hub = hub_options(&args);
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "{:<18} {:<12} {:<8} QUANTIZATIONS (RAM GB; * = downloaded, default first)",
+        "NAME", "FAMILY", "SIZE"
+    )?;
+    for entry in crate::catalog::entries() {
+        let mmproj = crate::models::cached(entry, &entry.mmproj, &hub).is_some();
+        let mut quants: Vec<(&String, &crate::catalog::Quant)> = entry.quants.iter().collect();
+        quants.sort_by_key(|(name, _)| **name != entry.default_quant);
+        let shown: Vec<String> = quants
+            .iter()
+            .map(|(name, q)| {
+                let have = mmproj && crate::models::cached(entry, &q.file, &hub).is_some();
+                format!("{name}{} ({:.1})", if have { "*" } else { "" }, q.ram_gb)
+            })
+            .collect();
+        let source = entry
+            .repo
+            .as_deref()
+            .or(entry.bundled.as_deref())
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{:<18} {:<12} {:<8} {}  [{}{}]",
+            entry.name,
+            entry.family,
+            entry.parameters.split(' ').next().unwrap_or_default(),
+            shown.join(" "),
+            source,
+            if entry.checked {
+                ""
+            } else {
+                "; names unchecked"
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// `pull`: downloads a catalog model's language file and mmproj.
+pub fn pull(args: PullArgs) -> ClientResult {
+    let paths = crate::models::pull(&args.name, &hub_options(&args.hub))?;
+    println!("{}", paths.model.display());
+    println!("{}", paths.mmproj.display());
     Ok(())
 }

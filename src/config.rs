@@ -13,9 +13,9 @@ use crate::engine::{DecodeLimits, EngineSettings};
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Language model: a preset name, a local path, or `hf://owner/repo/file.gguf`.
+    /// Language model: a catalog name (`NAME[:QUANT]`, see `models/`), a local path, or `hf://owner/repo/file.gguf`.
     pub model: String,
-    /// Vision encoder (mmproj): same forms; empty = the preset's.
+    /// Vision encoder (mmproj): a path or `hf://…`; empty = the catalog entry's.
     pub mmproj: String,
     /// Address to serve gRPC on.
     pub listen: String,
@@ -23,6 +23,9 @@ pub struct Config {
     pub hf_cache: Option<PathBuf>,
     /// Never download; only use files already cached.
     pub offline: bool,
+    /// Directory for files derived from the model files (the corrected
+    /// mmproj); empty = `$XDG_CACHE_HOME/internvl-grpc` or `~/.cache/internvl-grpc`.
+    pub cache_dir: Option<PathBuf>,
     /// KV cells shared by all running sequences, in tokens; also the longest
     /// one request may be (0 = the model's training context).
     pub n_ctx: u32,
@@ -107,6 +110,7 @@ impl Default for Config {
             listen: "127.0.0.1:50051".into(),
             hf_cache: None,
             offline: false,
+            cache_dir: None,
             n_ctx: 8192,
             parallel: 8,
             prefill_chunk: 512,
@@ -324,6 +328,11 @@ impl Config {
             stream_buffer: self.stream_buffer,
             image_cache_bytes: self.image_cache_mb.saturating_mul(1024 * 1024),
             prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1024 * 1024),
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .filter(|d| !d.as_os_str().is_empty())
+                .or_else(crate::engine::position_rows::default_cache_dir),
         })
     }
 }

@@ -4,6 +4,7 @@
 //! scheduling) → llama.cpp. [`run`] is the whole server; `main.rs` only parses
 //! configuration, so tests start exactly what production runs.
 
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod engine;
@@ -104,6 +105,7 @@ pub async fn run_with_metrics(
     let hub = HubOptions {
         cache_dir: config.hf_cache.clone(),
         offline: config.offline,
+        endpoint: None,
     };
     let (model, mmproj) = (config.model.clone(), config.mmproj.clone());
     let engine = Engine::spawn(settings, move || models::resolve(&model, &mmproj, &hub))?;

@@ -217,7 +217,7 @@ async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
 async fn a_missing_model_file_ends_run_with_its_name() {
     let mut config = tiny_config();
     config.model = "/nonexistent/model.gguf".into();
-    config.mmproj = fixture("mmproj-tiny-internvl-f32.gguf")
+    config.mmproj = fixture("mmproj-tiny-internvl3-f32.gguf")
         .display()
         .to_string();
     let server = start_unready(config).await;

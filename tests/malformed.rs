@@ -66,6 +66,11 @@ fn sampling(f: impl FnOnce(&mut proto::SamplingParams)) -> proto::GenerateReques
     r
 }
 
+/// The first 70 % of an encoded image: headers whole, pixel data cut.
+fn cut(bytes: &[u8]) -> Vec<u8> {
+    bytes[..bytes.len() * 7 / 10].to_vec()
+}
+
 fn cases() -> Vec<(&'static str, proto::GenerateRequest, Expect)> {
     use Expect::*;
     let png = image_bytes("square_448.png");
@@ -100,6 +105,38 @@ fn cases() -> Vec<(&'static str, proto::GenerateRequest, Expect)> {
         (
             "truncated JPEG",
             ask(vec![img(jpeg[..300].to_vec())]),
+            Invalid(data),
+        ),
+        // Cut inside the pixel data, past every header: Pillow (and so the
+        // reference) refuses each with "image file is truncated".
+        (
+            "JPEG cut inside its scan",
+            ask(vec![img(cut(&jpeg))]),
+            Invalid(data),
+        ),
+        (
+            "PNG cut inside its pixel data",
+            ask(vec![img(cut(&png))]),
+            Invalid(data),
+        ),
+        (
+            "GIF cut inside its pixel data",
+            ask(vec![img(cut(&gif))]),
+            Invalid(data),
+        ),
+        (
+            "WebP cut inside its pixel data",
+            ask(vec![img(cut(&webp))]),
+            Invalid(data),
+        ),
+        (
+            "BMP cut inside its pixel data",
+            ask(vec![img(cut(&bmp))]),
+            Invalid(data),
+        ),
+        (
+            "TIFF cut inside its pixel data",
+            ask(vec![img(cut(&tiff))]),
             Invalid(data),
         ),
         (

@@ -44,7 +44,7 @@ async fn health_is_not_serving_while_the_model_loads() {
 
     let mut config = tiny_config();
     config.model = fifo.display().to_string();
-    config.mmproj = fixture("mmproj-tiny-internvl-f32.gguf")
+    config.mmproj = fixture("mmproj-tiny-internvl3-f32.gguf")
         .display()
         .to_string();
     let server = start_unready(config).await;

@@ -5,10 +5,15 @@ mod common;
 
 use std::process::Command;
 
-use common::fixture;
+use common::{fixture, test_cache_dir};
 
 fn serve(model: &str, mmproj: &str) -> (bool, String) {
+    serve_with_cache(model, mmproj, &common::test_cache_dir())
+}
+
+fn serve_with_cache(model: &str, mmproj: &str, cache: &std::path::Path) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
+        .env("INTERNVL_CACHE_DIR", cache)
         .args([
             "serve",
             "--listen",
@@ -36,8 +41,8 @@ fn scratch(name: &str, bytes: &[u8]) -> String {
 
 #[test]
 fn missing_and_corrupt_files_fail_start_up_naming_the_file() {
-    let model = fixture("tiny-internvl-f32.gguf").display().to_string();
-    let mmproj = fixture("mmproj-tiny-internvl-f32.gguf")
+    let model = fixture("tiny-internvl3-f32.gguf").display().to_string();
+    let mmproj = fixture("mmproj-tiny-internvl3-f32.gguf")
         .display()
         .to_string();
     let model_bytes = std::fs::read(&model).unwrap();
@@ -92,6 +97,23 @@ fn missing_and_corrupt_files_fail_start_up_naming_the_file() {
     }
 }
 
+#[test]
+fn a_cache_directory_that_cannot_be_written_fails_start_up_naming_it() {
+    let model = fixture("tiny-internvl3-f32.gguf").display().to_string();
+    let mmproj = fixture("mmproj-tiny-internvl3-f32.gguf")
+        .display()
+        .to_string();
+    // A file where the directory should be: unwritable for root as well.
+    let blocker = scratch("cache-is-a-file", b"");
+    let (ok, stderr) = serve_with_cache(&model, &mmproj, std::path::Path::new(&blocker));
+    assert!(!ok, "start-up with an unusable cache must fail");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: cache directory") && last.contains(&blocker),
+        "last line {last:?} must name the cache directory {blocker}"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
@@ -108,20 +130,25 @@ fn sigterm_drains_and_exits_cleanly() {
             "--log-json",
             "true",
         ])
+        .env("INTERNVL_CACHE_DIR", test_cache_dir())
         .stderr(Stdio::piped())
         .spawn()
         .expect("binary runs");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // Wait for readiness in the JSON log.
     let mut ready = false;
+    let mut corrected = 0;
     for line in lines.by_ref() {
         let line = line.unwrap();
+        corrected += usize::from(line.contains("vision position rows corrected"));
         if line.contains("\"ready\"") {
             ready = true;
             break;
         }
     }
     assert!(ready, "server never logged ready");
+    // The bundled model is converter-made: start-up says once that it corrects it.
+    assert_eq!(corrected, 1, "one start-up line about the correction");
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -3,10 +3,12 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
 use internvl_grpc::engine::llama::{self, Model, ModelParams, Vision, VisionParams};
+use internvl_grpc::engine::position_rows;
 use internvl_grpc::engine::vision::{decode_rgb, tile_image, DecodeLimits, TileSpec};
 use sha2::{Digest, Sha256};
 
@@ -119,12 +121,13 @@ fn decoding_and_resizing_match_pillow_bit_for_bit() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[test]
-fn encoded_tiles_match_the_reference_features() {
+/// Encodes every reference image's tiles with the vision encoder loaded from
+/// `mmproj`; the largest |Δ| per tile against the reference features, per image.
+fn encode_against_reference(family: &Family, mmproj: &Path) -> Vec<(String, Vec<f32>)> {
     llama::init_backend().unwrap();
     let model = Arc::new(
         Model::load(
-            &fixture("tiny-internvl-f32.gguf"),
+            &family.model_path(),
             &ModelParams {
                 n_gpu_layers: 0,
                 main_gpu: 0,
@@ -135,7 +138,7 @@ fn encoded_tiles_match_the_reference_features() {
         .unwrap(),
     );
     let mut vision = Vision::load(
-        &fixture("mmproj-tiny-internvl-f32.gguf"),
+        mmproj,
         model,
         &VisionParams {
             use_gpu: false,
@@ -144,11 +147,10 @@ fn encoded_tiles_match_the_reference_features() {
         },
     )
     .unwrap();
-    let mut report = Vec::new();
-    let mut failures = Vec::new();
-    for img in reference()["images"].as_array().unwrap() {
+    let mut images = Vec::new();
+    for img in family.reference()["images"].as_array().unwrap() {
         let name = img["image"].as_str().unwrap();
-        let want = npy(img["features"].as_str().unwrap());
+        let want = family.npy(img["features"].as_str().unwrap());
         let rgb = decode_rgb(&image_bytes(name), &DecodeLimits::default()).unwrap();
         let tiled = tile_image(&rgb, &SPEC, 1, 12);
         assert_eq!(
@@ -156,23 +158,57 @@ fn encoded_tiles_match_the_reference_features() {
             tiled.tiles.len() * 256 * 64,
             "{name}: tile count"
         );
-        // Tiles are pixel-identical to the reference's, so only float noise remains.
-        let tolerance = 0.01;
-        let mut per_tile = Vec::new();
-        for (t, tile) in tiled.tiles.iter().enumerate() {
-            let got = vision.encode_tile(tile.as_raw(), 448).unwrap();
-            let reference = &want[t * 256 * 64..(t + 1) * 256 * 64];
-            let max = got
-                .iter()
-                .zip(reference)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            per_tile.push(format!("{max:.3}"));
-            if max > tolerance {
+        let per_tile = tiled
+            .tiles
+            .iter()
+            .enumerate()
+            .map(|(t, tile)| {
+                let got = vision.encode_tile(tile.as_raw(), 448).unwrap();
+                let reference = &want[t * 256 * 64..(t + 1) * 256 * 64];
+                got.iter()
+                    .zip(reference)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max)
+            })
+            .collect();
+        images.push((name.to_string(), per_tile));
+    }
+    images
+}
+
+/// The mmproj as the service hands it to llama.cpp.
+fn served_mmproj(family: &Family) -> PathBuf {
+    let cache = test_cache_dir();
+    position_rows::prepare(&family.mmproj_path(), Some(&cache))
+        .unwrap()
+        .path()
+        .to_path_buf()
+}
+
+fn tiles_match(family: &Family) {
+    let mmproj = served_mmproj(family);
+    assert_ne!(
+        mmproj,
+        family.mmproj_path(),
+        "{}: not corrected",
+        family.name
+    );
+    // Tiles are pixel-identical to the reference's, so only float noise remains.
+    let tolerance = 0.01;
+    let mut failures = Vec::new();
+    let mut report = Vec::new();
+    for (name, per_tile) in encode_against_reference(family, &mmproj) {
+        for (t, max) in per_tile.iter().enumerate() {
+            if *max > tolerance {
                 failures.push(format!("{name} tile {t}: max |Δ| {max} > {tolerance}"));
             }
         }
-        report.push(format!("{name}: max |Δ| per tile {}", per_tile.join(" ")));
+        let shown: Vec<String> = per_tile.iter().map(|m| format!("{m:.4}")).collect();
+        report.push(format!(
+            "{} {name}: max |Δ| per tile {}",
+            family.name,
+            shown.join(" ")
+        ));
     }
     eprintln!("{}", report.join("\n"));
     assert!(
@@ -180,5 +216,34 @@ fn encoded_tiles_match_the_reference_features() {
         "{}\n{}",
         failures.join("\n"),
         report.join("\n")
+    );
+}
+
+#[test]
+fn internvl3_tiles_match_the_reference_features() {
+    tiles_match(&INTERNVL3);
+}
+
+#[test]
+fn internvl35_tiles_match_the_reference_features() {
+    tiles_match(&INTERNVL35);
+}
+
+/// The defect the correction exists for, in the pinned llama.cpp: the
+/// converter-made file as it is gives every patch its neighbour's position.
+/// If a llama.cpp update fixes its graph, this test fails, and so do the
+/// ones above (the rows would be rotated twice): drop the correction then.
+#[test]
+fn the_uncorrected_converter_file_does_not_match() {
+    let images = encode_against_reference(&INTERNVL3, &INTERNVL3.mmproj_path());
+    let worst = images
+        .iter()
+        .flat_map(|(_, per_tile)| per_tile.iter().copied())
+        .fold(0.0f32, f32::max);
+    eprintln!("uncorrected: worst max |Δ| {worst}");
+    assert!(
+        worst > 0.1,
+        "llama.cpp now matches the reference on the converter layout (worst |Δ| {worst}): \
+         its graph changed, so position_rows must stop rotating"
     );
 }

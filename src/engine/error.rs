@@ -27,6 +27,14 @@ pub enum EngineError {
         /// What is wrong with it.
         message: String,
     },
+    /// The directory for files derived from the model cannot be used.
+    #[error("cache directory {path}: {message}")]
+    CacheDir {
+        /// The directory (or file in it) at fault.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The engine is still loading the model.
     #[error("the model is still loading")]
     NotReady,

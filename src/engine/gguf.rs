@@ -64,6 +64,22 @@ pub struct Gguf {
     pub meta: HashMap<String, Value>,
     /// Tensors in file order.
     pub tensors: Vec<TensorInfo>,
+    /// Where the header's parts end and the data begins.
+    pub layout: Layout,
+}
+
+/// Byte offsets of a GGUF file's sections, for rewriting a header while the
+/// tensor data is copied as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// End of the last metadata entry (the tensor table starts here).
+    pub kv_end: u64,
+    /// End of the tensor table.
+    pub header_end: u64,
+    /// Start of the tensor data (`header_end` rounded up to `alignment`).
+    pub data_start: u64,
+    /// `general.alignment`, else 32.
+    pub alignment: u64,
 }
 
 impl Gguf {
@@ -73,6 +89,11 @@ impl Gguf {
             Value::Str(s) => Some(s),
             _ => None,
         }
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
     }
 
     /// An integer metadata value.
@@ -269,6 +290,7 @@ pub fn parse(reader: impl Read, file_len: u64) -> Result<Gguf, String> {
             return Err(format!("metadata key {key} appears twice"));
         }
     }
+    let kv_end = r.pos;
     let mut tensors = Vec::with_capacity(n_tensors.min(4096) as usize);
     for i in 0..n_tensors {
         let name = r.string(&format!("tensor name {i}"))?;
@@ -302,7 +324,8 @@ pub fn parse(reader: impl Read, file_len: u64) -> Result<Gguf, String> {
         }
         Some(other) => return Err(format!("general.alignment is {other:?}")),
     };
-    let data_start = r.pos.div_ceil(alignment) * alignment;
+    let header_end = r.pos;
+    let data_start = header_end.div_ceil(alignment) * alignment;
     let data_len = file_len.saturating_sub(data_start);
     for t in &tensors {
         if t.offset % alignment != 0 {
@@ -322,7 +345,20 @@ pub fn parse(reader: impl Read, file_len: u64) -> Result<Gguf, String> {
         version,
         meta,
         tensors,
+        layout: Layout {
+            kv_end,
+            header_end,
+            data_start,
+            alignment,
+        },
     })
+}
+
+/// Appends a GGUF string (its length as a u64, then its bytes), for the few
+/// places that write headers.
+pub fn push_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
 }
 
 /// Reads and checks the GGUF file at `path`.
@@ -369,10 +405,7 @@ pub fn check_language_model(gguf: &Gguf) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn string(out: &mut Vec<u8>, s: &str) {
-        out.extend((s.len() as u64).to_le_bytes());
-        out.extend(s.as_bytes());
-    }
+    use super::push_string as string;
 
     /// A minimal file: one string key, one u32 key, one tensor of 4×2
     /// elements of `ggml_type` (valid for F32 = 0).

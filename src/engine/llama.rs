@@ -71,6 +71,42 @@ fn path_cstring(path: &Path) -> Result<CString, EngineError> {
     })
 }
 
+/// Language-model quantizations [`quantize`] can write, as llama.cpp names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    /// 16-bit floats.
+    F16,
+    /// 8-bit blocks of 32.
+    Q8_0,
+    /// 4-bit k-quants, medium (llama.cpp's most downloaded mix).
+    Q4KM,
+}
+
+/// Writes the language model at `src` quantized as `to` to `dst`, as
+/// llama.cpp's `llama-quantize` does. Tests use it to serve the files people
+/// download without shipping each quantization.
+pub fn quantize(src: &Path, dst: &Path, to: Quantization) -> Result<(), EngineError> {
+    let (c_src, c_dst) = (path_cstring(src)?, path_cstring(dst)?);
+    // SAFETY: plain constructor of a params struct.
+    let mut params = unsafe { sys::llama_model_quantize_default_params() };
+    params.ftype = match to {
+        Quantization::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
+        Quantization::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+        Quantization::Q4KM => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    };
+    params.nthread = 1;
+    // SAFETY: both paths are valid C strings and `params` a valid struct; all
+    // outlive the call, which only reads them.
+    let rc = unsafe { sys::llama_model_quantize(c_src.as_ptr(), c_dst.as_ptr(), &params) };
+    if rc != 0 {
+        return Err(EngineError::ModelFile {
+            path: src.to_path_buf(),
+            message: format!("llama.cpp could not quantize it to {to:?} ({rc})"),
+        });
+    }
+    Ok(())
+}
+
 /// A loaded language model. Read-only after loading, so it is shared between
 /// the engine thread (decoding) and request handlers (tokenization), as
 /// llama.cpp's own server does.

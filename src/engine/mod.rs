@@ -8,11 +8,13 @@
 //! run on the caller's blocking threads.
 
 mod cache;
+pub mod digest;
 mod encoder;
 mod error;
 pub mod gguf;
 mod gguf_meta;
 pub mod llama;
+pub mod position_rows;
 pub mod prompt;
 pub mod resize;
 pub mod sampling;
@@ -56,6 +58,9 @@ pub struct EngineSettings {
     pub image_cache_bytes: usize,
     /// Bytes of finished sequences' KV cells kept for prefix reuse (0 = none).
     pub prefix_cache_bytes: usize,
+    /// Where files derived from the model files are kept (the corrected
+    /// mmproj, see [`position_rows`]); `None` when no directory is known.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Where the two model files are on disk.

@@ -125,6 +125,9 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Engin
             limits.max_alloc
         )));
     }
+    if format == ImageFormat::Jpeg {
+        jpeg_complete(bytes).map_err(EngineError::InvalidImage)?;
+    }
     let orientation = decoder.orientation().ok();
     let mut image = DynamicImage::from_decoder(decoder)
         .map_err(|e| EngineError::InvalidImage(format!("cannot decode image: {e}")))?;
@@ -162,6 +165,72 @@ fn libjpeg_pixels(bytes: &[u8], width: u32, height: u32) -> Option<RgbImage> {
         _ => {
             tracing::debug!("libjpeg-turbo could not decode a JPEG the Rust decoder accepted; using the Rust pixels");
             None
+        }
+    }
+}
+
+/// Refuses a JPEG whose data ends before its end-of-image marker, as Pillow
+/// does ("image file is truncated"). Both JPEG decoders here are lenient:
+/// they fill what is missing with grey and report success, so the stream's
+/// segments are walked instead. Bytes after the end-of-image marker are
+/// ignored, as Pillow ignores them.
+fn jpeg_complete(bytes: &[u8]) -> Result<(), String> {
+    let truncated = |at: usize| {
+        Err(format!(
+            "image file is truncated: the JPEG data ends at byte {at} before its end-of-image marker"
+        ))
+    };
+    if !bytes.starts_with(&[0xff, 0xd8]) {
+        return Err("not a JPEG stream (no start-of-image marker)".into());
+    }
+    let mut i = 2;
+    loop {
+        // A marker: 0xFF, optional fill bytes 0xFF, then its code.
+        if bytes.get(i) != Some(&0xff) {
+            return match bytes.get(i) {
+                None => truncated(bytes.len()),
+                Some(b) => Err(format!(
+                    "corrupt JPEG: byte {b:#04x} at {i} where a marker should start"
+                )),
+            };
+        }
+        while bytes.get(i) == Some(&0xff) {
+            i += 1;
+        }
+        let Some(&code) = bytes.get(i) else {
+            return truncated(bytes.len());
+        };
+        i += 1;
+        match code {
+            0xd9 => return Ok(()),
+            // Markers without a length: restart markers and TEM.
+            0xd0..=0xd7 | 0x01 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes
+            .get(i..i + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        else {
+            return truncated(bytes.len());
+        };
+        if len < 2 {
+            return Err(format!("corrupt JPEG: segment length {len} at byte {i}"));
+        }
+        i += len;
+        if i > bytes.len() {
+            return truncated(bytes.len());
+        }
+        if code == 0xda {
+            // Entropy-coded data runs to the next marker that is neither a
+            // stuffed 0xFF00 nor a restart marker.
+            loop {
+                match bytes.get(i..i + 2) {
+                    None => return truncated(bytes.len()),
+                    Some([0xff, 0x00]) | Some([0xff, 0xd0..=0xd7]) => i += 2,
+                    Some([0xff, _]) => break,
+                    Some(_) => i += 1,
+                }
+            }
         }
     }
 }
@@ -292,6 +361,29 @@ mod tests {
     fn frame_sampling_uses_the_initial_shift() {
         assert_eq!(sample_frame_indices(16, 8), vec![1, 3, 5, 7, 9, 11, 13, 15]);
         assert_eq!(sample_frame_indices(3, 8), vec![0, 0, 0, 1, 1, 2, 2, 2]);
+    }
+
+    #[test]
+    fn jpeg_streams_must_reach_their_end_marker() {
+        // SOI, a comment segment, SOS with a 2-byte header and entropy data
+        // holding a stuffed byte and a restart marker, then EOI.
+        let whole = [
+            0xff, 0xd8, 0xff, 0xfe, 0x00, 0x04, b'h', b'i', 0xff, 0xda, 0x00, 0x02, 0x12, 0xff,
+            0x00, 0x34, 0xff, 0xd0, 0x56, 0xff, 0xd9,
+        ];
+        assert_eq!(jpeg_complete(&whole), Ok(()));
+        let mut trailing = whole.to_vec();
+        trailing.extend_from_slice(b"trailing bytes");
+        assert_eq!(jpeg_complete(&trailing), Ok(()));
+        for cut in 0..whole.len() - 1 {
+            assert!(
+                jpeg_complete(&whole[..cut]).is_err(),
+                "accepted a cut at {cut}"
+            );
+        }
+        assert!(jpeg_complete(&whole[..whole.len() - 2])
+            .unwrap_err()
+            .contains("truncated"));
     }
 
     #[test]

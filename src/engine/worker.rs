@@ -21,6 +21,7 @@ use super::cache::{kv_items, reusable, EmbeddingCache, KvContents, KvItem, Prefi
 use super::encoder::{EncodeResult, Encoded, TileEncoder};
 use super::gguf_meta::{check_language_model, read_tile_spec};
 use super::llama::{self, BatchToken, Context, Model, Outputs};
+use super::position_rows::{self, VisionFile};
 use super::prompt::{ChatTemplate, Prompt, PromptItem};
 use super::sampling::{logprobs, TextStream, TokenSampler};
 use super::vision::{TileHash, TiledImage};
@@ -384,8 +385,20 @@ impl Worker {
             [id] => *id,
             _ => -1,
         };
+        let vision_file = position_rows::prepare(&paths.mmproj, settings.cache_dir.as_deref())?;
+        if let VisionFile::Corrected {
+            derived, created, ..
+        } = &vision_file
+        {
+            info!(
+                mmproj = %paths.mmproj.display(),
+                corrected = %derived.display(),
+                written_now = created,
+                "vision position rows corrected: llama.cpp adds row i to patch i, this file keeps the class token's row first (converter layout)"
+            );
+        }
         let encoder = TileEncoder::start(
-            &paths.mmproj,
+            vision_file.path(),
             model.clone(),
             &settings.vision,
             spec.tile_size,

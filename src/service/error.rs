@@ -38,7 +38,9 @@ impl From<EngineError> for Status {
                     .insert(RETRY_PUSHBACK, MetadataValue::from(*retry_after_ms));
                 return status;
             }
-            EngineError::ModelFile { .. } => Code::FailedPrecondition,
+            EngineError::ModelFile { .. } | EngineError::CacheDir { .. } => {
+                Code::FailedPrecondition
+            }
             EngineError::Inference(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

@@ -2,6 +2,8 @@
 //! and the reference data of the tiny fixture model.
 #![allow(dead_code)]
 
+pub mod parity;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,30 +66,108 @@ impl TestServer {
     }
 }
 
+/// One tiny converter-made model with its reference data: the files as
+/// llama.cpp's converter writes them, like every published InternVL GGUF.
+pub struct Family {
+    /// Name in messages.
+    pub name: &'static str,
+    /// Folder under `tests/fixtures/`.
+    pub dir: &'static str,
+    /// The catalog name that serves it.
+    pub preset: &'static str,
+    /// Language model file in `dir`.
+    pub model: &'static str,
+    /// mmproj file in `dir`.
+    pub mmproj: &'static str,
+}
+
+/// InternVL3 (Qwen2 language model).
+pub const INTERNVL3: Family = Family {
+    name: "InternVL3",
+    dir: "tiny-internvl",
+    preset: "tiny",
+    model: "tiny-internvl3-f32.gguf",
+    mmproj: "mmproj-tiny-internvl3-f32.gguf",
+};
+
+/// InternVL3.5 (Qwen3 language model).
+pub const INTERNVL35: Family = Family {
+    name: "InternVL3.5",
+    dir: "tiny-internvl35",
+    preset: "tiny-internvl3.5",
+    model: "tiny-internvl35-f32.gguf",
+    mmproj: "mmproj-tiny-internvl35-f32.gguf",
+};
+
+/// Both families, for tests that run the same protocol on each.
+pub const FAMILIES: [&Family; 2] = [&INTERNVL3, &INTERNVL35];
+
+impl Family {
+    pub fn fixture(&self, relative: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(self.dir)
+            .join(relative)
+    }
+
+    pub fn model_path(&self) -> PathBuf {
+        self.fixture(self.model)
+    }
+
+    pub fn mmproj_path(&self) -> PathBuf {
+        self.fixture(self.mmproj)
+    }
+
+    pub fn reference(&self) -> Value {
+        serde_json::from_slice(
+            &std::fs::read(self.fixture("reference.json")).expect("reference.json"),
+        )
+        .expect("json")
+    }
+
+    pub fn npy(&self, relative: &str) -> Vec<f32> {
+        let array: ndarray::ArrayD<f32> =
+            ndarray_npy::read_npy(self.fixture(relative)).expect("npy");
+        array.iter().copied().collect()
+    }
+
+    /// This model, 2 threads, derived files in the test cache.
+    pub fn config(&self) -> Config {
+        Config {
+            model: self.preset.into(),
+            threads: 2,
+            cache_dir: Some(test_cache_dir()),
+            ..Config::default()
+        }
+    }
+}
+
+/// Where test servers keep derived files (the corrected mmproj): one folder
+/// for every test, so starts racing on it are part of what is tested.
+pub fn test_cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("internvl-cache")
+}
+
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-internvl")
+    INTERNVL3.fixture("")
 }
 
 pub fn fixture(relative: &str) -> PathBuf {
-    fixture_dir().join(relative)
+    INTERNVL3.fixture(relative)
 }
 
+/// An input image; the same bytes in both families' fixtures.
 pub fn image_bytes(name: &str) -> Vec<u8> {
     std::fs::read(fixture(&format!("images/{name}"))).expect("fixture image")
 }
 
 pub fn reference() -> Value {
-    serde_json::from_slice(&std::fs::read(fixture("reference.json")).expect("reference.json"))
-        .expect("json")
+    INTERNVL3.reference()
 }
 
-/// The tiny fixture model, 2 threads.
+/// The tiny InternVL3 model, 2 threads.
 pub fn tiny_config() -> Config {
-    Config {
-        model: "tiny".into(),
-        threads: 2,
-        ..Config::default()
-    }
+    INTERNVL3.config()
 }
 
 /// Starts the server and waits until health says SERVING.
@@ -199,8 +279,7 @@ pub fn ids(value: &Value) -> Vec<i32> {
 }
 
 pub fn npy(relative: &str) -> Vec<f32> {
-    let array: ndarray::ArrayD<f32> = ndarray_npy::read_npy(fixture(relative)).expect("npy");
-    array.iter().copied().collect()
+    INTERNVL3.npy(relative)
 }
 
 /// Collects a Generate stream: (text, token ids, per-token top alternatives, done).
@@ -296,6 +375,30 @@ pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     png
 }
 
+/// The Python that has the client tests' packages: `.venv/` made by
+/// `scripts/setup`, else the system's. Fails at once, in one line, when the
+/// packages are missing.
+pub fn python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join(".venv/bin/python");
+    let python = if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    };
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        panic!(
+            "this test needs Python with grpcio and grpcio-tools ({} has none): run scripts/setup",
+            python.display()
+        );
+    }
+    python
+}
+
 /// Python grpcio stubs generated from `proto/` into a fresh directory.
 pub fn python_stubs() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -308,14 +411,14 @@ pub fn python_stubs() -> PathBuf {
             .replace("::", "-")
     ));
     std::fs::create_dir_all(&stubs).unwrap();
-    let protoc = std::process::Command::new("python3")
+    let protoc = std::process::Command::new(python())
         .args(["-m", "grpc_tools.protoc", "-I"])
         .arg(root.join("proto"))
         .arg(format!("--python_out={}", stubs.display()))
         .arg(format!("--grpc_python_out={}", stubs.display()))
         .arg(root.join("proto/internvl/v1/internvl.proto"))
         .output()
-        .expect("python3 runs (install grpcio-tools: see .ci/run)");
+        .expect("python runs");
     assert!(
         protoc.status.success(),
         "grpc_tools.protoc failed: {}",
@@ -330,8 +433,9 @@ pub async fn run_python_client(script: &str, args: Vec<String>) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(script);
+    let python = python();
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
+        std::process::Command::new(python)
             .arg(&script)
             .args(&args)
             .output()

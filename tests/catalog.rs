@@ -1,0 +1,270 @@
+//! The model catalog as a user meets it: `internvl-grpc models` and
+//! `internvl-grpc pull` of the real binary against a fake Hugging Face hub on
+//! loopback (hf-hub's real client, HTTP ranges and all), then serving the
+//! pulled model by its catalog name, offline.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use internvl_grpc::catalog;
+use internvl_grpc::config::Config;
+use sha2::{Digest, Sha256};
+
+/// What the fake hub serves under one URL path: the bytes, and the content
+/// hash it announces (the hub's ETag of an LFS file).
+#[derive(Clone)]
+struct Served {
+    bytes: Vec<u8>,
+    sha256: String,
+}
+
+/// A fake hub: `GET /{repo}/resolve/main/{file}` with the headers hf-hub
+/// reads, honouring `Range`; it records every range asked for.
+struct FakeHub {
+    url: String,
+    ranges: Arc<Mutex<Vec<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+async fn fake_hub(files: HashMap<String, Served>) -> FakeHub {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let files = Arc::new(files);
+    let seen = ranges.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (files, seen) = (files.clone(), seen.clone());
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let response = answer(&files, &seen, &request);
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    eprintln!("fake hub connection: {e}");
+                }
+            });
+        }
+    });
+    FakeHub {
+        url,
+        ranges,
+        _task: task,
+    }
+}
+
+fn answer(
+    files: &HashMap<String, Served>,
+    seen: &Mutex<Vec<String>>,
+    request: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let Some(served) = files.get(request.uri().path()) else {
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(b"not found")))
+            .unwrap();
+    };
+    let total = served.bytes.len();
+    let range = request
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    seen.lock()
+        .unwrap()
+        .push(format!("{} {range}", request.uri().path()));
+    let (start, end) = match range.strip_prefix("bytes=").and_then(|r| r.split_once('-')) {
+        Some((a, b)) => (
+            a.parse::<usize>().unwrap_or(0),
+            b.parse::<usize>().map_or(total - 1, |e| e.min(total - 1)),
+        ),
+        None => (0, total - 1),
+    };
+    Response::builder()
+        .status(StatusCode::PARTIAL_CONTENT)
+        .header("x-repo-commit", "0123456789abcdef0123456789abcdef01234567")
+        .header("etag", format!("\"{}\"", served.sha256))
+        .header("x-linked-etag", format!("\"{}\"", served.sha256))
+        .header("content-range", format!("bytes {start}-{end}/{total}"))
+        .body(Full::new(Bytes::copy_from_slice(
+            &served.bytes[start..=end],
+        )))
+        .unwrap()
+}
+
+fn binary(args: &[&str], hub_url: &str) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
+        .args(args)
+        .env("HF_ENDPOINT", hub_url)
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .expect("binary runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A catalog entry's repository and its two file names (language, mmproj).
+fn files_of(spec: &str) -> (String, String, String) {
+    let choice = catalog::find(spec).unwrap().unwrap();
+    (
+        choice.entry.repo.clone().unwrap(),
+        choice.model.file.file.clone(),
+        choice.entry.mmproj.file.clone(),
+    )
+}
+
+fn url_path(repo: &str, file: &str) -> String {
+    format!("/{repo}/resolve/main/{file}")
+}
+
+fn models_line(stdout: &str, name: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no line for {name} in:\n{stdout}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_downloads_resumes_and_refuses_then_serve_uses_the_catalog_name() {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let cache_arg = cache.display().to_string();
+
+    // The tiny InternVL3.5 files stand in for the published ones.
+    let model = std::fs::read(INTERNVL35.model_path()).unwrap();
+    let mmproj = std::fs::read(INTERNVL35.mmproj_path()).unwrap();
+    let honest = |bytes: &Vec<u8>| Served {
+        bytes: bytes.clone(),
+        sha256: hex(bytes),
+    };
+    let (repo_1b, model_1b, mmproj_1b) = files_of("internvl3.5-1b");
+    let (repo_2b, model_2b, mmproj_2b) = files_of("internvl3.5-2b:q4_k_m");
+    let (repo_3, model_3, mmproj_3) = files_of("internvl3-1b");
+    let mut corrupt = model.clone();
+    corrupt[model.len() / 2] ^= 0xff;
+    let files = HashMap::from([
+        (url_path(&repo_1b, &model_1b), honest(&model)),
+        (url_path(&repo_1b, &mmproj_1b), honest(&mmproj)),
+        (url_path(&repo_2b, &model_2b), honest(&model)),
+        (url_path(&repo_2b, &mmproj_2b), honest(&mmproj)),
+        // Bytes that are not what the hub says they are.
+        (
+            url_path(&repo_3, &model_3),
+            Served {
+                bytes: corrupt,
+                sha256: hex(&model),
+            },
+        ),
+        (url_path(&repo_3, &mmproj_3), honest(&mmproj)),
+    ]);
+    let hub = fake_hub(files).await;
+
+    // Nothing downloaded yet: no quantization is marked.
+    let (ok, before, err) = binary(&["models", "--hf-cache", &cache_arg], &hub.url);
+    assert!(ok, "{err}");
+    assert!(
+        !models_line(&before, "internvl3.5-1b").contains('*'),
+        "{before}"
+    );
+    assert!(
+        models_line(&before, "tiny").contains("f32*"),
+        "bundled: {before}"
+    );
+    for entry in catalog::entries() {
+        models_line(&before, &entry.name);
+    }
+
+    // pull: both files, byte for byte.
+    let (ok, out, err) = binary(
+        &["pull", "internvl3.5-1b", "--hf-cache", &cache_arg],
+        &hub.url,
+    );
+    assert!(ok, "pull failed: {err}");
+    let paths: Vec<PathBuf> = out.lines().map(PathBuf::from).collect();
+    assert_eq!(paths.len(), 2, "{out}");
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), model);
+    assert_eq!(std::fs::read(&paths[1]).unwrap(), mmproj);
+    let (_, after, _) = binary(&["models", "--hf-cache", &cache_arg], &hub.url);
+    let line = models_line(&after, "internvl3.5-1b");
+    assert!(line.contains("q8_0*"), "{line}");
+    assert!(!line.contains("f16*"), "{line}");
+
+    // An interrupted download resumes where it stopped.
+    let blobs = cache.join(format!("models--{}/blobs", repo_2b.replace('/', "--")));
+    std::fs::create_dir_all(&blobs).unwrap();
+    let half = model.len() / 2;
+    std::fs::write(blobs.join(format!("{}.part", hex(&model))), &model[..half]).unwrap();
+    let (ok, out, err) = binary(
+        &["pull", "internvl3.5-2b:q4_k_m", "--hf-cache", &cache_arg],
+        &hub.url,
+    );
+    assert!(ok, "resumed pull failed: {err}");
+    assert_eq!(std::fs::read(out.lines().next().unwrap()).unwrap(), model);
+    let ranges = hub.ranges.lock().unwrap().clone();
+    let resumed = format!("{} bytes={half}-", url_path(&repo_2b, &model_2b));
+    assert!(ranges.contains(&resumed), "no resumed range in {ranges:?}");
+
+    // Bytes whose hash is not the hub's are refused and removed.
+    let (ok, _, err) = binary(
+        &["pull", "internvl3-1b", "--hf-cache", &cache_arg],
+        &hub.url,
+    );
+    assert!(!ok, "a corrupt download was accepted");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&model_3) && last.contains("SHA-256"),
+        "last line {last:?} must name the file and the hash"
+    );
+    let (_, listing, _) = binary(&["models", "--hf-cache", &cache_arg], &hub.url);
+    assert!(
+        !models_line(&listing, "internvl3-1b").contains('*'),
+        "{listing}"
+    );
+
+    // An unknown quantization names the known ones.
+    let (ok, _, err) = binary(
+        &["pull", "internvl3.5-1b:q1", "--hf-cache", &cache_arg],
+        &hub.url,
+    );
+    assert!(!ok);
+    assert!(err.contains("q8_0"), "{err}");
+
+    // The pulled model serves by its catalog name, offline.
+    let server = start(Config {
+        model: "internvl3.5-1b".into(),
+        hf_cache: Some(cache.clone()),
+        offline: true,
+        ..INTERNVL35.config()
+    })
+    .await;
+    let mut client = server.client().await;
+    let got = generate_ok(&mut client, greedy(vec![user(vec![text("hello")])], 3)).await;
+    assert_eq!(got.ids.len(), 3);
+    server.stop().await;
+    std::fs::remove_dir_all(&cache).unwrap();
+}
