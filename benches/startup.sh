@@ -7,7 +7,7 @@
 #                marker, so nothing is hashed or copied (what a start costs
 #                without the correction);
 #   first        a fresh cache directory: hash the mmproj, write the copy;
-#   later        the same cache again: hash the mmproj, reuse the copy.
+#   later        the same cache again: the remembered hash finds the copy.
 # Peak RSS is the server's VmHWM when it is ready; the page cache is warm.
 set -euo pipefail
 model=$1 mmproj=$2 bin=${3:-target/debug/internvl-grpc}
