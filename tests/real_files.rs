@@ -145,3 +145,43 @@ async fn quantized_language_files_are_served() {
         }
     }
 }
+
+/// InternVL3.5's `<think>` and `</think>` are ordinary tokens of its
+/// vocabulary: one id each, streamed as their text, and a stop sequence of
+/// `</think>` ends the reply there (README: "InternVL3.5 and `<think>`").
+#[test]
+fn think_tokens_stream_as_text_and_stop_sequences_see_them() {
+    use internvl_grpc::engine::llama::{Model, ModelParams};
+    use internvl_grpc::engine::sampling::TextStream;
+
+    llama::init_backend().unwrap();
+    let model = Model::load(
+        &INTERNVL35.model_path(),
+        &ModelParams {
+            n_gpu_layers: 0,
+            main_gpu: 0,
+            split_mode: 0,
+            tensor_split: vec![],
+        },
+    )
+    .unwrap();
+    let special = &INTERNVL35.reference()["model"]["special_tokens"];
+    let mut stream = TextStream::new(vec!["</think>".into()]);
+    let mut text = String::new();
+    for marker in ["<think>", "</think>"] {
+        let id = special[marker].as_i64().unwrap() as i32;
+        assert_eq!(model.tokenize(marker, false, true).unwrap(), [id]);
+        // What the engine streams for a generated token.
+        let piece = model.token_bytes(id, false);
+        assert_eq!(piece, marker.as_bytes(), "{marker} is streamed as its text");
+        let released = stream.push(&piece);
+        text.push_str(&released.text);
+        if marker == "<think>" {
+            assert!(!released.stopped);
+            text.push_str(&stream.push(b"reasoning").text);
+        } else {
+            assert!(released.stopped, "the stop sequence matches the token");
+        }
+    }
+    assert_eq!(text, "<think>reasoning");
+}
