@@ -16,13 +16,15 @@ mod gguf_meta;
 pub mod llama;
 pub mod position_rows;
 pub mod prompt;
+mod protocol;
 pub mod resize;
 pub mod sampling;
+pub mod settings;
+mod types;
 pub mod vision;
 mod worker;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,339 +32,23 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use error::EngineError;
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
+pub use protocol::{EngineState, Loaded};
 pub use sampling::SamplingParams;
+pub use settings::{EngineSettings, FlashAttn, KvCacheType, SplitMode};
+pub use types::*;
 pub use vision::{DecodeLimits, TileSpec};
+pub use worker::SlotPhase;
 
-use llama::{ContextParams, Model, ModelParams, VisionParams};
-use prompt::{ChatTemplate, Prompt};
-
-/// Everything needed to load and run a model, except where its files are.
-#[derive(Clone, Debug)]
-pub struct EngineSettings {
-    /// Loading and GPU offload of the language model.
-    pub model: ModelParams,
-    /// Context sizing and threads.
-    pub context: ContextParams,
-    /// Vision encoder placement and threads.
-    pub vision: VisionParams,
-    /// Limits for decoding untrusted images.
-    pub decode_limits: DecodeLimits,
-    /// Requests waiting for a slot beyond those running.
-    pub queue_depth: usize,
-    /// Most prompt positions decoded per scheduler step, so running streams
-    /// keep flowing while a new prompt is read.
-    pub prefill_chunk: usize,
-    /// Events buffered per stream before the engine waits for the client.
-    pub stream_buffer: usize,
-    /// Bytes of encoded tiles kept for reuse (0 = none).
-    pub image_cache_bytes: usize,
-    /// Bytes of finished sequences' KV cells kept for prefix reuse (0 = none).
-    pub prefix_cache_bytes: usize,
-    /// Where files derived from the model files are kept (the corrected
-    /// mmproj, see [`position_rows`]); `None` when no directory is known.
-    pub cache_dir: Option<PathBuf>,
-}
-
-/// Where the two model files are on disk.
-#[derive(Clone, Debug)]
-pub struct ModelPaths {
-    /// Language model GGUF.
-    pub model: PathBuf,
-    /// Vision encoder (mmproj) GGUF.
-    pub mmproj: PathBuf,
-}
-
-/// What a client sees of the served model.
-#[derive(Clone, Debug, Default)]
-pub struct ModelInfo {
-    /// `general.name` of the GGUF, else its file name.
-    pub name: String,
-    /// `general.architecture` of the language model.
-    pub architecture: String,
-    /// Context length of this deployment.
-    pub context_size: u32,
-    /// Context length the model was trained with.
-    pub training_context_size: u32,
-    /// Vocabulary size.
-    pub vocab_size: u32,
-    /// Hidden size (embedding dimensions).
-    pub embedding_size: u32,
-    /// Tiling of the vision encoder.
-    pub tiles: TileSpec,
-    /// Projector type of the mmproj.
-    pub projector: String,
-    /// llama.cpp's description (size and quantization).
-    pub quantization: String,
-    /// The chat template from the GGUF.
-    pub chat_template: String,
-    /// Where the layers run.
-    pub offload: String,
-    /// Sequences decoded together.
-    pub parallel: u32,
-}
-
-/// A validated Generate call.
-#[derive(Clone, Debug)]
-pub struct GenerateRequest {
-    /// The conversation.
-    pub messages: Vec<ChatMessage>,
-    /// How to pick tokens.
-    pub sampling: SamplingParams,
-    /// Most tokens to generate (> 0).
-    pub max_new_tokens: u32,
-    /// Stop sequences.
-    pub stop: Vec<String>,
-    /// Keep going past the end-of-generation token.
-    pub ignore_eos: bool,
-    /// Alternatives reported per token.
-    pub top_logprobs: u32,
-    /// Report each token's log-probability (implied by `top_logprobs > 0`).
-    pub logprobs: bool,
-    /// Caller's id for logs.
-    pub request_id: String,
-    /// When the caller stops waiting (gRPC deadline).
-    pub deadline: Option<Instant>,
-}
-
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// End-of-generation token.
-    Stop,
-    /// `max_new_tokens` reached or the context is full.
-    Length,
-    /// A stop sequence matched.
-    StopSequence,
-    /// The request was cancelled.
-    Cancelled,
-}
-
-/// One generated token with its probabilities.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GeneratedToken {
-    /// Token id.
-    pub id: i32,
-    /// Its text (lossy where the token is part of a character).
-    pub text: String,
-    /// Log-probability under the model (0 unless requested).
-    pub logprob: f32,
-    /// Most likely alternatives, best first.
-    pub top: Vec<TopToken>,
-}
-
-/// An alternative token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TopToken {
-    /// Token id.
-    pub id: i32,
-    /// Its text.
-    pub text: String,
-    /// Log-probability under the model.
-    pub logprob: f32,
-}
-
-/// Token counts of a finished request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Every prompt position.
-    pub prompt_tokens: u32,
-    /// Image-embedding positions.
-    pub image_tokens: u32,
-    /// Tokens generated.
-    pub completion_tokens: u32,
-    /// Prompt positions reused from the KV cache (not decoded again).
-    pub cached_tokens: u32,
-    /// Tiles whose encoding came from the image cache (not encoded again).
-    pub cached_image_tiles: u32,
-}
-
-/// Where a request's time went, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Timings {
-    /// Waiting for the engine.
-    pub queue_ms: f64,
-    /// Vision encoder.
-    pub vision_ms: f64,
-    /// Prompt decoding.
-    pub prefill_ms: f64,
-    /// Token generation.
-    pub decode_ms: f64,
-    /// Arrival to first token.
-    pub ttft_ms: f64,
-}
-
-/// An event of a Generate stream.
-#[derive(Clone, Debug, PartialEq)]
-pub enum GenerateEvent {
-    /// New text and the tokens behind it.
-    Delta {
-        /// Text released by this step.
-        text: String,
-        /// Tokens generated by this step.
-        tokens: Vec<GeneratedToken>,
-    },
-    /// The last event.
-    Done {
-        /// Why it ended.
-        finish_reason: FinishReason,
-        /// Token counts.
-        usage: Usage,
-        /// Where the time went.
-        timings: Timings,
-    },
-}
-
-/// How an embedding pools the positions of its input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pooling {
-    /// Mean over every position.
-    Mean,
-    /// The last position.
-    Last,
-}
-
-/// A validated Embed call.
-#[derive(Clone, Debug)]
-pub struct EmbedRequest {
-    /// Inputs, each a sequence of parts.
-    pub inputs: Vec<Vec<Part>>,
-    /// Pooling.
-    pub pooling: Pooling,
-    /// Scale to unit norm.
-    pub normalize: bool,
-    /// When the caller stops waiting (gRPC deadline).
-    pub deadline: Option<Instant>,
-}
-
-/// One pooled vector.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Embedding {
-    /// The vector.
-    pub values: Vec<f32>,
-    /// Positions pooled.
-    pub tokens: u32,
-}
-
-/// Prompt size of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenCount {
-    /// Every position.
-    pub prompt_tokens: u32,
-    /// Image-embedding positions.
-    pub image_tokens: u32,
-    /// Grid per image or frame.
-    pub grids: Vec<ImageGrid>,
-    /// Every position's token id; image-embedding positions carry the
-    /// `<IMG_CONTEXT>` id (-1 when the vocabulary has none).
-    pub input_ids: Vec<i32>,
-}
-
-/// Where the engine is in its life.
-#[derive(Clone)]
-pub enum EngineState {
-    /// Resolving and loading the model files.
-    Loading,
-    /// Serving.
-    Ready(Arc<Loaded>),
-    /// Loading failed; the message names the file.
-    Failed(Arc<EngineError>),
-    /// The engine thread has ended.
-    Stopped,
-}
-
-/// The read-only half of a loaded model, shared with request handlers.
-pub struct Loaded {
-    model: Arc<Model>,
-    template: ChatTemplate,
-    spec: TileSpec,
-    limits: DecodeLimits,
-    info: ModelInfo,
-    image_context_token: i32,
-}
-
-pub(crate) struct GenerateJob {
-    prompt: Prompt,
-    request: GenerateRequest,
-    arrived: Instant,
-    enqueued: Instant,
-    events: mpsc::Sender<worker::EventResult>,
-}
-
-pub(crate) struct EmbedJob {
-    prompts: Vec<Prompt>,
-    pooling: Pooling,
-    normalize: bool,
-    deadline: Option<Instant>,
-    reply: oneshot::Sender<Result<Vec<Embedding>, EngineError>>,
-}
-
-pub(crate) enum Command {
-    Generate(Box<GenerateJob>),
-    Embed(EmbedJob),
-}
-
-/// Bounds of the retry hint sent with RESOURCE_EXHAUSTED.
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+use prompt::Prompt;
+use protocol::{EmbedJob, GenerateJob, InFlight, Job, Lifecycle};
 
 /// How long a drain waits for cut requests to stop (one decode step each).
 const CUT_WAIT: Duration = Duration::from_secs(30);
 
-/// Drain state shared by the handles and the engine thread.
-pub(crate) struct Lifecycle {
-    /// No new work is accepted.
-    draining: AtomicBool,
-    /// Work still running is cut at its next step.
-    aborting: AtomicBool,
-    /// Jobs accepted and not yet finished (queued or running).
-    in_flight: watch::Sender<usize>,
-    /// Moving average of how long a request holds a slot, in microseconds.
-    service_us: AtomicU64,
-    /// Slots that run requests at once.
-    parallel: u64,
-    /// Requests in flight at most: slots plus queue.
-    capacity: usize,
-    /// Slots running a request, published whenever one fills or empties.
-    active: AtomicUsize,
-}
-
-impl Lifecycle {
-    pub(crate) fn aborting(&self) -> bool {
-        self.aborting.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn set_active(&self, slots: usize) {
-        self.active.store(slots, Ordering::Relaxed);
-    }
-
-    pub(crate) fn finished_one(&self) {
-        self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
-    }
-
-    /// Folds one request's time in a slot into the moving average.
-    pub(crate) fn record_service_time(&self, took: Duration) {
-        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
-        let old = self.service_us.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
-        } else {
-            old - old / 8 + sample / 8
-        };
-        self.service_us.store(new, Ordering::Relaxed);
-    }
-
-    /// About how long until a full queue moves by one: a slot frees up every
-    /// average service time divided by the slots, bounded to a sane range.
-    fn retry_after(&self) -> Duration {
-        let per_slot = self.service_us.load(Ordering::Relaxed) / self.parallel.max(1);
-        Duration::from_micros(per_slot).clamp(RETRY_MIN, RETRY_MAX)
-    }
-}
-
 /// Handle to the engine thread; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Job>,
     state: watch::Receiver<EngineState>,
     stream_buffer: usize,
     lifecycle: Arc<Lifecycle>,
@@ -381,15 +67,7 @@ impl Engine {
         let (commands, receiver) = mpsc::channel(capacity + 1);
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let stream_buffer = settings.stream_buffer.max(1);
-        let lifecycle = Arc::new(Lifecycle {
-            draining: AtomicBool::new(false),
-            aborting: AtomicBool::new(false),
-            in_flight: watch::Sender::new(0),
-            service_us: AtomicU64::new(0),
-            parallel: u64::from(settings.context.n_seq_max),
-            capacity,
-            active: AtomicUsize::new(0),
-        });
+        let lifecycle = Arc::new(Lifecycle::new(settings.context.n_seq_max, capacity));
         let worker_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
             .name("internvl-engine".into())
@@ -411,7 +89,19 @@ impl Engine {
     /// Sequences being prefilled or decoded now (the rest of
     /// [`Engine::in_flight`] waits for a slot or for its client).
     pub fn active_sequences(&self) -> usize {
-        self.lifecycle.active.load(Ordering::Relaxed)
+        self.slot_phases()
+            .iter()
+            .filter(|(phase, _)| *phase != SlotPhase::Idle)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// How many slots are in each phase now.
+    pub fn slot_phases(&self) -> Vec<(SlotPhase, usize)> {
+        SlotPhase::ALL
+            .into_iter()
+            .zip(self.lifecycle.phases())
+            .collect()
     }
 
     /// Whether [`Engine::drain`] has begun.
@@ -586,14 +276,16 @@ impl Engine {
             ));
         }
         let (events, receiver) = mpsc::channel(self.stream_buffer);
+        let in_flight = self.take_place()?;
         let job = GenerateJob {
             prompt,
             request,
             arrived,
             enqueued: Instant::now(),
             events,
+            in_flight,
         };
-        self.submit(Command::Generate(Box::new(job)))?;
+        self.submit(Job::Generate(Box::new(job)))?;
         Ok(receiver)
     }
 
@@ -639,43 +331,40 @@ impl Engine {
             ));
         }
         let (reply, result) = oneshot::channel();
-        self.submit(Command::Embed(EmbedJob {
+        let in_flight = self.take_place()?;
+        self.submit(Job::Embed(EmbedJob {
             prompts,
             pooling: request.pooling,
             normalize: request.normalize,
             deadline: request.deadline,
             reply,
+            _in_flight: in_flight,
         }))?;
         result.await.map_err(|_| EngineError::Stopped)?
     }
 
-    fn submit(&self, command: Command) -> Result<(), EngineError> {
+    /// Counts a request in flight, or refuses it while draining or full.
+    /// Counted before it is queued, so a drain never sees a job in neither
+    /// place; and checked against capacity in the same step, so a burst of
+    /// calls cannot overshoot it while the engine thread is still waking.
+    fn take_place(&self) -> Result<InFlight, EngineError> {
         if self.is_draining() {
             return Err(EngineError::ShuttingDown);
         }
-        let full = || EngineError::QueueFull {
+        self.lifecycle.admit().ok_or_else(|| self.full())
+    }
+
+    fn full(&self) -> EngineError {
+        EngineError::QueueFull {
             retry_after_ms: self.lifecycle.retry_after().as_millis() as u64,
-        };
-        // Counted before it is queued, so a drain never sees a job in neither
-        // place; and checked against capacity in the same step, so a burst of
-        // calls cannot overshoot it while the engine thread is still waking.
-        let capacity = self.lifecycle.capacity;
-        let admitted = self.lifecycle.in_flight.send_if_modified(|n| {
-            let room = *n < capacity;
-            if room {
-                *n += 1;
-            }
-            room
-        });
-        if !admitted {
-            return Err(full());
         }
-        self.commands.try_send(command).map_err(|e| {
-            self.lifecycle.finished_one();
-            match e {
-                mpsc::error::TrySendError::Full(_) => full(),
-                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
-            }
+    }
+
+    /// Hands a job to the engine thread; a refused job drops its place.
+    fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.commands.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => self.full(),
+            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
         })
     }
 }

@@ -1,0 +1,213 @@
+//! What passes between the [`Engine`](super::Engine) handle and the engine
+//! thread: jobs in, stream events out, the engine's state, and the counters
+//! both sides share (drain, in-flight jobs, busy slots).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::error::EngineError;
+use super::llama::Model;
+use super::prompt::{ChatTemplate, Prompt};
+use super::types::{Embedding, GenerateEvent, GenerateRequest, ModelInfo, Pooling};
+use super::vision::{DecodeLimits, TileSpec};
+
+/// Stream events carry either an event or the error that ended the stream.
+pub(crate) type EventResult = Result<GenerateEvent, EngineError>;
+
+/// Where the engine is in its life.
+#[derive(Clone)]
+pub enum EngineState {
+    /// Resolving and loading the model files.
+    Loading,
+    /// Serving.
+    Ready(Arc<Loaded>),
+    /// Loading failed; the message names the file.
+    Failed(Arc<EngineError>),
+    /// The engine thread has ended.
+    Stopped,
+}
+
+/// The read-only half of a loaded model, shared with request handlers.
+pub struct Loaded {
+    pub(crate) model: Arc<Model>,
+    pub(crate) template: ChatTemplate,
+    pub(crate) spec: TileSpec,
+    pub(crate) limits: DecodeLimits,
+    pub(crate) info: ModelInfo,
+    pub(crate) image_context_token: i32,
+}
+
+/// A Generate call on its way to a slot.
+pub(crate) struct GenerateJob {
+    pub(crate) prompt: Prompt,
+    pub(crate) request: GenerateRequest,
+    /// When the call reached the engine handle (TTFT counts from here).
+    pub(crate) arrived: Instant,
+    /// When it was queued for a slot.
+    pub(crate) enqueued: Instant,
+    pub(crate) events: mpsc::Sender<EventResult>,
+    pub(crate) in_flight: InFlight,
+}
+
+/// An Embed call on its way to a slot.
+pub(crate) struct EmbedJob {
+    pub(crate) prompts: Vec<Prompt>,
+    pub(crate) pooling: Pooling,
+    pub(crate) normalize: bool,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) reply: oneshot::Sender<Result<Vec<Embedding>, EngineError>>,
+    /// Held until the reply is sent (the sequence dropped).
+    pub(crate) _in_flight: InFlight,
+}
+
+/// A request from the moment the handle accepts it until it is over: queued
+/// here as a job, then a sequence in a slot (`worker/slots.rs`).
+pub(crate) enum Job {
+    Generate(Box<GenerateJob>),
+    Embed(EmbedJob),
+}
+
+/// One accepted request, counted in [`Lifecycle`]'s in-flight total until
+/// this is dropped: when its job is refused, or its sequence is over and its
+/// client has taken every event. Dropping is the one way a request stops
+/// counting, so no path can forget it.
+pub(crate) struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Counts one more request in flight if fewer than `capacity` are; false
+/// when the engine is full.
+pub(crate) fn take_place(in_flight: &mut usize, capacity: usize) -> bool {
+    let room = *in_flight < capacity;
+    if room {
+        *in_flight += 1;
+    }
+    room
+}
+
+/// Bounds of the retry hint sent with RESOURCE_EXHAUSTED.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Drain state shared by the handles and the engine thread.
+pub(crate) struct Lifecycle {
+    /// No new work is accepted.
+    pub(crate) draining: AtomicBool,
+    /// Work still running is cut at its next step.
+    pub(crate) aborting: AtomicBool,
+    /// Jobs accepted and not yet finished (queued or running).
+    pub(crate) in_flight: watch::Sender<usize>,
+    /// Moving average of how long a request holds a slot, in microseconds.
+    service_us: AtomicU64,
+    /// Slots that run requests at once.
+    parallel: u64,
+    /// Requests in flight at most: slots plus queue.
+    pub(crate) capacity: usize,
+    /// Slots per phase (`worker::slots::Phase` order), published whenever
+    /// one changes.
+    phases: [AtomicUsize; PHASES],
+}
+
+/// Number of slot phases counted in [`Lifecycle`].
+pub(crate) const PHASES: usize = 6;
+
+impl Lifecycle {
+    /// Shared state for `parallel` slots and `capacity` requests in flight.
+    pub(crate) fn new(parallel: u32, capacity: usize) -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
+            in_flight: watch::Sender::new(0),
+            service_us: AtomicU64::new(0),
+            parallel: u64::from(parallel),
+            capacity,
+            phases: Default::default(),
+        }
+    }
+
+    /// Counts a request in flight if there is room; its token stops counting
+    /// it when dropped.
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<InFlight> {
+        self.in_flight
+            .send_if_modified(|n| take_place(n, self.capacity))
+            .then(|| InFlight(self.clone()))
+    }
+
+    pub(crate) fn aborting(&self) -> bool {
+        self.aborting.load(Ordering::Acquire)
+    }
+
+    /// Publishes how many slots are in each phase.
+    pub(crate) fn set_phases(&self, counts: [usize; PHASES]) {
+        for (slot, n) in self.phases.iter().zip(counts) {
+            slot.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Slots per phase, as last published.
+    pub(crate) fn phases(&self) -> [usize; PHASES] {
+        std::array::from_fn(|i| self.phases[i].load(Ordering::Relaxed))
+    }
+
+    /// Folds one request's time in a slot into the moving average.
+    pub(crate) fn record_service_time(&self, took: Duration) {
+        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.service_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.service_us.store(new, Ordering::Relaxed);
+    }
+
+    /// About how long until a full queue moves by one: a slot frees up every
+    /// average service time divided by the slots, bounded to a sane range.
+    pub(crate) fn retry_after(&self) -> Duration {
+        let per_slot = self.service_us.load(Ordering::Relaxed) / self.parallel.max(1);
+        Duration::from_micros(per_slot).clamp(RETRY_MIN, RETRY_MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_taken_up_to_the_capacity() {
+        let mut n = 0;
+        assert!(take_place(&mut n, 2));
+        assert!(take_place(&mut n, 2));
+        assert!(!take_place(&mut n, 2));
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn a_dropped_token_frees_its_place() {
+        let lifecycle = Arc::new(Lifecycle::new(1, 2));
+        let a = lifecycle.admit().expect("room");
+        let b = lifecycle.admit().expect("room");
+        assert!(lifecycle.admit().is_none(), "full");
+        drop(a);
+        assert_eq!(*lifecycle.in_flight.borrow(), 1);
+        assert!(lifecycle.admit().is_some());
+        drop(b);
+    }
+
+    #[test]
+    fn the_retry_hint_follows_service_time_within_bounds() {
+        let lifecycle = Lifecycle::new(4, 8);
+        assert_eq!(lifecycle.retry_after(), RETRY_MIN);
+        lifecycle.record_service_time(Duration::from_secs(2));
+        assert_eq!(lifecycle.retry_after(), Duration::from_millis(500));
+        lifecycle.record_service_time(Duration::from_secs(3600));
+        assert!(lifecycle.retry_after() <= RETRY_MAX);
+    }
+}

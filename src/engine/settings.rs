@@ -1,0 +1,129 @@
+//! How a deployment runs the engine: everything needed to load and run a
+//! model except where its files are, with the llama.cpp choices as plain
+//! enums (converted to llama.cpp's constants in `llama/`), so configuration
+//! parses them without touching the bindings.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::llama::{ContextParams, ModelParams, VisionParams};
+use super::vision::DecodeLimits;
+
+/// Everything needed to load and run a model, except where its files are.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// Loading and GPU offload of the language model.
+    pub model: ModelParams,
+    /// Context sizing and threads.
+    pub context: ContextParams,
+    /// Vision encoder placement and threads.
+    pub vision: VisionParams,
+    /// Limits for decoding untrusted images.
+    pub decode_limits: DecodeLimits,
+    /// Requests waiting for a slot beyond those running.
+    pub queue_depth: usize,
+    /// Most prompt positions decoded per scheduler step, so running streams
+    /// keep flowing while a new prompt is read.
+    pub prefill_chunk: usize,
+    /// Events buffered per stream before the engine waits for the client.
+    pub stream_buffer: usize,
+    /// Bytes of encoded tiles kept for reuse (0 = none).
+    pub image_cache_bytes: usize,
+    /// Bytes of finished sequences' KV cells kept for prefix reuse (0 = none).
+    pub prefix_cache_bytes: usize,
+    /// Where files derived from the model files are kept (the corrected
+    /// mmproj, see [`position_rows`]); `None` when no directory is known.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// How the language model's layers are spread over several GPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitMode {
+    /// One GPU (`main_gpu`) holds the whole model.
+    None,
+    /// Whole layers per GPU.
+    #[default]
+    Layer,
+    /// Rows of each layer split over the GPUs.
+    Row,
+}
+
+/// Whether attention uses llama.cpp's fused flash-attention kernels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    /// llama.cpp decides per device.
+    Auto,
+    /// Always.
+    #[serde(alias = "true")]
+    On,
+    /// Never (the default: on the CPU it moves image prompts' logits beyond
+    /// the parity tolerance).
+    #[default]
+    #[serde(alias = "false")]
+    Off,
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    #[default]
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit blocks.
+    Q8_0,
+    /// 4-bit blocks.
+    Q4_0,
+    /// 4-bit blocks with a minimum.
+    Q4_1,
+    /// 5-bit blocks.
+    Q5_0,
+    /// 5-bit blocks with a minimum.
+    Q5_1,
+    /// 4-bit non-linear blocks.
+    #[serde(rename = "iq4_nl")]
+    Iq4Nl,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Keys {
+        split_mode: SplitMode,
+        flash_attn: FlashAttn,
+        cache_type_k: KvCacheType,
+    }
+
+    #[test]
+    fn choices_parse_by_their_llama_cpp_names() {
+        let keys: Keys = toml::from_str(
+            "split_mode = \"row\"\nflash_attn = \"false\"\ncache_type_k = \"iq4_nl\"",
+        )
+        .unwrap();
+        assert_eq!(keys.split_mode, SplitMode::Row);
+        assert_eq!(keys.flash_attn, FlashAttn::Off);
+        assert_eq!(keys.cache_type_k, KvCacheType::Iq4Nl);
+    }
+
+    #[test]
+    fn an_unknown_choice_lists_the_allowed_ones() {
+        let err = toml::from_str::<Keys>(
+            "split_mode = \"diagonal\"\nflash_attn = \"on\"\ncache_type_k = \"f16\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("none") && err.contains("layer") && err.contains("row"),
+            "{err}"
+        );
+    }
+}

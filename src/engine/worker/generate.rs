@@ -1,0 +1,222 @@
+//! A Generate request in a slot: its sampler and text stream, each sampled
+//! token streamed as it comes, and the closing events.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use tracing::{info, info_span, warn};
+
+use super::outbox::Outbox;
+use super::prefill::Prefill;
+use super::slots::Sequence;
+use super::{ms, Worker};
+use crate::engine::error::EngineError;
+use crate::engine::llama::Model;
+use crate::engine::prompt::PromptItem;
+use crate::engine::protocol::GenerateJob;
+use crate::engine::sampling::{logprobs, TextStream, TokenSampler};
+use crate::engine::types::{
+    FinishReason, GenerateEvent, GenerateRequest, GeneratedToken, Timings, TopToken, Usage,
+};
+
+/// A Generate request in a slot.
+pub(super) struct GenerateSeq {
+    pub(super) request: GenerateRequest,
+    pub(super) prefill: Prefill,
+    pub(super) prompt_tokens: u32,
+    image_tokens: u32,
+    arrived: Instant,
+    timings: Timings,
+    cached_positions: usize,
+    sampler: TokenSampler,
+    stream: TextStream,
+    pub(super) completion: u32,
+    /// Sampled and sent, not yet decoded into the KV cache.
+    pub(super) next_token: Option<i32>,
+    decode_started: Option<Instant>,
+    pub(super) out: Outbox,
+}
+
+/// The outbox of a job refused at admission (drain, deadline): it carries
+/// the error, unless the client has already left.
+pub(super) fn refused(job: GenerateJob, error: EngineError) -> Outbox {
+    let mut out = Outbox {
+        events: job.events,
+        pending: VecDeque::new(),
+        _in_flight: job.in_flight,
+    };
+    if !matches!(error, EngineError::ClientGone) {
+        out.pending.push_back(Err(error));
+    }
+    out
+}
+
+impl GenerateSeq {
+    /// A generation whose first `reused` prompt items (`cached` positions)
+    /// are already in its slot's cells.
+    pub(super) fn start(
+        job: GenerateJob,
+        items: Vec<PromptItem>,
+        reused: usize,
+        cached: usize,
+        n_vocab: i32,
+    ) -> Self {
+        let GenerateJob {
+            prompt,
+            request,
+            arrived,
+            enqueued,
+            events,
+            in_flight,
+        } = job;
+        let mut sampler = TokenSampler::new(&request.sampling, n_vocab);
+        sampler.accept_prompt(prompt.text_tokens());
+        GenerateSeq {
+            stream: TextStream::new(request.stop.clone()),
+            prompt_tokens: prompt.prompt_tokens,
+            image_tokens: prompt.image_tokens,
+            prefill: Prefill::new(prompt, items, reused),
+            request,
+            arrived,
+            timings: Timings {
+                queue_ms: (Instant::now() - enqueued).as_secs_f64() * 1e3,
+                ..Timings::default()
+            },
+            cached_positions: cached,
+            sampler,
+            completion: 0,
+            next_token: None,
+            decode_started: None,
+            out: Outbox {
+                events,
+                pending: VecDeque::new(),
+                _in_flight: in_flight,
+            },
+        }
+    }
+}
+
+impl Worker {
+    /// Samples the token at batch output `output` for generating slot `index`,
+    /// streams it, and finishes the request when it is over.
+    pub(super) fn sample(&mut self, index: usize, output: i32) {
+        let outcome = {
+            let pos = self.slots[index].kv.positions() as u32;
+            let Some(Sequence::Generate(g)) = &mut self.slots[index].sequence else {
+                return;
+            };
+            match self.context.logits(output) {
+                Err(e) => Some(Err(e)),
+                Ok(logits) => next_token(&self.model, g, logits, pos, self.context.n_ctx()),
+            }
+        };
+        if let Some(outcome) = outcome {
+            self.finish(index, outcome);
+        }
+    }
+}
+
+/// A finished generation's last events: the held-back text and `Done`, or
+/// the error; nothing when the client left.
+pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineError>) -> Outbox {
+    let span = info_span!("generate", request_id = %g.request.request_id);
+    let _enter = span.enter();
+    match outcome {
+        Ok(finish) => {
+            g.timings.vision_ms = g.prefill.vision_ms;
+            g.timings.prefill_ms = g.prefill.prefill_ms;
+            g.timings.decode_ms = g.decode_started.map_or(0.0, ms);
+            if finish != FinishReason::StopSequence {
+                let tail = g.stream.finish();
+                if !tail.text.is_empty() {
+                    g.out.pending.push_back(Ok(GenerateEvent::Delta {
+                        text: tail.text,
+                        tokens: Vec::new(),
+                    }));
+                }
+            }
+            let usage = Usage {
+                prompt_tokens: g.prompt_tokens,
+                image_tokens: g.image_tokens,
+                completion_tokens: g.completion,
+                cached_tokens: g.cached_positions as u32,
+                cached_image_tiles: g.prefill.cached_tiles,
+            };
+            info!(?finish, ?usage, timings = ?g.timings, "generation finished");
+            g.out.pending.push_back(Ok(GenerateEvent::Done {
+                finish_reason: finish,
+                usage,
+                timings: g.timings,
+            }));
+        }
+        Err(EngineError::ClientGone) => {
+            info!("client left; generation cancelled");
+            g.out.pending.clear();
+        }
+        Err(e) => {
+            warn!("generation ended: {e}");
+            g.out.pending.push_back(Err(e));
+        }
+    }
+    g.out
+}
+
+/// Samples the next token from `logits` and streams it. `Some` ends the
+/// request (finished, or the client left).
+fn next_token(
+    model: &Model,
+    g: &mut GenerateSeq,
+    logits: &[f32],
+    pos: u32,
+    n_ctx: u32,
+) -> Option<Result<FinishReason, EngineError>> {
+    let token = g.sampler.sample(logits);
+    // A softmax over the whole vocabulary per token is the largest per-token
+    // cost of the service (0.3 ms at 151k tokens); only pay it when asked.
+    let top_n = g.request.top_logprobs as usize;
+    let (logprob, top) = if g.request.logprobs || top_n > 0 {
+        logprobs(logits, token, top_n)
+    } else {
+        (0.0, Vec::new())
+    };
+    g.completion += 1;
+    if g.completion == 1 {
+        g.decode_started = Some(Instant::now());
+    }
+    if !g.request.ignore_eos && model.is_eog(token) {
+        return Some(Ok(FinishReason::Stop));
+    }
+    let piece = model.token_bytes(token, false);
+    let released = g.stream.push(&piece);
+    let generated = GeneratedToken {
+        id: token,
+        text: String::from_utf8_lossy(&piece).into_owned(),
+        logprob,
+        top: top
+            .into_iter()
+            .map(|(id, logprob)| TopToken {
+                id,
+                text: String::from_utf8_lossy(&model.token_bytes(id, false)).into_owned(),
+                logprob,
+            })
+            .collect(),
+    };
+    let delta = GenerateEvent::Delta {
+        text: released.text,
+        tokens: vec![generated],
+    };
+    if let Err(e) = g.out.send(Ok(delta)) {
+        return Some(Err(e));
+    }
+    if g.completion == 1 {
+        g.timings.ttft_ms = ms(g.arrived);
+    }
+    if released.stopped {
+        return Some(Ok(FinishReason::StopSequence));
+    }
+    if g.completion >= g.request.max_new_tokens || pos >= n_ctx {
+        return Some(Ok(FinishReason::Length));
+    }
+    g.next_token = Some(token);
+    None
+}

@@ -1,0 +1,166 @@
+//! Loading: resolve the model files, check them in Rust, load the language
+//! model, the (corrected) vision encoder and the context.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::info;
+
+use super::slots::Slot;
+use super::vision_feed::DecodeThreads;
+use super::Worker;
+use crate::engine::cache::{EmbeddingCache, PrefixCache};
+use crate::engine::encoder::TileEncoder;
+use crate::engine::error::EngineError;
+use crate::engine::gguf_meta::{check_language_model, read_tile_spec};
+use crate::engine::llama::{self, Context, Model};
+use crate::engine::position_rows::{self, VisionFile};
+use crate::engine::prompt::ChatTemplate;
+use crate::engine::protocol::{Lifecycle, Loaded};
+use crate::engine::settings::EngineSettings;
+use crate::engine::types::{ModelInfo, ModelPaths};
+
+fn token_text(model: &Model, id: i32) -> String {
+    String::from_utf8_lossy(&model.token_bytes(id, true)).into_owned()
+}
+
+impl Worker {
+    pub(super) fn load<F>(
+        settings: &EngineSettings,
+        resolve: F,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Result<(Self, Arc<Loaded>), EngineError>
+    where
+        F: FnOnce() -> Result<ModelPaths, EngineError>,
+    {
+        let paths = resolve()?;
+        check_language_model(&paths.model)?;
+        let (spec, projector) = read_tile_spec(&paths.mmproj)?;
+        llama::init_backend()?;
+        let started = Instant::now();
+        let model = Arc::new(Model::load(&paths.model, &settings.model)?);
+        let file_error = |message: &str| EngineError::ModelFile {
+            path: paths.model.clone(),
+            message: message.to_string(),
+        };
+        let template_source = model
+            .chat_template()
+            .ok_or_else(|| file_error("has no tokenizer.chat_template"))?;
+        let special = |key: &str| {
+            model
+                .meta(key)
+                .and_then(|id| id.parse::<i32>().ok())
+                .filter(|&id| model.is_valid_token(id))
+                .map(|id| token_text(&model, id))
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            template_source.clone(),
+            special("tokenizer.ggml.bos_token_id"),
+            special("tokenizer.ggml.eos_token_id"),
+        )?;
+        for marker in ["<img>", "</img>"] {
+            if model.tokenize(marker, false, true)?.len() != 1 {
+                return Err(file_error(&format!(
+                    "vocabulary has no {marker} token: not an InternVL model"
+                )));
+            }
+        }
+        let image_context_token = match model
+            .tokenize(crate::engine::prompt::IMAGE_PLACEHOLDER, false, true)?
+            .as_slice()
+        {
+            [id] => *id,
+            _ => -1,
+        };
+        let vision_file = position_rows::prepare(&paths.mmproj, settings.cache_dir.as_deref())?;
+        if let VisionFile::Corrected {
+            derived, created, ..
+        } = &vision_file
+        {
+            info!(
+                mmproj = %paths.mmproj.display(),
+                corrected = %derived.display(),
+                written_now = created,
+                "vision position rows corrected: llama.cpp adds row i to patch i, this file keeps the class token's row first (converter layout)"
+            );
+        }
+        let encoder = TileEncoder::start(
+            vision_file.path(),
+            model.clone(),
+            &settings.vision,
+            spec.tile_size,
+        )?;
+        let context = Context::new(model.clone(), &settings.context)?;
+        let name = model.meta("general.name").unwrap_or_else(|| {
+            paths
+                .model
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        });
+        let parallel = context.n_seq_max();
+        let info = ModelInfo {
+            name,
+            architecture: model.meta("general.architecture").unwrap_or_default(),
+            context_size: context.n_ctx(),
+            training_context_size: model.n_ctx_train().max(0) as u32,
+            vocab_size: model.n_vocab() as u32,
+            embedding_size: model.n_embd() as u32,
+            tiles: spec,
+            projector,
+            quantization: model.description(),
+            chat_template: template_source,
+            offload: format!(
+                "n_gpu_layers={} split_mode={} main_gpu={} tensor_split={:?} mmproj_offload={} gpu_offload_supported={}",
+                settings.model.n_gpu_layers,
+                settings.model.split_mode,
+                settings.model.main_gpu,
+                settings.model.tensor_split,
+                settings.vision.use_gpu,
+                llama::gpu_offload_supported(),
+            ),
+            parallel: parallel as u32,
+        };
+        info!(
+            model = %paths.model.display(),
+            mmproj = %paths.mmproj.display(),
+            n_ctx = info.context_size,
+            parallel,
+            load_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        let loaded = Arc::new(Loaded {
+            model: model.clone(),
+            template,
+            spec,
+            limits: settings.decode_limits,
+            info,
+            image_context_token,
+        });
+        // Each step's batch carries one token per generating slot, the rest is
+        // prompt text.
+        let prefill_chunk = settings
+            .prefill_chunk
+            .clamp(1, context.n_batch().saturating_sub(parallel).max(1));
+        let worker = Worker {
+            model,
+            slots: (0..parallel).map(|seq| Slot::new(seq as i32)).collect(),
+            context,
+            encoder,
+            encoded: HashMap::new(),
+            tokens_per_tile: spec.tokens_per_tile as usize,
+            lifecycle,
+            embeddings: EmbeddingCache::new(settings.image_cache_bytes),
+            outboxes: Vec::new(),
+            waiting: None,
+            prefixes: PrefixCache::new(settings.prefix_cache_bytes),
+            prefill_chunk,
+            clock: 0,
+            threads: DecodeThreads::new(settings),
+        };
+        Ok((worker, loaded))
+    }
+}

@@ -1,0 +1,193 @@
+//! The slot table: one KV sequence of the context per slot, what its cells
+//! hold, the sequence running in it, and the phase that follows from both.
+
+use std::time::Instant;
+
+use super::embed::EmbedSeq;
+use super::generate::GenerateSeq;
+use super::prefill::Prefill;
+use crate::engine::cache::KvContents;
+use crate::engine::protocol::PHASES;
+use crate::engine::vision::TileHash;
+
+/// What a slot is doing, derived from its state at each step; named in
+/// logs and in the `internvl_slots` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// No request.
+    Idle,
+    /// Reading its prompt (text, or image embeddings at hand).
+    Prefilling,
+    /// Its prompt's next item is a tile the vision encoder has not returned.
+    AwaitingTile,
+    /// Decoding one token per step.
+    Generating,
+    /// Generating, but its client has not taken the last events: the slot
+    /// waits for it and decodes nothing.
+    HeldByClient,
+    /// Pooling an Embed request's inputs.
+    Embedding,
+}
+
+impl Phase {
+    /// Every phase, in the order [`phase_counts`] counts them.
+    pub const ALL: [Phase; PHASES] = [
+        Phase::Idle,
+        Phase::Prefilling,
+        Phase::AwaitingTile,
+        Phase::Generating,
+        Phase::HeldByClient,
+        Phase::Embedding,
+    ];
+
+    /// The name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Prefilling => "prefilling",
+            Phase::AwaitingTile => "awaiting_tile",
+            Phase::Generating => "generating",
+            Phase::HeldByClient => "held_by_client",
+            Phase::Embedding => "embedding",
+        }
+    }
+
+    fn index(self) -> usize {
+        Phase::ALL.iter().position(|p| *p == self).unwrap_or(0)
+    }
+}
+
+/// A request running in a slot.
+pub(super) enum Sequence {
+    Generate(Box<GenerateSeq>),
+    Embed(Box<EmbedSeq>),
+}
+
+impl Sequence {
+    /// What is left to decode of the current input, if anything.
+    pub(super) fn prefill(&self) -> Option<&Prefill> {
+        match self {
+            Sequence::Generate(g) => (!g.prefill.done()).then_some(&g.prefill),
+            Sequence::Embed(e) => e.prefill.as_ref(),
+        }
+    }
+}
+
+/// One sequence of the context and what it holds.
+pub(super) struct Slot {
+    /// llama.cpp's sequence id.
+    pub(super) seq: i32,
+    pub(super) kv: KvContents,
+    /// Positions of a tile decoded in part, beyond `kv`.
+    pub(super) partial: usize,
+    /// Admission order of its sequence: prompts are read oldest first.
+    pub(super) stamp: u64,
+    /// When the running sequence was admitted.
+    pub(super) admitted: Instant,
+    pub(super) sequence: Option<Sequence>,
+}
+
+impl Slot {
+    /// An empty slot for llama.cpp sequence `seq`.
+    pub(super) fn new(seq: i32) -> Self {
+        Slot {
+            seq,
+            kv: KvContents::default(),
+            partial: 0,
+            stamp: 0,
+            admitted: Instant::now(),
+            sequence: None,
+        }
+    }
+
+    /// The next position to decode.
+    pub(super) fn pos(&self) -> i32 {
+        (self.kv.positions() + self.partial) as i32
+    }
+
+    /// KV cells this slot may come to hold (an idle slot holds none: its
+    /// cells went to the prefix cache).
+    pub(super) fn reserved(&self) -> usize {
+        match &self.sequence {
+            None => self.kv.positions(),
+            Some(Sequence::Generate(g)) => (g.prompt_tokens + g.request.max_new_tokens) as usize,
+            Some(Sequence::Embed(e)) => e
+                .job
+                .prompts
+                .iter()
+                .map(|p| p.prompt_tokens as usize)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// Its phase; `tile_ready` tells whether a tile's embeddings are at hand.
+    pub(super) fn phase(&self, tile_ready: impl Fn(&TileHash) -> bool) -> Phase {
+        match &self.sequence {
+            None => Phase::Idle,
+            Some(Sequence::Embed(_)) => Phase::Embedding,
+            Some(Sequence::Generate(g)) if !g.prefill.done() => {
+                if g.prefill.waits_on_tile(tile_ready) {
+                    Phase::AwaitingTile
+                } else {
+                    Phase::Prefilling
+                }
+            }
+            Some(Sequence::Generate(g)) if !g.out.is_empty() => Phase::HeldByClient,
+            Some(Sequence::Generate(_)) => Phase::Generating,
+        }
+    }
+}
+
+/// How many of `phases` are in each phase, in [`Phase::ALL`] order.
+pub(super) fn count(phases: impl IntoIterator<Item = Phase>) -> [usize; PHASES] {
+    let mut counts = [0; PHASES];
+    for phase in phases {
+        counts[phase.index()] += 1;
+    }
+    counts
+}
+
+/// How many slots are in each phase.
+pub(super) fn phase_counts(
+    slots: &[Slot],
+    tile_ready: impl Fn(&TileHash) -> bool,
+) -> [usize; PHASES] {
+    count(slots.iter().map(|s| s.phase(&tile_ready)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_counted_in_their_published_order() {
+        let counts = count([
+            Phase::Generating,
+            Phase::Idle,
+            Phase::Generating,
+            Phase::AwaitingTile,
+            Phase::Embedding,
+        ]);
+        assert_eq!(counts, [1, 0, 1, 2, 0, 1]);
+    }
+
+    #[test]
+    fn phase_names_are_distinct_metric_labels() {
+        let mut names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PHASES);
+        assert!(names
+            .iter()
+            .all(|n| n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+    }
+
+    #[test]
+    fn an_idle_slot_reserves_what_it_still_holds() {
+        let slot = Slot::new(3);
+        assert_eq!(slot.reserved(), 0);
+        assert_eq!(slot.pos(), 0);
+        assert_eq!(slot.phase(|_| true), Phase::Idle);
+    }
+}
