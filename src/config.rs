@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::llama::{ContextParams, ModelParams, VisionParams};
-use crate::engine::{DecodeLimits, EngineSettings};
+use crate::engine::settings::{parse_choice, ContextParams, ModelParams, VisionParams};
+use crate::engine::{DecodeLimits, EngineSettings, FlashAttn, KvCacheType, SplitMode};
 
 /// Everything a deployment can set. Field names are the TOML keys and, upper-cased
 /// with the `INTERNVL_` prefix, the environment variables.
@@ -46,18 +46,22 @@ pub struct Config {
     /// GPU for the whole model when `split_mode` is `none`.
     pub main_gpu: i32,
     /// `none`, `layer` or `row`.
-    pub split_mode: String,
+    #[serde(deserialize_with = "parse_choice")]
+    pub split_mode: SplitMode,
     /// Share of the model per GPU, e.g. `[3, 1]`.
     pub tensor_split: Vec<f32>,
     /// Run the vision encoder on the GPU.
     pub mmproj_offload: bool,
     /// `auto`, `on` or `off` (default off: llama.cpp's flash attention costs
     /// reference parity on long image prompts).
-    pub flash_attn: String,
+    #[serde(deserialize_with = "parse_choice")]
+    pub flash_attn: FlashAttn,
     /// KV cache type for K: `f32`, `f16`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `iq4_nl`.
-    pub cache_type_k: String,
+    #[serde(deserialize_with = "parse_choice")]
+    pub cache_type_k: KvCacheType,
     /// KV cache type for V (quantized V needs flash attention).
-    pub cache_type_v: String,
+    #[serde(deserialize_with = "parse_choice")]
+    pub cache_type_v: KvCacheType,
     /// Requests waiting for a free slot: at most `parallel + queue_depth` are in
     /// flight, beyond that calls get RESOURCE_EXHAUSTED with a retry hint.
     pub queue_depth: usize,
@@ -119,15 +123,15 @@ impl Default for Config {
             threads: 0,
             n_gpu_layers: -1,
             main_gpu: 0,
-            split_mode: "layer".into(),
+            split_mode: SplitMode::Layer,
             tensor_split: Vec::new(),
             mmproj_offload: true,
             // Measured on the tiny model, CPU: flash attention moves the last-prompt
             // logits of a 13-tile image by up to 0.58 from the reference (0.016
             // without), beyond the parity tolerance; deployments opt in.
-            flash_attn: "off".into(),
-            cache_type_k: "f16".into(),
-            cache_type_v: "f16".into(),
+            flash_attn: FlashAttn::Off,
+            cache_type_k: KvCacheType::F16,
+            cache_type_v: KvCacheType::F16,
             queue_depth: 64,
             stream_buffer: 32,
             max_message_bytes: 32 * 1024 * 1024,
@@ -220,28 +224,6 @@ impl Config {
         } else {
             self.threads as i32
         };
-        let split_mode = match self.split_mode.as_str() {
-            "none" => llama_cpp_sys_2::LLAMA_SPLIT_MODE_NONE,
-            "layer" => llama_cpp_sys_2::LLAMA_SPLIT_MODE_LAYER,
-            "row" => llama_cpp_sys_2::LLAMA_SPLIT_MODE_ROW,
-            other => {
-                return Err(invalid(
-                    "split_mode",
-                    format!("{other:?} is not none, layer or row"),
-                ))
-            }
-        };
-        let flash_attn = match self.flash_attn.as_str() {
-            "auto" => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
-            "on" | "true" => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off" | "false" => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
-            other => {
-                return Err(invalid(
-                    "flash_attn",
-                    format!("{other:?} is not auto, on or off"),
-                ))
-            }
-        };
         if self.n_batch == 0 || self.n_ubatch == 0 || self.n_ubatch > self.n_batch {
             return Err(invalid(
                 "n_ubatch",
@@ -300,7 +282,7 @@ impl Config {
             model: ModelParams {
                 n_gpu_layers: self.n_gpu_layers,
                 main_gpu: self.main_gpu,
-                split_mode,
+                split_mode: self.split_mode,
                 tensor_split: self.tensor_split.clone(),
             },
             context: ContextParams {
@@ -308,15 +290,15 @@ impl Config {
                 n_batch: self.n_batch,
                 n_ubatch: self.n_ubatch,
                 threads,
-                flash_attn,
-                type_k: cache_type("cache_type_k", &self.cache_type_k)?,
-                type_v: cache_type("cache_type_v", &self.cache_type_v)?,
+                flash_attn: self.flash_attn,
+                type_k: self.cache_type_k,
+                type_v: self.cache_type_v,
                 n_seq_max: self.parallel,
             },
             vision: VisionParams {
                 use_gpu: self.mmproj_offload,
                 threads,
-                flash_attn,
+                flash_attn: self.flash_attn,
             },
             decode_limits: DecodeLimits {
                 max_side: self.max_image_side,
@@ -335,22 +317,6 @@ impl Config {
                 .or_else(crate::engine::position_rows::default_cache_dir),
         })
     }
-}
-
-fn cache_type(key: &'static str, name: &str) -> Result<u32, ConfigError> {
-    use llama_cpp_sys_2 as sys;
-    Ok(match name {
-        "f32" => sys::GGML_TYPE_F32,
-        "f16" => sys::GGML_TYPE_F16,
-        "bf16" => sys::GGML_TYPE_BF16,
-        "q8_0" => sys::GGML_TYPE_Q8_0,
-        "q4_0" => sys::GGML_TYPE_Q4_0,
-        "q4_1" => sys::GGML_TYPE_Q4_1,
-        "q5_0" => sys::GGML_TYPE_Q5_0,
-        "q5_1" => sys::GGML_TYPE_Q5_1,
-        "iq4_nl" => sys::GGML_TYPE_IQ4_NL,
-        other => return Err(invalid(key, format!("unknown KV cache type {other:?}"))),
-    })
 }
 
 #[cfg(test)]
@@ -380,5 +346,15 @@ mod tests {
         let flags = BTreeMap::from([("split_mode", "diagonal")]);
         let err = Config::load(None, &flags).unwrap_err().to_string();
         assert!(err.contains("split_mode"), "{err}");
+        assert!(
+            err.contains("layer") && err.contains("row"),
+            "names the choices: {err}"
+        );
+        let flags = BTreeMap::from([("cache_type_v", "q3")]);
+        let err = Config::load(None, &flags).unwrap_err().to_string();
+        assert!(
+            err.contains("cache_type_v") && err.contains("q8_0"),
+            "{err}"
+        );
     }
 }

@@ -1,8 +1,13 @@
-//! internvl-grpc: InternVL3 vision-language models over gRPC, on llama.cpp.
+//! internvl-grpc: InternVL3 and InternVL3.5 vision-language models over
+//! gRPC, on llama.cpp.
 //!
-//! Layers run one way: [`service`] (tonic handlers) → [`engine`] (domain,
-//! scheduling) → llama.cpp. [`run`] is the whole server; `main.rs` only parses
-//! configuration, so tests start exactly what production runs.
+//! The product API: [`run`] (the whole server; `main.rs` only parses
+//! configuration, so tests start exactly what production runs),
+//! [`config::Config`], the [`engine::Engine`] handle and its domain types,
+//! the generated [`service::proto`] client and server, and the model
+//! [`catalog`]. Layers run one way: [`service`] (tonic handlers) →
+//! [`engine`] (domain, scheduling) → llama.cpp. `docs/ARCHITECTURE.md` walks
+//! one request through them, file by file.
 
 pub mod catalog;
 pub mod cli;

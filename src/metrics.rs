@@ -11,12 +11,12 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
-use crate::engine::{Engine, Timings, Usage};
+use crate::engine::{Engine, SlotPhase, Timings, Usage};
 
 /// Every metric the service exports.
 pub struct Metrics {
@@ -33,6 +33,7 @@ pub struct Metrics {
     cached_tiles: IntCounter,
     in_flight: IntGauge,
     active: IntGauge,
+    slots: IntGaugeVec,
     queued: IntGauge,
 }
 
@@ -106,6 +107,14 @@ impl Default for Metrics {
                 "Sequences being prefilled or decoded (continuous-batching slots in use)",
             )
             .expect("valid gauge"),
+            slots: IntGaugeVec::new(
+                Opts::new(
+                    "internvl_slots",
+                    "Sequence slots by phase (idle, prefilling, awaiting_tile, generating, held_by_client, embedding)",
+                ),
+                &["phase"],
+            )
+            .expect("valid gauge"),
             queued: IntGauge::new(
                 "internvl_queue_depth",
                 "Requests accepted and waiting for a slot (in flight minus active)",
@@ -127,6 +136,7 @@ impl Default for Metrics {
         register(Box::new(metrics.cached_tiles.clone()));
         register(Box::new(metrics.in_flight.clone()));
         register(Box::new(metrics.active.clone()));
+        register(Box::new(metrics.slots.clone()));
         register(Box::new(metrics.queued.clone()));
         metrics
     }
@@ -158,7 +168,15 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self, in_flight: usize, active_sequences: usize) -> String {
+    pub fn render(&self, in_flight: usize, phases: &[(SlotPhase, usize)]) -> String {
+        let active_sequences: usize = phases
+            .iter()
+            .filter(|(phase, _)| *phase != SlotPhase::Idle)
+            .map(|(_, n)| n)
+            .sum();
+        for (phase, n) in phases {
+            self.slots.with_label_values(&[phase.name()]).set(*n as i64);
+        }
         self.in_flight.set(in_flight as i64);
         self.active.set(active_sequences as i64);
         // Both are read without a lock, so a slot filling between the reads
@@ -187,7 +205,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, engine: Engine)
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |_request: Request<hyper::body::Incoming>| {
-                    let body = metrics.render(engine.in_flight(), engine.active_sequences());
+                    let body = metrics.render(engine.in_flight(), &engine.slot_phases());
                     async move {
                         Ok::<_, Infallible>(
                             Response::builder()

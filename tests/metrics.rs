@@ -82,6 +82,14 @@ async fn requests_tokens_and_latencies_are_exported() {
     assert_eq!(value(&during, "internvl_requests_in_flight"), Some(1.0));
     assert_eq!(value(&during, "internvl_active_sequences"), Some(1.0));
     assert_eq!(value(&during, "internvl_queue_depth"), Some(0.0));
+    // Its slot is decoding, or waiting for this client to read.
+    let decoding = |m: &str| {
+        ["generating", "held_by_client"]
+            .iter()
+            .map(|p| value(m, &format!("internvl_slots{{phase=\"{p}\"}}")).unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    assert_eq!(decoding(&during), 1.0, "{during}");
     // A second stream waits for the only slot.
     let queued = client
         .clone()
@@ -127,6 +135,7 @@ async fn requests_tokens_and_latencies_are_exported() {
     assert_eq!(value(&m, "internvl_inter_token_seconds_count"), Some(1.0));
     assert_eq!(value(&m, "internvl_requests_in_flight"), Some(0.0));
     assert_eq!(value(&m, "internvl_active_sequences"), Some(0.0));
+    assert_eq!(decoding(&m), 0.0);
     assert_eq!(value(&m, "internvl_queue_depth"), Some(0.0));
 
     stop.send(()).unwrap();

@@ -160,7 +160,7 @@ fn think_tokens_stream_as_text_and_stop_sequences_see_them() {
         &ModelParams {
             n_gpu_layers: 0,
             main_gpu: 0,
-            split_mode: 0,
+            split_mode: internvl_grpc::engine::SplitMode::None,
             tensor_split: vec![],
         },
     )

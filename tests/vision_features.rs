@@ -131,7 +131,7 @@ fn encode_against_reference(family: &Family, mmproj: &Path) -> Vec<(String, Vec<
             &ModelParams {
                 n_gpu_layers: 0,
                 main_gpu: 0,
-                split_mode: 0,
+                split_mode: internvl_grpc::engine::SplitMode::None,
                 tensor_split: vec![],
             },
         )
@@ -143,7 +143,7 @@ fn encode_against_reference(family: &Family, mmproj: &Path) -> Vec<(String, Vec<
         &VisionParams {
             use_gpu: false,
             threads: 2,
-            flash_attn: 0,
+            flash_attn: internvl_grpc::engine::FlashAttn::Off,
         },
     )
     .unwrap();

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::error::EngineError;
 use super::llama::{Model, Vision, VisionParams};
 use super::vision::TileHash;
-use super::EngineError;
 
 /// A tile's embeddings, or why it could not be encoded.
 pub(crate) type EncodeResult = Result<Arc<Vec<f32>>, String>;

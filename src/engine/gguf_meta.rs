@@ -6,9 +6,9 @@ use std::path::Path;
 use llama_cpp_2::gguf::GgufContext;
 use llama_cpp_sys_2 as sys;
 
+use super::error::EngineError;
 use super::gguf::{self, Gguf};
 use super::vision::TileSpec;
-use super::EngineError;
 
 fn file_error(path: &Path, message: impl Into<String>) -> EngineError {
     EngineError::ModelFile {

@@ -8,21 +8,33 @@
 //! run on the caller's blocking threads.
 
 mod cache;
-pub mod digest;
 mod encoder;
 mod error;
-pub mod gguf;
 mod gguf_meta;
-pub mod llama;
-pub mod position_rows;
-pub mod prompt;
 mod protocol;
-pub mod resize;
-pub mod sampling;
 pub mod settings;
 mod types;
-pub mod vision;
 mod worker;
+
+// Internal: public only so that tests, benches and fuzz targets can reach
+// the parts they check; not the product API (that is `Engine` and the types
+// re-exported below).
+#[doc(hidden)]
+pub mod digest;
+#[doc(hidden)]
+pub mod gguf;
+#[doc(hidden)]
+pub mod llama;
+#[doc(hidden)]
+pub mod position_rows;
+#[doc(hidden)]
+pub mod prompt;
+#[doc(hidden)]
+pub mod resize;
+#[doc(hidden)]
+pub mod sampling;
+#[doc(hidden)]
+pub mod vision;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
+use super::error::EngineError;
 use super::llama::Model;
 use super::vision::{self, DecodeLimits, TileSpec, TiledImage};
-use super::EngineError;
 
 /// What the template renders for an image part, replaced by the image block.
 pub const IMAGE_PLACEHOLDER: &str = "<IMG_CONTEXT>";

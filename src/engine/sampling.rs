@@ -297,6 +297,31 @@ mod tests {
     }
 
     #[test]
+    fn a_four_byte_character_split_three_ways_comes_out_whole() {
+        let mut s = TextStream::new(vec![]);
+        let bytes = "a🦀b".as_bytes();
+        assert_eq!(s.push(&bytes[..2]).text, "a");
+        assert_eq!(s.push(&bytes[2..4]).text, "");
+        assert_eq!(s.push(&bytes[4..]).text, "🦀b");
+        assert_eq!(s.finish().text, "");
+    }
+
+    #[test]
+    fn held_back_text_is_released_at_the_end() {
+        let mut s = TextStream::new(vec!["STOP".into()]);
+        assert_eq!(s.push(b"end ST").text, "end ");
+        assert_eq!(s.finish().text, "ST");
+    }
+
+    #[test]
+    fn the_earliest_of_several_stop_sequences_wins() {
+        let mut s = TextStream::new(vec!["world".into(), "lo w".into()]);
+        let r = s.push(b"hello world");
+        assert!(r.stopped);
+        assert_eq!(r.text, "hel");
+    }
+
+    #[test]
     fn logprobs_are_normalised_and_sorted() {
         let logits = [0.5f32, 1.0, 3.0, -2.0];
         let (chosen, top) = logprobs(&logits, 1, 4);

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::llama::{ContextParams, ModelParams, VisionParams};
 use super::vision::DecodeLimits;
 
 /// Everything needed to load and run a model, except where its files are.
@@ -35,6 +34,51 @@ pub struct EngineSettings {
     /// Where files derived from the model files are kept (the corrected
     /// mmproj, see [`position_rows`]); `None` when no directory is known.
     pub cache_dir: Option<PathBuf>,
+}
+
+/// How the language model is loaded and offloaded.
+#[derive(Clone, Debug)]
+pub struct ModelParams {
+    /// Layers to offload to the GPU (-1 = all).
+    pub n_gpu_layers: i32,
+    /// GPU for the whole model when `split_mode` is none.
+    pub main_gpu: i32,
+    /// How layers are spread over several GPUs.
+    pub split_mode: SplitMode,
+    /// Proportions per GPU; empty = llama.cpp's default.
+    pub tensor_split: Vec<f32>,
+}
+
+/// How the inference context is sized and run.
+#[derive(Clone, Debug)]
+pub struct ContextParams {
+    /// Context length in tokens.
+    pub n_ctx: u32,
+    /// Largest batch submitted to one decode.
+    pub n_batch: u32,
+    /// Physical micro-batch size.
+    pub n_ubatch: u32,
+    /// CPU threads for decoding and prefill.
+    pub threads: i32,
+    /// Fused attention kernels.
+    pub flash_attn: FlashAttn,
+    /// Element type of the K cache.
+    pub type_k: KvCacheType,
+    /// Element type of the V cache.
+    pub type_v: KvCacheType,
+    /// Sequences decoded together (continuous-batching slots).
+    pub n_seq_max: u32,
+}
+
+/// Settings of the vision encoder context.
+#[derive(Clone, Debug)]
+pub struct VisionParams {
+    /// Run the vision encoder on the GPU.
+    pub use_gpu: bool,
+    /// CPU threads for the encoder.
+    pub threads: i32,
+    /// Fused attention kernels.
+    pub flash_attn: FlashAttn,
 }
 
 /// How the language model's layers are spread over several GPUs.
@@ -92,6 +136,51 @@ pub enum KvCacheType {
     Iq4Nl,
 }
 
+/// The names a choice is written as, for parsing with an error that lists
+/// the allowed values (serde's own names the key but not the values).
+macro_rules! choice_names {
+    ($ty:ident { $($variant:ident => $name:literal $(| $alias:literal)*),+ $(,)? }) => {
+        impl std::str::FromStr for $ty {
+            type Err = String;
+
+            fn from_str(text: &str) -> Result<Self, String> {
+                match text {
+                    $($name $(| $alias)* => Ok($ty::$variant),)+
+                    other => Err(format!(
+                        "{other:?} is not one of {}",
+                        [$($name),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+choice_names!(SplitMode { None => "none", Layer => "layer", Row => "row" });
+choice_names!(FlashAttn { Auto => "auto", On => "on" | "true", Off => "off" | "false" });
+choice_names!(KvCacheType {
+    F32 => "f32",
+    F16 => "f16",
+    Bf16 => "bf16",
+    Q8_0 => "q8_0",
+    Q4_0 => "q4_0",
+    Q4_1 => "q4_1",
+    Q5_0 => "q5_0",
+    Q5_1 => "q5_1",
+    Iq4Nl => "iq4_nl",
+});
+
+/// Deserializes a choice from its name through `FromStr`, so that a wrong
+/// value is refused with the allowed ones (for `#[serde(deserialize_with)]`).
+pub fn parse_choice<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +201,14 @@ mod tests {
         assert_eq!(keys.split_mode, SplitMode::Row);
         assert_eq!(keys.flash_attn, FlashAttn::Off);
         assert_eq!(keys.cache_type_k, KvCacheType::Iq4Nl);
+    }
+
+    #[test]
+    fn names_parse_and_unknown_ones_list_the_choices() {
+        assert_eq!("true".parse::<FlashAttn>(), Ok(FlashAttn::On));
+        assert_eq!("q5_1".parse::<KvCacheType>(), Ok(KvCacheType::Q5_1));
+        let err = "q3".parse::<KvCacheType>().unwrap_err();
+        assert!(err.contains("\"q3\"") && err.contains("iq4_nl"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, RgbaImage};
 
+use super::error::EngineError;
 use super::resize::resize_bicubic;
-use super::EngineError;
 
 /// Tiling parameters of the vision encoder, read from the mmproj file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

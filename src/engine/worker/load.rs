@@ -114,7 +114,7 @@ impl Worker {
             quantization: model.description(),
             chat_template: template_source,
             offload: format!(
-                "n_gpu_layers={} split_mode={} main_gpu={} tensor_split={:?} mmproj_offload={} gpu_offload_supported={}",
+                "n_gpu_layers={} split_mode={:?} main_gpu={} tensor_split={:?} mmproj_offload={} gpu_offload_supported={}",
                 settings.model.n_gpu_layers,
                 settings.model.split_mode,
                 settings.model.main_gpu,

@@ -1,0 +1,118 @@
+//! Proto ⇄ engine conversions for responses: the one place that knows both
+//! the generated types and the engine's.
+
+use super::proto;
+use crate::engine::{self, Embedding, GenerateEvent, ModelInfo, TokenCount};
+
+fn finish_reason(reason: engine::FinishReason) -> proto::FinishReason {
+    match reason {
+        engine::FinishReason::Stop => proto::FinishReason::Stop,
+        engine::FinishReason::Length => proto::FinishReason::Length,
+        engine::FinishReason::StopSequence => proto::FinishReason::StopSequence,
+        engine::FinishReason::Cancelled => proto::FinishReason::Cancelled,
+    }
+}
+
+/// One engine event as a stream message.
+pub(super) fn response(event: GenerateEvent) -> proto::GenerateResponse {
+    use proto::generate_response::Event;
+    let event = match event {
+        GenerateEvent::Delta { text, tokens } => Event::Delta(proto::Delta {
+            text,
+            tokens: tokens
+                .into_iter()
+                .map(|t| proto::Token {
+                    id: t.id,
+                    text: t.text,
+                    logprob: t.logprob,
+                    top: t
+                        .top
+                        .into_iter()
+                        .map(|a| proto::TopLogprob {
+                            id: a.id,
+                            text: a.text,
+                            logprob: a.logprob,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }),
+        GenerateEvent::Done {
+            finish_reason: reason,
+            usage,
+            timings,
+        } => Event::Done(proto::Done {
+            finish_reason: finish_reason(reason) as i32,
+            usage: Some(proto::Usage {
+                prompt_tokens: usage.prompt_tokens,
+                image_tokens: usage.image_tokens,
+                completion_tokens: usage.completion_tokens,
+                cached_tokens: usage.cached_tokens,
+                cached_image_tiles: usage.cached_image_tiles,
+            }),
+            timings: Some(proto::Timings {
+                queue_ms: timings.queue_ms,
+                vision_ms: timings.vision_ms,
+                prefill_ms: timings.prefill_ms,
+                decode_ms: timings.decode_ms,
+                ttft_ms: timings.ttft_ms,
+            }),
+        }),
+    };
+    proto::GenerateResponse { event: Some(event) }
+}
+
+/// Embed's answer.
+pub(super) fn embed_response(embeddings: Vec<Embedding>) -> proto::EmbedResponse {
+    let dimensions = embeddings.first().map_or(0, |e| e.values.len() as u32);
+    proto::EmbedResponse {
+        embeddings: embeddings
+            .into_iter()
+            .map(|e| proto::Embedding {
+                values: e.values,
+                tokens: e.tokens,
+            })
+            .collect(),
+        dimensions,
+    }
+}
+
+/// CountTokens' answer.
+pub(super) fn count_response(count: TokenCount) -> proto::CountTokensResponse {
+    proto::CountTokensResponse {
+        prompt_tokens: count.prompt_tokens,
+        image_tokens: count.image_tokens,
+        images: count
+            .grids
+            .into_iter()
+            .map(|g| proto::ImageGrid {
+                cols: g.cols,
+                rows: g.rows,
+                tiles: g.tiles,
+            })
+            .collect(),
+        input_ids: count.input_ids,
+    }
+}
+
+/// GetModelInfo's answer.
+pub(super) fn model_info(info: ModelInfo) -> proto::ModelInfo {
+    let tiles = info.tiles;
+    proto::ModelInfo {
+        name: info.name,
+        architecture: info.architecture,
+        context_size: info.context_size,
+        vocab_size: info.vocab_size,
+        embedding_size: info.embedding_size,
+        tile_size: tiles.tile_size,
+        min_tiles: tiles.min_tiles,
+        max_tiles: tiles.max_tiles,
+        image_tokens_per_tile: tiles.tokens_per_tile,
+        quantization: info.quantization,
+        chat_template: info.chat_template,
+        offload: info.offload,
+        projector: info.projector,
+        training_context_size: info.training_context_size,
+        parallel: info.parallel,
+    }
+}
