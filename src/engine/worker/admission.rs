@@ -110,7 +110,7 @@ impl Worker {
                     Some(Sequence::Embed(Box::new(EmbedSeq::new(job, n_embd))));
             }
         }
-        self.publish_phases();
+        // Phases are published by the loop once admission is over.
         Ok(())
     }
 }
