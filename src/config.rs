@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::settings::{parse_choice, ContextParams, ModelParams, VisionParams};
-use crate::engine::{DecodeLimits, EngineSettings, FlashAttn, KvCacheType, SplitMode};
+use crate::engine::{
+    DecodeLimits, EngineSettings, FlashAttn, FormatLimits, KvCacheType, SplitMode,
+};
 
 /// Everything a deployment can set. Field names are the TOML keys and, upper-cased
 /// with the `INTERNVL_` prefix, the environment variables.
@@ -84,6 +86,18 @@ pub struct Config {
     /// MiB of finished conversations' KV cells kept in memory so a prompt that
     /// starts the same way skips their prefill (0 = no prefix cache).
     pub prefix_cache_mb: usize,
+    /// Largest `response_format` accepted, in KiB.
+    pub max_format_kb: usize,
+    /// Compiled `response_format`s kept for reuse.
+    pub format_cache_entries: usize,
+    /// Work allowed to compile one format (llguidance's initial lexer fuel);
+    /// a format that needs more is refused.
+    pub format_compile_fuel: u64,
+    /// Work allowed per token's mask (llguidance's step lexer fuel); a
+    /// sequence that needs more ends with an error.
+    pub format_mask_fuel: u64,
+    /// Lexer states one format may create (about 1-2 kB each).
+    pub format_max_lexer_states: usize,
     /// Accepted API keys (`authorization: Bearer <key>`); empty = no authentication.
     pub api_keys: Vec<String>,
     /// Health and reflection answer without an API key (for probes and tooling).
@@ -142,6 +156,11 @@ impl Default for Config {
             drain_grace_secs: 30.0,
             image_cache_mb: 512,
             prefix_cache_mb: 512,
+            max_format_kb: 64,
+            format_cache_entries: FormatLimits::default().cache_entries,
+            format_compile_fuel: FormatLimits::default().compile_fuel,
+            format_mask_fuel: FormatLimits::default().mask_fuel,
+            format_max_lexer_states: FormatLimits::default().max_lexer_states,
             api_keys: Vec::new(),
             open_health_and_reflection: true,
             tls_cert: None,
@@ -310,6 +329,13 @@ impl Config {
             stream_buffer: self.stream_buffer,
             image_cache_bytes: self.image_cache_mb.saturating_mul(1024 * 1024),
             prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1024 * 1024),
+            formats: FormatLimits {
+                max_bytes: self.max_format_kb.saturating_mul(1024),
+                cache_entries: self.format_cache_entries,
+                compile_fuel: self.format_compile_fuel,
+                mask_fuel: self.format_mask_fuel,
+                max_lexer_states: self.format_max_lexer_states,
+            },
             cache_dir: self
                 .cache_dir
                 .clone()

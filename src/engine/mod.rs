@@ -8,8 +8,10 @@
 //! run on the caller's blocking threads.
 
 mod cache;
+mod constraint;
 mod encoder;
 mod error;
+mod gbnf;
 mod gguf_meta;
 mod protocol;
 pub mod settings;
@@ -42,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use constraint::{FormatLimits, ResponseFormat};
 pub use error::EngineError;
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
 pub use protocol::{EngineState, Loaded};
@@ -243,6 +246,19 @@ impl Engine {
         let arrived = Instant::now();
         // The prompt replaces the messages; moving them avoids copying image bytes.
         let messages = std::mem::take(&mut request.messages);
+        // A bad format is refused before any image is decoded.
+        let constraint = match request.response_format.clone() {
+            None => None,
+            Some(format) => {
+                let loaded = self.loaded()?;
+                let compiled = tokio::task::spawn_blocking(move || loaded.formats.compile(&format))
+                    .await
+                    .map_err(|e| {
+                        EngineError::Inference(format!("format compilation panicked: {e}"))
+                    })??;
+                Some(compiled)
+            }
+        };
         let (loaded, prompt) = self.chat_prompt(messages).await?;
         let n_ctx = loaded.info.context_size;
         if request.max_new_tokens == 0 {
@@ -296,6 +312,7 @@ impl Engine {
             enqueued: Instant::now(),
             events,
             in_flight,
+            constraint,
         };
         self.submit(Job::Generate(Box::new(job)))?;
         Ok(receiver)

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::constraint::{Constraint, FormatCompiler};
 use super::error::EngineError;
 use super::llama::Model;
 use super::prompt::{ChatTemplate, Prompt};
@@ -38,6 +39,8 @@ pub struct Loaded {
     pub(crate) limits: DecodeLimits,
     pub(crate) info: ModelInfo,
     pub(crate) image_context_token: i32,
+    /// Compiles `response_format`s against this model's vocabulary.
+    pub(crate) formats: FormatCompiler,
 }
 
 /// A Generate call on its way to a slot.
@@ -50,6 +53,8 @@ pub(crate) struct GenerateJob {
     pub(crate) enqueued: Instant,
     pub(crate) events: mpsc::Sender<EventResult>,
     pub(crate) in_flight: InFlight,
+    /// The compiled `response_format`, if any.
+    pub(crate) constraint: Option<Constraint>,
 }
 
 /// An Embed call on its way to a slot.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::constraint::FormatLimits;
 use super::vision::DecodeLimits;
 
 /// Everything needed to load and run a model, except where its files are.
@@ -31,6 +32,8 @@ pub struct EngineSettings {
     pub image_cache_bytes: usize,
     /// Bytes of finished sequences' KV cells kept for prefix reuse (0 = none).
     pub prefix_cache_bytes: usize,
+    /// Limits on `response_format`s.
+    pub formats: FormatLimits,
     /// Where files derived from the model files are kept (the corrected
     /// mmproj, see [`position_rows`]); `None` when no directory is known.
     pub cache_dir: Option<PathBuf>,

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::constraint::ResponseFormat;
 use super::prompt::{ChatMessage, ImageGrid, Part};
 use super::sampling::SamplingParams;
 use super::vision::TileSpec;
@@ -67,6 +68,8 @@ pub struct GenerateRequest {
     pub request_id: String,
     /// When the caller stops waiting (gRPC deadline).
     pub deadline: Option<Instant>,
+    /// What the reply's text must be; `None` = free text.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// Why generation ended.

@@ -2,8 +2,8 @@
 //! client wrote it, e.g. `messages[1].content[0].image.data`.
 
 use crate::engine::{
-    ChatMessage, EmbedRequest, EngineError, GenerateRequest, ImageInput, Part, Pooling, Role,
-    SamplingParams, VideoInput,
+    ChatMessage, EmbedRequest, EngineError, GenerateRequest, ImageInput, Part, Pooling,
+    ResponseFormat, Role, SamplingParams, VideoInput,
 };
 
 use super::proto;
@@ -278,6 +278,25 @@ pub fn generate(request: proto::GenerateRequest, limits: &Limits) -> Result<Gene
         logprobs: request.logprobs,
         request_id: request.request_id,
         deadline: None,
+        response_format: request.response_format.map(response_format).transpose()?,
+    })
+}
+
+/// A `response_format`; its content is checked when the engine compiles it.
+fn response_format(format: proto::ResponseFormat) -> Result<ResponseFormat> {
+    use proto::response_format::Format;
+    Ok(match format.format {
+        None => {
+            return Err(invalid(
+                "response_format",
+                "set, but none of json_schema, json_object, regex, grammar, choice is",
+            ))
+        }
+        Some(Format::JsonSchema(schema)) => ResponseFormat::JsonSchema(schema),
+        Some(Format::JsonObject(_)) => ResponseFormat::JsonObject,
+        Some(Format::Regex(rx)) => ResponseFormat::Regex(rx),
+        Some(Format::Grammar(gbnf)) => ResponseFormat::Grammar(gbnf),
+        Some(Format::Choice(choice)) => ResponseFormat::Choice(choice.options),
     })
 }
 

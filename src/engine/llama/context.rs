@@ -9,7 +9,8 @@ use llama_cpp_sys_2 as sys;
 use crate::engine::error::EngineError;
 use crate::engine::settings::ContextParams;
 
-use super::{flash_attn, ggml_type, Model};
+use super::ffi::{flash_attn, ggml_type};
+use super::model::Model;
 
 /// One position of a mixed token batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -394,6 +395,21 @@ impl Context {
         // SAFETY: llama.cpp keeps n_vocab floats per output until the next decode,
         // and `&self` prevents a decode while the slice lives.
         Ok(unsafe { std::slice::from_raw_parts(ptr, n) })
+    }
+
+    /// Logits at batch index `i` of the last decode, writable: a constrained
+    /// sequence masks them in place rather than copying the vocabulary.
+    pub fn logits_mut(&mut self, i: i32) -> Result<&mut [f32], EngineError> {
+        // SAFETY: as in `logits`; null for an invalid index.
+        let ptr = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i) };
+        if ptr.is_null() {
+            return Err(EngineError::Inference(format!("no logits at output {i}")));
+        }
+        let n = self._model.n_vocab() as usize;
+        // SAFETY: n_vocab floats per output, owned by the context, which only
+        // reads them again when a later decode overwrites them; `&mut self`
+        // makes this the only reference while it lives.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
     }
 
     /// Final hidden state (after the final norm) at output `i` of the last decode.

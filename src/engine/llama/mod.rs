@@ -10,74 +10,17 @@
 //! because llama.cpp asserts abort the process.
 
 mod context;
+mod ffi;
 mod model;
 mod mtmd;
-
-use std::ffi::CString;
-use std::path::Path;
-use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
 use super::error::EngineError;
 pub use super::settings::{ContextParams, ModelParams, VisionParams};
-use super::settings::{FlashAttn, KvCacheType, SplitMode};
 pub use context::{BatchToken, Context, Outputs};
 pub use model::{quantize, Model, Quantization};
 pub use mtmd::Vision;
-
-pub(super) fn split_mode(mode: SplitMode) -> u32 {
-    match mode {
-        SplitMode::None => sys::LLAMA_SPLIT_MODE_NONE,
-        SplitMode::Layer => sys::LLAMA_SPLIT_MODE_LAYER,
-        SplitMode::Row => sys::LLAMA_SPLIT_MODE_ROW,
-    }
-}
-
-pub(super) fn flash_attn(choice: FlashAttn) -> i32 {
-    match choice {
-        FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
-        FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-        FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
-    }
-}
-
-pub(super) fn ggml_type(kind: KvCacheType) -> u32 {
-    match kind {
-        KvCacheType::F32 => sys::GGML_TYPE_F32,
-        KvCacheType::F16 => sys::GGML_TYPE_F16,
-        KvCacheType::Bf16 => sys::GGML_TYPE_BF16,
-        KvCacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
-        KvCacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
-        KvCacheType::Q4_1 => sys::GGML_TYPE_Q4_1,
-        KvCacheType::Q5_0 => sys::GGML_TYPE_Q5_0,
-        KvCacheType::Q5_1 => sys::GGML_TYPE_Q5_1,
-        KvCacheType::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
-    }
-}
-
-fn path_cstring(path: &Path) -> Result<CString, EngineError> {
-    CString::new(path.to_string_lossy().as_bytes()).map_err(|_| EngineError::ModelFile {
-        path: path.to_path_buf(),
-        message: "path contains a NUL byte".into(),
-    })
-}
-
-/// A C allocation freed with its own destructor.
-struct Owned<T>(NonNull<T>, unsafe extern "C" fn(*mut T));
-
-impl<T> Owned<T> {
-    fn new(ptr: *mut T, free: unsafe extern "C" fn(*mut T)) -> Option<Self> {
-        NonNull::new(ptr).map(|p| Self(p, free))
-    }
-}
-
-impl<T> Drop for Owned<T> {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from the matching allocator and is freed once.
-        unsafe { (self.1)(self.0.as_ptr()) }
-    }
-}
 
 /// Starts llama.cpp's backends once and routes its logs to `tracing`.
 pub fn init_backend() -> Result<(), EngineError> {

@@ -8,7 +8,7 @@ use llama_cpp_sys_2 as sys;
 
 use crate::engine::error::EngineError;
 
-use super::{path_cstring, split_mode};
+use super::ffi::{path_cstring, split_mode};
 use crate::engine::settings::ModelParams;
 
 /// Language-model quantizations [`quantize`] can write, as llama.cpp names them.

@@ -9,7 +9,8 @@ use llama_cpp_sys_2 as sys;
 use crate::engine::error::EngineError;
 use crate::engine::settings::VisionParams;
 
-use super::{flash_attn, path_cstring, Model, Owned};
+use super::ffi::{flash_attn, path_cstring, Owned};
+use super::model::Model;
 
 /// The mmproj vision encoder.
 pub struct Vision {

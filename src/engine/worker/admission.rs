@@ -7,9 +7,11 @@ use std::time::Instant;
 
 use tracing::info;
 
+use super::clock::interruption;
+use super::embed::EmbedSeq;
 use super::generate::{self, GenerateSeq};
 use super::slots::{Sequence, Slot};
-use super::{embed::EmbedSeq, interruption, Worker};
+use super::state::Worker;
 use crate::engine::cache::kv_items;
 use crate::engine::protocol::Job;
 

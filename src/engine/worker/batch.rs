@@ -6,8 +6,10 @@ use std::time::Instant;
 
 use tracing::warn;
 
+use super::clock::ms;
+use super::generate::next_token;
 use super::slots::Sequence;
-use super::{ms, Worker};
+use super::state::Worker;
 use crate::engine::cache::KvItem;
 use crate::engine::error::EngineError;
 use crate::engine::llama::BatchToken;
@@ -153,6 +155,27 @@ impl Worker {
             }
         }
         true
+    }
+}
+
+impl Worker {
+    /// Samples the token at batch output `output` for generating slot `index`,
+    /// streams it, and finishes the request when it is over.
+    pub(super) fn sample(&mut self, index: usize, output: i32) {
+        let outcome = {
+            let pos = self.slots[index].kv.positions() as u32;
+            let Some(Sequence::Generate(g)) = &mut self.slots[index].sequence else {
+                return;
+            };
+            let n_ctx = self.context.n_ctx();
+            match self.context.logits_mut(output) {
+                Err(e) => Some(Err(e)),
+                Ok(logits) => next_token(&self.model, g, logits, pos, n_ctx),
+            }
+        };
+        if let Some(outcome) = outcome {
+            self.finish(index, outcome);
+        }
     }
 }
 

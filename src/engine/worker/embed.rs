@@ -4,12 +4,7 @@
 use tracing::info;
 
 use super::prefill::Prefill;
-use super::slots::Sequence;
-use super::Worker;
-use crate::engine::cache::KvItem;
 use crate::engine::error::EngineError;
-use crate::engine::llama::Outputs;
-use crate::engine::prompt::PromptItem;
 use crate::engine::protocol::EmbedJob;
 use crate::engine::types::{Embedding, FinishReason, Pooling};
 
@@ -43,6 +38,40 @@ impl EmbedSeq {
             done: Vec::new(),
         }
     }
+
+    /// Starts the next input from nothing; false when every input is done.
+    pub(super) fn begin_input(&mut self) -> bool {
+        let Some(prompt) = self.job.prompts.get(self.input) else {
+            return false;
+        };
+        self.prefill = Some(Prefill::new(prompt.clone(), prompt.items(), 0));
+        self.sum.iter_mut().for_each(|s| *s = 0.0);
+        self.count = 0;
+        true
+    }
+
+    /// Adds one position's final hidden state to the current input.
+    pub(super) fn accumulate(&mut self, hidden: &[f32]) {
+        for (s, &x) in self.sum.iter_mut().zip(hidden) {
+            *s += f64::from(x);
+        }
+        self.last.copy_from_slice(hidden);
+        self.count += 1;
+    }
+
+    /// Pools the current input once all of it is decoded; true when every
+    /// input is.
+    pub(super) fn end_input_if_decoded(&mut self) -> Result<bool, EngineError> {
+        if self.prefill.as_ref().is_some_and(Prefill::done) {
+            let prompt_tokens = self.job.prompts[self.input].prompt_tokens;
+            self.prefill = None;
+            let pooling = (self.job.pooling, self.job.normalize);
+            let v = pool(&self.sum, &self.last, self.count, prompt_tokens, pooling)?;
+            self.done.push(v);
+            self.input += 1;
+        }
+        Ok(self.input >= self.job.prompts.len())
+    }
 }
 
 /// Answers a finished Embed request: its vectors, or the error.
@@ -53,115 +82,10 @@ pub(super) fn close(e: EmbedSeq, outcome: Result<FinishReason, EngineError>) {
     }
 }
 
-impl Worker {
-    /// Decodes one chunk of the Embed request that arrived first, unless it
-    /// waits on the encoder.
-    pub(super) fn decode_embed_chunk(&mut self) -> bool {
-        let Some(index) = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| matches!(s.sequence, Some(Sequence::Embed(_))))
-            .min_by_key(|(_, s)| s.stamp)
-            .map(|(i, _)| i)
-        else {
-            return false;
-        };
-        if let Some(Sequence::Embed(e)) = &self.slots[index].sequence {
-            if e.prefill
-                .as_ref()
-                .is_some_and(|p| self.front_tile_pending(p))
-            {
-                return false;
-            }
-        }
-        self.context.set_embeddings(true);
-        let result = self.embed_chunk(index);
-        self.context.set_embeddings(false);
-        match result {
-            Ok(true) => self.finish(index, Ok(FinishReason::Stop)),
-            Ok(false) => {}
-            Err(e) => self.finish(index, Err(e)),
-        }
-        true
-    }
-
-    /// Advances an Embed request by one chunk; true when every input is done.
-    pub(super) fn embed_chunk(&mut self, index: usize) -> Result<bool, EngineError> {
-        let Some(Sequence::Embed(e)) = &mut self.slots[index].sequence else {
-            return Ok(true);
-        };
-        if e.prefill.is_none() {
-            let Some(prompt) = e.job.prompts.get(e.input) else {
-                return Ok(true);
-            };
-            e.prefill = Some(Prefill::new(prompt.clone(), prompt.items(), 0));
-            e.sum.iter_mut().for_each(|s| *s = 0.0);
-            e.count = 0;
-            // Each input starts from an empty sequence.
-            self.clear_slot(index);
-        }
-        let front = match &self.slots[index].sequence {
-            Some(Sequence::Embed(e)) => e.prefill.as_ref().and_then(Prefill::front),
-            _ => None,
-        };
-        let outputs = match front {
-            Some(PromptItem::Tile { .. }) => self
-                .decode_prefill_tile(index, Outputs::All)?
-                .map_or(0, |(n, _)| n),
-            Some(PromptItem::Token(_)) => {
-                let slot = &mut self.slots[index];
-                let Some(Sequence::Embed(e)) = &mut slot.sequence else {
-                    return Ok(true);
-                };
-                let p = e.prefill.as_mut().expect("set above");
-                let tokens: Vec<i32> = p.items[p.next..]
-                    .iter()
-                    .map_while(|item| match item {
-                        PromptItem::Token(t) => Some(*t),
-                        PromptItem::Tile { .. } => None,
-                    })
-                    .take(EMBED_CHUNK)
-                    .collect();
-                let pos = slot.kv.positions() as i32;
-                self.context
-                    .decode_tokens(&tokens, pos, slot.seq, Outputs::All)?;
-                p.next += tokens.len();
-                for &t in &tokens {
-                    slot.kv.push(KvItem::Token(t), self.tokens_per_tile);
-                }
-                tokens.len()
-            }
-            None => 0,
-        };
-        let slot = &mut self.slots[index];
-        let Some(Sequence::Embed(e)) = &mut slot.sequence else {
-            return Ok(true);
-        };
-        for i in 0..outputs {
-            let v = self.context.embeddings(i as i32)?;
-            for (s, &x) in e.sum.iter_mut().zip(v) {
-                *s += f64::from(x);
-            }
-            e.last.copy_from_slice(v);
-            e.count += 1;
-        }
-        if e.prefill.as_ref().is_some_and(Prefill::done) {
-            let prompt_tokens = e.job.prompts[e.input].prompt_tokens;
-            e.prefill = None;
-            let pooling = (e.job.pooling, e.job.normalize);
-            e.done
-                .push(pool(&e.sum, &e.last, e.count, prompt_tokens, pooling)?);
-            e.input += 1;
-        }
-        Ok(e.input >= e.job.prompts.len())
-    }
-}
-
 /// The pooled (and maybe normalized) vector of a finished input, from the
 /// running `sum` and `last` of its `count` positions; `expected` is the
 /// input's length (a mismatch means positions were lost).
-pub(super) fn pool(
+fn pool(
     sum: &[f64],
     last: &[f32],
     count: u32,

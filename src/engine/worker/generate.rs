@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use tracing::{info, info_span, warn};
 
+use super::clock::ms;
 use super::outbox::Outbox;
 use super::prefill::Prefill;
-use super::slots::Sequence;
-use super::{ms, Worker};
+use crate::engine::constraint::Constraint;
 use crate::engine::error::EngineError;
 use crate::engine::llama::Model;
 use crate::engine::prompt::PromptItem;
@@ -35,6 +35,8 @@ pub(super) struct GenerateSeq {
     pub(super) next_token: Option<i32>,
     decode_started: Option<Instant>,
     pub(super) out: Outbox,
+    /// Where the reply stands in its `response_format`.
+    constraint: Option<Constraint>,
 }
 
 /// The outbox of a job refused at admission (drain, deadline): it carries
@@ -68,6 +70,7 @@ impl GenerateSeq {
             enqueued,
             events,
             in_flight,
+            constraint,
         } = job;
         let mut sampler = TokenSampler::new(&request.sampling, n_vocab);
         sampler.accept_prompt(prompt.text_tokens());
@@ -87,31 +90,12 @@ impl GenerateSeq {
             completion: 0,
             next_token: None,
             decode_started: None,
+            constraint,
             out: Outbox {
                 events,
                 pending: VecDeque::new(),
                 _in_flight: in_flight,
             },
-        }
-    }
-}
-
-impl Worker {
-    /// Samples the token at batch output `output` for generating slot `index`,
-    /// streams it, and finishes the request when it is over.
-    pub(super) fn sample(&mut self, index: usize, output: i32) {
-        let outcome = {
-            let pos = self.slots[index].kv.positions() as u32;
-            let Some(Sequence::Generate(g)) = &mut self.slots[index].sequence else {
-                return;
-            };
-            match self.context.logits(output) {
-                Err(e) => Some(Err(e)),
-                Ok(logits) => next_token(&self.model, g, logits, pos, self.context.n_ctx()),
-            }
-        };
-        if let Some(outcome) = outcome {
-            self.finish(index, outcome);
         }
     }
 }
@@ -142,7 +126,11 @@ pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineErro
                 cached_tokens: g.cached_positions as u32,
                 cached_image_tiles: g.prefill.cached_tiles,
             };
-            info!(?finish, ?usage, timings = ?g.timings, "generation finished");
+            let mask_ms = g
+                .constraint
+                .as_ref()
+                .map(|c| c.mask_time.as_secs_f64() * 1e3);
+            info!(?finish, ?usage, timings = ?g.timings, ?mask_ms, "generation finished");
             g.out.pending.push_back(Ok(GenerateEvent::Done {
                 finish_reason: finish,
                 usage,
@@ -163,13 +151,20 @@ pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineErro
 
 /// Samples the next token from `logits` and streams it. `Some` ends the
 /// request (finished, or the client left).
-fn next_token(
+pub(super) fn next_token(
     model: &Model,
     g: &mut GenerateSeq,
-    logits: &[f32],
+    logits: &mut [f32],
     pos: u32,
     n_ctx: u32,
 ) -> Option<Result<FinishReason, EngineError>> {
+    // Masked before sampling, so log-probabilities below are those of the
+    // constrained distribution.
+    if let Some(c) = &mut g.constraint {
+        if let Err(e) = c.mask(logits) {
+            return Some(Err(e));
+        }
+    }
     let token = g.sampler.sample(logits);
     // A softmax over the whole vocabulary per token is the largest per-token
     // cost of the service (0.3 ms at 151k tokens); only pay it when asked.
@@ -185,6 +180,11 @@ fn next_token(
     }
     if !g.request.ignore_eos && model.is_eog(token) {
         return Some(Ok(FinishReason::Stop));
+    }
+    if let Some(c) = &mut g.constraint {
+        if let Err(e) = c.accept(token) {
+            return Some(Err(e));
+        }
     }
     let piece = model.token_bytes(token, false);
     let released = g.stream.push(&piece);
@@ -213,6 +213,10 @@ fn next_token(
     }
     if released.stopped {
         return Some(Ok(FinishReason::StopSequence));
+    }
+    // A complete format allows nothing more (not even an end token to sample).
+    if g.constraint.as_ref().is_some_and(Constraint::is_complete) {
+        return Some(Ok(FinishReason::Stop));
     }
     if g.completion >= g.request.max_new_tokens || pos >= n_ctx {
         return Some(Ok(FinishReason::Length));

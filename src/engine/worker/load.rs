@@ -8,9 +8,10 @@ use std::time::Instant;
 use tracing::info;
 
 use super::slots::Slot;
-use super::vision_feed::DecodeThreads;
-use super::Worker;
+use super::state::Worker;
+use super::threads::DecodeThreads;
 use crate::engine::cache::{EmbeddingCache, PrefixCache};
+use crate::engine::constraint::{FormatCompiler, Vocabulary};
 use crate::engine::encoder::TileEncoder;
 use crate::engine::error::EngineError;
 use crate::engine::gguf_meta::{check_language_model, read_tile_spec};
@@ -23,6 +24,35 @@ use crate::engine::types::{ModelInfo, ModelPaths};
 
 fn token_text(model: &Model, id: i32) -> String {
     String::from_utf8_lossy(&model.token_bytes(id, true)).into_owned()
+}
+
+/// The vocabulary as constraints see it: each token's text, special tokens
+/// marked with a leading 0xFF (as llama.cpp's llguidance sampler does), so
+/// no format's text can spell them.
+fn vocabulary(model: &Model) -> Vocabulary {
+    let n = model.n_vocab();
+    let mut tokens = Vec::with_capacity(n as usize);
+    let mut end_of_generation = Vec::new();
+    for id in 0..n {
+        if model.is_eog(id) {
+            end_of_generation.push(id as u32);
+        }
+        let text = model.token_bytes(id, false);
+        if text.is_empty() {
+            let special = model.token_bytes(id, true);
+            if special.is_empty() {
+                tokens.push(Vec::new());
+            } else {
+                tokens.push([&[0xFF][..], &special].concat());
+            }
+        } else {
+            tokens.push(text);
+        }
+    }
+    Vocabulary {
+        tokens,
+        end_of_generation,
+    }
 }
 
 impl Worker {
@@ -67,6 +97,7 @@ impl Worker {
                 )));
             }
         }
+        let formats = FormatCompiler::new(vocabulary(&model), settings.formats.clone())?;
         let image_context_token = match model
             .tokenize(crate::engine::prompt::IMAGE_PLACEHOLDER, false, true)?
             .as_slice()
@@ -139,6 +170,7 @@ impl Worker {
             limits: settings.decode_limits,
             info,
             image_context_token,
+            formats,
         });
         // Each step's batch carries one token per generating slot, the rest is
         // prompt text.

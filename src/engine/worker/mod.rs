@@ -7,48 +7,56 @@
 //! chunk of waiting prompts' text, then at most one chunk of image
 //! embeddings and one chunk of an Embed input.
 //!
-//! One concern per file:
+//! One concern per file. What a slot holds, knowing nothing of the worker:
+//! - `slots.rs`: the slot table and each slot's phase;
+//! - `prefill.rs`: a prompt's items still to decode;
+//! - `generate.rs`, `embed.rs`: what a Generate or Embed sequence produces;
+//! - `outbox.rs`: events a slow client has not taken yet;
+//! - `threads.rs`: decode threads beside the encoder;
+//! - `clock.rs`: deadlines, cancellation, durations.
+//!
+//! What the worker (`state.rs`) does, each file adding its methods:
 //! - `load.rs`: loading the model files;
 //! - `admission.rs`: which waiting job enters which slot, and when;
-//! - `slots.rs`: the slot table and each slot's phase;
 //! - `prefix.rs`: reusing a running sequence's or the prefix cache's cells;
-//! - `vision_feed.rs`: which tile the encoder gets next, decode threads;
-//! - `prefill.rs`: a prompt's items still to decode, image chunks;
-//! - `batch.rs`: the step's token batch;
-//! - `generate.rs`, `embed.rs`: what a Generate or Embed sequence produces;
-//! - `outbox.rs`: events a slow client has not taken yet.
+//! - `vision_feed.rs`: which tile the encoder gets next;
+//! - `batch.rs`: the step's token batch, and sampling its outputs;
+//! - `image_chunk.rs`: a chunk of image embeddings;
+//! - `embed_chunk.rs`: a chunk of an Embed request.
 
 mod admission;
 mod batch;
+mod clock;
 mod embed;
+mod embed_chunk;
 mod generate;
+mod image_chunk;
 mod load;
 mod outbox;
 mod prefill;
 mod prefix;
 mod slots;
+mod state;
+mod threads;
 mod vision_feed;
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 
-use super::cache::{EmbeddingCache, PrefixCache};
-use super::encoder::{EncodeResult, TileEncoder};
 use super::error::EngineError;
-use super::llama::{Context, Model};
 use super::protocol::{EngineState, Job, Lifecycle};
 use super::settings::EngineSettings;
 use super::types::{FinishReason, ModelPaths};
-use super::vision::TileHash;
 
+use clock::interruption;
 use outbox::Outbox;
 pub use slots::Phase as SlotPhase;
-use slots::{Sequence, Slot};
-use vision_feed::{awaited, DecodeThreads};
+use slots::Sequence;
+use state::Worker;
+use vision_feed::awaited;
 
 /// How long the loop sleeps when every slot waits on a slow client or on the
 /// vision encoder.
@@ -78,53 +86,6 @@ pub(super) fn run<F>(
     };
     worker.serve(jobs);
     state.send_replace(EngineState::Stopped);
-}
-
-/// Everything the engine thread owns.
-struct Worker {
-    model: Arc<Model>,
-    context: Context,
-    encoder: TileEncoder,
-    /// Tiles back from the encoder that a request has not taken yet.
-    encoded: HashMap<TileHash, (EncodeResult, Duration)>,
-    tokens_per_tile: usize,
-    lifecycle: Arc<Lifecycle>,
-    embeddings: EmbeddingCache,
-    slots: Vec<Slot>,
-    /// Streams whose sequence is over but whose client has not taken every event.
-    outboxes: Vec<Outbox>,
-    /// Taken from the channel, waiting for a slot or for KV room.
-    waiting: Option<Job>,
-    /// Finished sequences' cells, for prompts that start the same way.
-    prefixes: PrefixCache,
-    prefill_chunk: usize,
-    /// Admission counter: a slot's stamp orders its prompt among the others.
-    clock: u64,
-    threads: DecodeThreads,
-}
-
-/// Why a request must stop now, if it must: checked before every step. A
-/// client that left wins over a drain, and a drain over a deadline.
-fn interruption(
-    aborting: bool,
-    client_gone: bool,
-    deadline: Option<Instant>,
-    completed: u32,
-) -> Result<(), EngineError> {
-    if client_gone {
-        Err(EngineError::ClientGone)
-    } else if aborting {
-        Err(EngineError::ShuttingDown)
-    } else if deadline.is_some_and(|d| Instant::now() >= d) {
-        Err(EngineError::DeadlineExceeded { completed })
-    } else {
-        Ok(())
-    }
-}
-
-/// Milliseconds since `since`.
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
 }
 
 impl Worker {
@@ -270,34 +231,5 @@ impl Worker {
             );
         }
         self.lifecycle.set_phases(counts);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_gone_client_outranks_a_drain_and_a_drain_a_deadline() {
-        let past = Some(Instant::now() - Duration::from_secs(1));
-        assert!(matches!(
-            interruption(true, true, past, 3),
-            Err(EngineError::ClientGone)
-        ));
-        assert!(matches!(
-            interruption(true, false, past, 3),
-            Err(EngineError::ShuttingDown)
-        ));
-        assert!(matches!(
-            interruption(false, false, past, 3),
-            Err(EngineError::DeadlineExceeded { completed: 3 })
-        ));
-    }
-
-    #[test]
-    fn a_future_or_absent_deadline_lets_a_request_run() {
-        let future = Some(Instant::now() + Duration::from_secs(60));
-        assert!(interruption(false, false, future, 0).is_ok());
-        assert!(interruption(false, false, None, 0).is_ok());
     }
 }

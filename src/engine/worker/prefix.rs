@@ -6,7 +6,7 @@
 use tracing::warn;
 
 use super::slots::Sequence;
-use super::Worker;
+use super::state::Worker;
 use crate::engine::cache::{reusable, KvContents, KvItem};
 
 /// Which running sequence to share cells from, given the longest running

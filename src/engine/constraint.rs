@@ -1,0 +1,478 @@
+//! Constrained decoding: a request's `response_format` (JSON Schema, any
+//! JSON object, regex, GBNF grammar or a choice of strings) compiled by
+//! llguidance against the model's vocabulary, and each sequence's matcher,
+//! which forbids every token the format does not allow next.
+//!
+//! The vocabulary's token trie is built once per model ([`FormatCompiler`]);
+//! each distinct format is compiled once and kept in a bounded cache keyed by
+//! its content, and a request gets a copy of the compiled, unstarted matcher.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::{Matcher, ParserFactory};
+use lru::LruCache;
+use toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie};
+
+use super::error::EngineError;
+use super::gbnf;
+
+/// What a reply's text must be.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ResponseFormat {
+    /// A JSON Schema document, as JSON text.
+    JsonSchema(String),
+    /// Any JSON object.
+    JsonObject,
+    /// The whole reply matches this regular expression.
+    Regex(String),
+    /// A GBNF grammar (llama.cpp's format) with start rule `root`.
+    Grammar(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+}
+
+impl ResponseFormat {
+    /// The request field that holds this format, for error messages.
+    pub fn field(&self) -> &'static str {
+        match self {
+            ResponseFormat::JsonSchema(_) => "response_format.json_schema",
+            ResponseFormat::JsonObject => "response_format.json_object",
+            ResponseFormat::Regex(_) => "response_format.regex",
+            ResponseFormat::Grammar(_) => "response_format.grammar",
+            ResponseFormat::Choice(_) => "response_format.choice.options",
+        }
+    }
+
+    /// The size of the format as the client sent it.
+    pub fn size(&self) -> usize {
+        match self {
+            ResponseFormat::JsonSchema(s)
+            | ResponseFormat::Regex(s)
+            | ResponseFormat::Grammar(s) => s.len(),
+            ResponseFormat::JsonObject => 0,
+            ResponseFormat::Choice(options) => options.iter().map(String::len).sum(),
+        }
+    }
+
+    /// The format as an llguidance grammar, or why it is not one.
+    fn grammar(&self) -> Result<TopLevelGrammar, String> {
+        match self {
+            ResponseFormat::JsonSchema(text) => {
+                let mut schema: serde_json::Value =
+                    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+                let object = match &mut schema {
+                    serde_json::Value::Object(object) => object,
+                    serde_json::Value::Bool(_) => {
+                        return Ok(TopLevelGrammar::from_json_schema(schema))
+                    }
+                    _ => return Err("a schema is a JSON object (or true/false)".into()),
+                };
+                // One space after `,` and `:` and none elsewhere, as Python's
+                // json.dumps writes; a model cannot pad the reply with
+                // whitespace forever. Unknown keywords are refused, not ignored.
+                object.insert("x-guidance".into(), json_options());
+                Ok(TopLevelGrammar::from_json_schema(schema))
+            }
+            ResponseFormat::JsonObject => Ok(TopLevelGrammar::from_json_schema(
+                serde_json::json!({"type": "object", "x-guidance": json_options()}),
+            )),
+            ResponseFormat::Regex(rx) => {
+                regex_syntax::Parser::new()
+                    .parse(rx)
+                    .map_err(|e| format!("invalid regex: {}", one_line(&e.to_string())))?;
+                Ok(TopLevelGrammar::from_regex(rx))
+            }
+            ResponseFormat::Grammar(gbnf) => Ok(TopLevelGrammar::from_lark(gbnf::to_lark(gbnf)?)),
+            ResponseFormat::Choice(options) => {
+                if options.is_empty() {
+                    return Err("at least one option is required".into());
+                }
+                if let Some(i) = options.iter().position(String::is_empty) {
+                    return Err(format!("option {i} is empty"));
+                }
+                let alternatives: Vec<String> = options
+                    .iter()
+                    .map(|o| serde_json::to_string(o).expect("a string serializes"))
+                    .collect();
+                Ok(TopLevelGrammar::from_lark(format!(
+                    "start: {}\n",
+                    alternatives.join(" | ")
+                )))
+            }
+        }
+    }
+}
+
+fn json_options() -> serde_json::Value {
+    serde_json::json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+        "lenient": false,
+    })
+}
+
+/// Error text on one line (regex errors draw a caret under the pattern).
+fn one_line(text: &str) -> String {
+    text.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == '~'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Limits on formats, from the config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FormatLimits {
+    /// Largest format accepted, in bytes.
+    pub max_bytes: usize,
+    /// Compiled formats kept for reuse.
+    pub cache_entries: usize,
+    /// Work allowed to build a format's lexer (llguidance's initial lexer fuel).
+    pub compile_fuel: u64,
+    /// Work allowed per token's mask (llguidance's step lexer fuel).
+    pub mask_fuel: u64,
+    /// Lexer states a format may create (each costs 1-2 kB).
+    pub max_lexer_states: usize,
+}
+
+impl Default for FormatLimits {
+    fn default() -> Self {
+        let llg = ParserLimits::default();
+        FormatLimits {
+            max_bytes: 64 * 1024,
+            cache_entries: 64,
+            compile_fuel: llg.initial_lexer_fuel,
+            mask_fuel: llg.step_lexer_fuel,
+            max_lexer_states: llg.max_lexer_states,
+        }
+    }
+}
+
+/// A model's vocabulary as constraints see it.
+pub struct Vocabulary {
+    /// Each token's bytes; special tokens as `0xFF` followed by their text,
+    /// which no format's text can contain.
+    pub tokens: Vec<Vec<u8>>,
+    /// End-of-generation tokens, allowed once a format is complete.
+    pub end_of_generation: Vec<u32>,
+}
+
+/// Compiles formats for one model and keeps the compiled ones.
+pub struct FormatCompiler {
+    factory: ParserFactory,
+    limits: FormatLimits,
+    cache: Mutex<LruCache<ResponseFormat, Matcher>>,
+}
+
+impl FormatCompiler {
+    /// Builds the vocabulary's token trie (once per model).
+    pub fn new(vocabulary: Vocabulary, limits: FormatLimits) -> Result<Self, EngineError> {
+        let eos = *vocabulary.end_of_generation.first().ok_or_else(|| {
+            EngineError::Inference("the model has no end-of-generation token".into())
+        })?;
+        let info = TokRxInfo::new(vocabulary.tokens.len() as u32, eos);
+        let trie =
+            TokTrie::from(&info, &vocabulary.tokens).with_eos_tokens(&vocabulary.end_of_generation);
+        let env: toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+        let mut factory = ParserFactory::new_simple(&env)
+            .map_err(|e| EngineError::Inference(format!("constraint engine: {e}")))?;
+        factory.quiet();
+        let parser = factory.limits_mut();
+        parser.initial_lexer_fuel = limits.compile_fuel;
+        parser.step_lexer_fuel = limits.mask_fuel;
+        parser.max_lexer_states = limits.max_lexer_states;
+        // Errors name the problem; the grammar and tokens so far are noise.
+        parser.verbose_errors = false;
+        let entries = NonZeroUsize::new(limits.cache_entries).unwrap_or(NonZeroUsize::MIN);
+        Ok(FormatCompiler {
+            factory,
+            limits,
+            cache: Mutex::new(LruCache::new(entries)),
+        })
+    }
+
+    /// A fresh constraint for one sequence, or INVALID_ARGUMENT naming the
+    /// field and the reason. Compiles the format unless it is cached.
+    pub fn compile(&self, format: &ResponseFormat) -> Result<Constraint, EngineError> {
+        let invalid = |message: String| EngineError::invalid(format.field(), message);
+        if format.size() > self.limits.max_bytes {
+            return Err(invalid(format!(
+                "{} bytes, over the limit of {} (max_format_bytes)",
+                format.size(),
+                self.limits.max_bytes
+            )));
+        }
+        if let Some(matcher) = self.cache().get(format) {
+            return Ok(Constraint::new(matcher.deep_clone()));
+        }
+        let started = Instant::now();
+        let grammar = format.grammar().map_err(invalid)?;
+        let matcher = Matcher::new(self.factory.create_parser(grammar));
+        if let Some(error) = matcher.get_error() {
+            return Err(invalid(one_line(&error)));
+        }
+        let mut cache = self.cache();
+        cache.put(format.clone(), matcher.deep_clone());
+        tracing::info!(
+            field = format.field(),
+            bytes = format.size(),
+            compile_ms = started.elapsed().as_secs_f64() * 1e3,
+            cached = cache.len(),
+            "response format compiled"
+        );
+        Ok(Constraint::new(matcher))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<ResponseFormat, Matcher>> {
+        // A panic while holding the lock leaves a usable cache.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One sequence's position in its format.
+pub struct Constraint {
+    matcher: Matcher,
+    /// Time spent computing masks, for the request's log line.
+    pub mask_time: Duration,
+}
+
+impl Constraint {
+    fn new(matcher: Matcher) -> Self {
+        Constraint {
+            matcher,
+            mask_time: Duration::ZERO,
+        }
+    }
+
+    /// Sets every token the format does not allow next to -inf.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+        let t = Instant::now();
+        let mask = self.matcher.compute_mask().map_err(failed)?;
+        if mask.is_zero() {
+            return Err(failed("no token can continue the reply"));
+        }
+        forbid(mask.as_slice(), logits);
+        self.mask_time += t.elapsed();
+        Ok(())
+    }
+
+    /// Advances past a sampled token (which the mask allowed).
+    pub fn accept(&mut self, token: i32) -> Result<(), EngineError> {
+        self.matcher.consume_token(token as u32).map_err(failed)
+    }
+
+    /// Whether the format is complete and allows nothing more.
+    pub fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+/// Sets `logits[i]` to -inf where bit `i` of `allowed` is clear (and past
+/// its end). A word at a time: most words of a mask are all clear or all set.
+fn forbid(allowed: &[u32], logits: &mut [f32]) {
+    let mut chunks = logits.chunks_mut(32);
+    for (&bits, chunk) in allowed.iter().zip(&mut chunks) {
+        match bits {
+            0 => chunk.fill(f32::NEG_INFINITY),
+            u32::MAX => {}
+            _ => {
+                for (i, logit) in chunk.iter_mut().enumerate() {
+                    if bits & (1 << i) == 0 {
+                        *logit = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+    for chunk in chunks {
+        chunk.fill(f32::NEG_INFINITY);
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> EngineError {
+    EngineError::invalid(
+        "response_format",
+        format!("the constraint failed: {}", one_line(&e.to_string())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every single byte as a token, a few words, and an end token.
+    fn compiler(limits: FormatLimits) -> FormatCompiler {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for w in ["yes", "no", "{\"", "\": ", "true", "12"] {
+            tokens.push(w.as_bytes().to_vec());
+        }
+        tokens.push(b"\xFF<|im_end|>".to_vec());
+        let eos = tokens.len() as u32 - 1;
+        FormatCompiler::new(
+            Vocabulary {
+                tokens,
+                end_of_generation: vec![eos],
+            },
+            limits,
+        )
+        .unwrap()
+    }
+
+    fn allowed(c: &mut Constraint, n: usize) -> Vec<usize> {
+        let mut logits = vec![0.0f32; n];
+        c.mask(&mut logits).unwrap();
+        (0..n).filter(|&i| logits[i].is_finite()).collect()
+    }
+
+    #[test]
+    fn forbidden_tokens_get_minus_infinity_and_allowed_keep_their_logit() {
+        let mut logits: Vec<f32> = (0..80).map(|i| i as f32).collect();
+        // Tokens 1 and 33 allowed, the third word all set, nothing past it.
+        forbid(&[0b10, 0b10, u32::MAX], &mut logits);
+        let kept: Vec<usize> = (0..80).filter(|&i| logits[i].is_finite()).collect();
+        assert_eq!(kept, [vec![1, 33], (64..80).collect()].concat());
+        assert_eq!(logits[33], 33.0);
+        let mut longer = vec![0.0f32; 40];
+        forbid(&[u32::MAX], &mut longer);
+        assert!(longer[..32].iter().all(|l| *l == 0.0));
+        assert!(longer[32..].iter().all(|l| *l == f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn a_choice_allows_only_its_options_and_ends_when_one_is_complete() {
+        let compiler = compiler(FormatLimits::default());
+        let mut c = compiler
+            .compile(&ResponseFormat::Choice(vec!["yes".into(), "no".into()]))
+            .unwrap();
+        let first = allowed(&mut c, 263);
+        assert!(first.contains(&(b'y' as usize)) && first.contains(&(b'n' as usize)));
+        assert!(
+            first.contains(&256) && first.contains(&257),
+            "the whole words"
+        );
+        assert!(!first.contains(&(b'x' as usize)));
+        c.accept(256).unwrap();
+        assert!(c.is_complete());
+    }
+
+    #[test]
+    fn a_regex_is_matched_whole() {
+        let compiler = compiler(FormatLimits::default());
+        let mut c = compiler
+            .compile(&ResponseFormat::Regex("[0-9]{2}".into()))
+            .unwrap();
+        let digits = allowed(&mut c, 263);
+        assert!(digits.contains(&(b'1' as usize)) && digits.contains(&261));
+        assert!(!digits.contains(&262), "no end before two digits");
+        c.accept(b'4' as i32).unwrap();
+        c.accept(b'2' as i32).unwrap();
+        assert!(c.is_complete());
+    }
+
+    #[test]
+    fn a_compiled_format_is_reused_and_the_cache_stays_bounded() {
+        let compiler = compiler(FormatLimits {
+            cache_entries: 2,
+            ..FormatLimits::default()
+        });
+        for rx in ["a", "b", "a", "c"] {
+            compiler.compile(&ResponseFormat::Regex(rx.into())).unwrap();
+        }
+        assert_eq!(compiler.cache().len(), 2);
+        // A copy from the cache starts at the beginning, whatever the
+        // previous copy consumed.
+        let format = ResponseFormat::Choice(vec!["yes".into()]);
+        let mut first = compiler.compile(&format).unwrap();
+        first.accept(256).unwrap();
+        let mut second = compiler.compile(&format).unwrap();
+        assert!(!second.is_complete());
+        assert!(allowed(&mut second, 263).contains(&256));
+    }
+
+    #[test]
+    fn bad_formats_name_the_field_and_the_reason() {
+        let compiler = compiler(FormatLimits {
+            max_bytes: 100,
+            ..FormatLimits::default()
+        });
+        let cases = [
+            (
+                ResponseFormat::JsonSchema("{".into()),
+                "response_format.json_schema: not JSON",
+            ),
+            (
+                ResponseFormat::JsonSchema("[1]".into()),
+                "response_format.json_schema: a schema is a JSON object",
+            ),
+            (
+                ResponseFormat::JsonSchema(
+                    r#"{"type":"object","properties":{"a":{"type":"nonsense"}}}"#.into(),
+                ),
+                "nonsense",
+            ),
+            (
+                ResponseFormat::JsonSchema(r#"{"type":"array","uniqueItems":true}"#.into()),
+                "uniqueItems",
+            ),
+            (
+                ResponseFormat::Regex("(".into()),
+                "response_format.regex: invalid regex",
+            ),
+            (
+                ResponseFormat::Grammar("root ::= other".into()),
+                "response_format.grammar: rule `root` refers to undefined rule `other`",
+            ),
+            (
+                ResponseFormat::Choice(vec![]),
+                "response_format.choice.options: at least one option",
+            ),
+            (
+                ResponseFormat::Choice(vec!["a".into(), String::new()]),
+                "option 1 is empty",
+            ),
+            (
+                ResponseFormat::Regex("a".repeat(101)),
+                "101 bytes, over the limit of 100",
+            ),
+        ];
+        for (format, want) in cases {
+            let error = compiler
+                .compile(&format)
+                .err()
+                .unwrap_or_else(|| panic!("not refused: {format:?}"))
+                .to_string();
+            assert!(error.contains(want), "{format:?}: {error}");
+            assert!(!error.contains('\n'), "one line: {error}");
+        }
+        let at_limit = ResponseFormat::Regex("a".repeat(100));
+        assert!(compiler.compile(&at_limit).is_ok());
+    }
+
+    #[test]
+    fn a_format_too_costly_to_compile_is_refused_and_the_compiler_goes_on() {
+        let properties: Vec<String> = (0..300)
+            .map(|i| format!(r#""p{i}": {{"type": "string", "pattern": "[a-z]{{3,9}}"}}"#))
+            .collect();
+        let schema = ResponseFormat::JsonSchema(format!(
+            r#"{{"type": "object", "properties": {{{}}}}}"#,
+            properties.join(", ")
+        ));
+        let tight = compiler(FormatLimits {
+            compile_fuel: 1_000,
+            ..FormatLimits::default()
+        });
+        let error = tight.compile(&schema).err().expect("refused").to_string();
+        assert!(
+            error.starts_with("response_format.json_schema: ") && error.contains("too big"),
+            "{error}"
+        );
+        assert!(tight
+            .compile(&ResponseFormat::Regex("[0-9]+".into()))
+            .is_ok());
+        assert!(compiler(FormatLimits::default()).compile(&schema).is_ok());
+    }
+}
