@@ -50,3 +50,31 @@ async fn python_grpcio_client_streams_generate() {
     server.stop().await;
     std::fs::remove_dir_all(stubs).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_client_asks_for_json() {
+    let stubs = python_stubs();
+    let server = start(tiny_config()).await;
+    let schema = r#"{"type": "object", "properties": {"total": {"type": "integer", "minimum": 0, "maximum": 999}, "currency": {"enum": ["EUR", "USD"]}}, "required": ["total", "currency"], "additionalProperties": false}"#;
+    let summary = run_python_client(
+        "structured_client.py",
+        vec![
+            stubs.display().to_string(),
+            server.addr.to_string(),
+            schema.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(summary["finish_reason"], "FINISH_REASON_STOP", "{summary}");
+    let reply: serde_json::Value =
+        serde_json::from_str(summary["text"].as_str().unwrap()).expect("the reply is JSON");
+    let validator = jsonschema::validator_for(&serde_json::from_str(schema).unwrap()).unwrap();
+    assert!(validator.is_valid(&reply), "{reply}");
+    assert_eq!(summary["refused"]["code"], "INVALID_ARGUMENT");
+    let details = summary["refused"]["details"].as_str().unwrap();
+    assert!(
+        details.starts_with("response_format.json_schema: not JSON"),
+        "{details}"
+    );
+    server.stop().await;
+}

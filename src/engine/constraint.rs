@@ -82,7 +82,7 @@ impl ResponseFormat {
             ResponseFormat::Regex(rx) => {
                 regex_syntax::Parser::new()
                     .parse(rx)
-                    .map_err(|e| format!("invalid regex: {}", one_line(&e.to_string())))?;
+                    .map_err(|e| format!("invalid regex: {}", regex_error(&e)))?;
                 Ok(TopLevelGrammar::from_regex(rx))
             }
             ResponseFormat::Grammar(gbnf) => Ok(TopLevelGrammar::from_lark(gbnf::to_lark(gbnf)?)),
@@ -113,6 +113,18 @@ fn json_options() -> serde_json::Value {
         "key_separator": ": ",
         "lenient": false,
     })
+}
+
+/// What is wrong with a regex and where, on one line (the crate's own text
+/// draws a caret under the pattern over several lines).
+fn regex_error(e: &regex_syntax::Error) -> String {
+    match e {
+        regex_syntax::Error::Parse(e) => format!("{} at byte {}", e.kind(), e.span().start.offset),
+        regex_syntax::Error::Translate(e) => {
+            format!("{} at byte {}", e.kind(), e.span().start.offset)
+        }
+        other => one_line(&other.to_string()),
+    }
 }
 
 /// Error text on one line (regex errors draw a caret under the pattern).
@@ -201,7 +213,7 @@ impl FormatCompiler {
         let invalid = |message: String| EngineError::invalid(format.field(), message);
         if format.size() > self.limits.max_bytes {
             return Err(invalid(format!(
-                "{} bytes, over the limit of {} (max_format_bytes)",
+                "{} bytes, over the limit of {} bytes (max_format_kb)",
                 format.size(),
                 self.limits.max_bytes
             )));
@@ -236,7 +248,8 @@ impl FormatCompiler {
 /// One sequence's position in its format.
 pub struct Constraint {
     matcher: Matcher,
-    /// Time spent computing masks, for the request's log line.
+    /// Time spent computing masks and advancing the matcher (the
+    /// constraint's whole cost per sequence).
     pub mask_time: Duration,
 }
 
@@ -262,7 +275,10 @@ impl Constraint {
 
     /// Advances past a sampled token (which the mask allowed).
     pub fn accept(&mut self, token: i32) -> Result<(), EngineError> {
-        self.matcher.consume_token(token as u32).map_err(failed)
+        let t = Instant::now();
+        let result = self.matcher.consume_token(token as u32).map_err(failed);
+        self.mask_time += t.elapsed();
+        result
     }
 
     /// Whether the format is complete and allows nothing more.

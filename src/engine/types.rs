@@ -137,6 +137,8 @@ pub struct Timings {
     pub decode_ms: f64,
     /// Arrival to first token.
     pub ttft_ms: f64,
+    /// Computing `response_format` masks (part of `decode_ms`).
+    pub constraint_ms: f64,
 }
 
 /// An event of a Generate stream.

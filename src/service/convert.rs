@@ -56,6 +56,7 @@ pub(super) fn response(event: GenerateEvent) -> proto::GenerateResponse {
                 prefill_ms: timings.prefill_ms,
                 decode_ms: timings.decode_ms,
                 ttft_ms: timings.ttft_ms,
+                constraint_ms: timings.constraint_ms,
             }),
         }),
     };

@@ -126,11 +126,11 @@ pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineErro
                 cached_tokens: g.cached_positions as u32,
                 cached_image_tiles: g.prefill.cached_tiles,
             };
-            let mask_ms = g
+            g.timings.constraint_ms = g
                 .constraint
                 .as_ref()
-                .map(|c| c.mask_time.as_secs_f64() * 1e3);
-            info!(?finish, ?usage, timings = ?g.timings, ?mask_ms, "generation finished");
+                .map_or(0.0, |c| c.mask_time.as_secs_f64() * 1e3);
+            info!(?finish, ?usage, timings = ?g.timings, "generation finished");
             g.out.pending.push_back(Ok(GenerateEvent::Done {
                 finish_reason: finish,
                 usage,
