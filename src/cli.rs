@@ -1,5 +1,6 @@
-//! Command line: `serve`, and the client commands `generate`, `embed` and
-//! `info` that let a person try a running server without writing a client.
+//! Command line: `serve`, the client commands `generate`, `embed` and `info`
+//! that let a person try a running server without writing a client, `health`
+//! for probes, and `models`/`pull` for the catalog.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -34,6 +35,35 @@ pub enum Command {
     Models(HubArgs),
     /// Download a catalog model's two files (NAME or NAME:QUANT).
     Pull(PullArgs),
+    /// Probe a server's gRPC health: exit 0 when it answers SERVING, 1
+    /// otherwise (for container HEALTHCHECKs; needs no other tool).
+    Health(HealthArgs),
+}
+
+/// Flags of `health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Server address; https:// for TLS.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Service to ask about: "" is the whole server, `internvl.v1.InternVL` the model service.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// CA certificate (PEM) that signed the server's certificate (https:// only).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that require one (mutual TLS).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client certificate's key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Name the server's certificate must carry (default: the address's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+    /// Seconds to wait for the answer, connecting included.
+    #[arg(long, default_value_t = 5.0)]
+    pub timeout: f64,
 }
 
 /// Where hub files are cached.
@@ -305,6 +335,82 @@ pub async fn embed(args: EmbedArgs) -> ClientResult {
         );
     }
     Ok(())
+}
+
+/// `health`: asks `grpc.health.v1.Health/Check`; prints the status and
+/// succeeds only on SERVING.
+pub async fn health(args: HealthArgs) -> ClientResult {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err("--timeout must be a positive number of seconds".into());
+    }
+    let timeout = std::time::Duration::from_secs_f64(args.timeout);
+    let mut endpoint = Endpoint::from_shared(args.addr.clone())
+        .map_err(|e| format!("--addr {}: {e}", args.addr))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let tls_flags = args.tls_ca.is_some() || args.tls_cert.is_some() || args.tls_domain.is_some();
+    if args.addr.starts_with("https://") {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let ca = args
+            .tls_ca
+            .as_ref()
+            .ok_or("an https:// address needs --tls-ca (the CA that signed the server)")?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(domain) = &args.tls_domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    } else if tls_flags {
+        return Err("TLS flags need an https:// address".into());
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {}: {}", args.addr, error_chain(&e)))?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: args.service.clone(),
+        })
+        .await
+        .map_err(|status| format!("health check failed: {status}"))?
+        .into_inner();
+    let status = ServingStatus::try_from(answer.status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    if status == ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(format!("{} is {}", describe(&args.service), status.as_str_name()).into())
+    }
+}
+
+fn describe(service: &str) -> String {
+    if service.is_empty() {
+        "the server".into()
+    } else {
+        format!("service {service:?}")
+    }
+}
+
+/// An error and its causes on one line (a transport error alone says only
+/// "transport error").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// `info`: prints the model description.

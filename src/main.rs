@@ -61,6 +61,7 @@ async fn main() -> ExitCode {
         Command::Generate(args) => cli::generate(args).await.map_err(|e| e.to_string()),
         Command::Embed(args) => cli::embed(args).await.map_err(|e| e.to_string()),
         Command::Info(args) => cli::info(args).await.map_err(|e| e.to_string()),
+        Command::Health(args) => cli::health(args).await.map_err(|e| e.to_string()),
         Command::Models(args) => cli::models(args).map_err(|e| e.to_string()),
         // Blocking downloads, off the async runtime's workers.
         Command::Pull(args) => {

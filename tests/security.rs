@@ -18,8 +18,10 @@ struct Pki {
     client_key_pem: String,
 }
 
-fn pki() -> Pki {
-    let dir = std::env::temp_dir().join(format!("internvl-pki-{}", std::process::id()));
+/// A CA, a server and a client certificate in a directory of their own
+/// (`name` keeps tests running at once apart).
+fn pki(name: &str) -> Pki {
+    let dir = std::env::temp_dir().join(format!("internvl-pki-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -40,6 +42,8 @@ fn pki() -> Pki {
     std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
     std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
     std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("client.pem"), client_cert.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
     Pki {
         dir,
         ca_pem: ca_cert.pem(),
@@ -81,7 +85,7 @@ fn with_key(key: Option<&str>) -> tonic::Request<proto::GetModelInfoRequest> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_and_api_keys() {
-    let pki = pki();
+    let pki = pki("mtls");
     let mut config = tiny_config();
     config.tls_cert = Some(pki.dir.join("server.pem"));
     config.tls_key = Some(pki.dir.join("server.key"));
@@ -139,4 +143,61 @@ async fn mutual_tls_and_api_keys() {
     assert!(!served_plaintext, "a plaintext client was served");
     server.stop().await;
     std::fs::remove_dir_all(pki.dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_probe_speaks_mutual_tls() {
+    let pki = pki("probe");
+    let mut config = tiny_config();
+    config.tls_cert = Some(pki.dir.join("server.pem"));
+    config.tls_key = Some(pki.dir.join("server.key"));
+    config.tls_client_ca = Some(pki.dir.join("ca.pem"));
+    let server = start_unready(config).await;
+    let path = |name: &str| pki.dir.join(name).display().to_string();
+    let probe = |extra: Vec<String>| {
+        let mut args = vec![
+            "health".to_string(),
+            "--addr".into(),
+            format!("https://{}", server.addr),
+            "--tls-ca".into(),
+            path("ca.pem"),
+            "--tls-domain".into(),
+            "localhost".into(),
+        ];
+        args.extend(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
+            .args(args)
+            .output()
+            .expect("the binary runs")
+    };
+    let with_cert = || {
+        probe(vec![
+            "--tls-cert".into(),
+            path("client.pem"),
+            "--tls-key".into(),
+            path("client.key"),
+        ])
+    };
+    // NOT_SERVING until the model is loaded, then SERVING.
+    let mut out = with_cert();
+    for _ in 0..400 {
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "NOT_SERVING");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = with_cert();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    // Without a client certificate the server refuses the handshake.
+    let out = probe(vec![]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    server.stop().await;
 }

@@ -197,14 +197,27 @@ fn constrained(messages: Vec<proto::Message>, format: Format, seed: u64) -> prot
 }
 
 fn question(seed: u64) -> Vec<proto::Message> {
-    // Some prompts carry an image: constraints apply to replies about one.
-    if seed.is_multiple_of(3) {
-        vec![user(vec![
+    // Some prompts carry an image or a video: constraints apply to replies
+    // about them.
+    match seed % 3 {
+        0 => vec![user(vec![
             image(image_bytes("landscape_800x600.jpg")),
             text("Describe the picture as asked."),
-        ])]
-    } else {
-        vec![user(vec![text(&format!("Answer as asked ({seed})."))])]
+        ])],
+        1 if seed % 2 == 1 => vec![user(vec![
+            proto::Content {
+                part: Some(proto::content::Part::Video(proto::Video {
+                    frames: vec![
+                        image_bytes("vid_frame_00.png"),
+                        image_bytes("vid_frame_01.png"),
+                    ],
+                    num_frames: 2,
+                    fps: 1.0,
+                })),
+            },
+            text("What happens in the video?"),
+        ])],
+        _ => vec![user(vec![text(&format!("Answer as asked ({seed})."))])],
     }
 }
 

@@ -64,7 +64,7 @@ pub(crate) struct EmbedJob {
     pub(crate) normalize: bool,
     pub(crate) deadline: Option<Instant>,
     pub(crate) reply: oneshot::Sender<Result<Vec<Embedding>, EngineError>>,
-    /// Held until the reply is sent (the sequence dropped).
+    /// Held until the reply is about to be sent (or the job dropped).
     pub(crate) _in_flight: InFlight,
 }
 

@@ -77,6 +77,9 @@ impl EmbedSeq {
 /// Answers a finished Embed request: its vectors, or the error.
 pub(super) fn close(e: EmbedSeq, outcome: Result<FinishReason, EngineError>) {
     let result = outcome.map(|_| e.done);
+    // The request stops counting before its caller can see the reply (see
+    // `Outbox::flush`).
+    drop(e.job._in_flight);
     if e.job.reply.send(result).is_err() {
         info!("embed client left before the reply");
     }

@@ -1,7 +1,6 @@
 //! A Generate request in a slot: its sampler and text stream, each sampled
 //! token streamed as it comes, and the closing events.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use tracing::{info, info_span, warn};
@@ -42,14 +41,11 @@ pub(super) struct GenerateSeq {
 /// The outbox of a job refused at admission (drain, deadline): it carries
 /// the error, unless the client has already left.
 pub(super) fn refused(job: GenerateJob, error: EngineError) -> Outbox {
-    let mut out = Outbox {
-        events: job.events,
-        pending: VecDeque::new(),
-        _in_flight: job.in_flight,
-    };
+    let mut out = Outbox::new(job.events, job.in_flight);
     if !matches!(error, EngineError::ClientGone) {
         out.pending.push_back(Err(error));
     }
+    out.close();
     out
 }
 
@@ -91,11 +87,7 @@ impl GenerateSeq {
             next_token: None,
             decode_started: None,
             constraint,
-            out: Outbox {
-                events,
-                pending: VecDeque::new(),
-                _in_flight: in_flight,
-            },
+            out: Outbox::new(events, in_flight),
         }
     }
 }
@@ -146,6 +138,7 @@ pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineErro
             g.out.pending.push_back(Err(e));
         }
     }
+    g.out.close();
     g.out
 }
 

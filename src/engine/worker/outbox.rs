@@ -13,24 +13,48 @@ use crate::engine::protocol::{EventResult, InFlight};
 /// never waits on one client: a full channel keeps the events here and holds
 /// back only that sequence.
 pub(super) struct Outbox {
-    pub(super) events: mpsc::Sender<EventResult>,
+    events: mpsc::Sender<EventResult>,
     pub(super) pending: VecDeque<EventResult>,
-    /// The request counts as in flight until its events are all delivered.
-    pub(super) _in_flight: InFlight,
+    /// The request counts as in flight until its last event is handed over
+    /// (or the outbox is dropped).
+    in_flight: Option<InFlight>,
+    /// No event will be added: the last pending one ends the stream.
+    closed: bool,
 }
 
 impl Outbox {
+    /// An empty outbox for a stream that counts as `in_flight`.
+    pub(super) fn new(events: mpsc::Sender<EventResult>, in_flight: InFlight) -> Self {
+        Outbox {
+            events,
+            pending: VecDeque::new(),
+            in_flight: Some(in_flight),
+            closed: false,
+        }
+    }
+
+    /// Marks the stream's last event as added.
+    pub(super) fn close(&mut self) {
+        self.closed = true;
+    }
+
     /// Hands over what the channel takes. `Err` when the client has left.
     pub(super) fn flush(&mut self) -> Result<(), EngineError> {
-        while let Some(event) = self.pending.pop_front() {
-            match self.events.try_send(event) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(event)) => {
-                    self.pending.push_front(event);
-                    return Ok(());
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(EngineError::ClientGone),
+        while !self.pending.is_empty() {
+            let permit = match self.events.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(())) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(())) => return Err(EngineError::ClientGone),
+            };
+            let event = self.pending.pop_front().expect("checked above");
+            if self.closed && self.pending.is_empty() {
+                // The request stops counting before its client can see the
+                // end, so a client that sends its next call at once finds its
+                // place free (a busy engine thread could otherwise answer it
+                // RESOURCE_EXHAUSTED).
+                self.in_flight = None;
             }
+            permit.send(event);
         }
         if self.events.is_closed() {
             return Err(EngineError::ClientGone);
@@ -58,11 +82,7 @@ mod tests {
     fn outbox(capacity: usize) -> (Outbox, mpsc::Receiver<EventResult>, Arc<Lifecycle>) {
         let (events, receiver) = mpsc::channel(capacity);
         let lifecycle = Arc::new(Lifecycle::new(1, 1));
-        let out = Outbox {
-            events,
-            pending: VecDeque::new(),
-            _in_flight: lifecycle.admit().unwrap(),
-        };
+        let out = Outbox::new(events, lifecycle.admit().unwrap());
         (out, receiver, lifecycle)
     }
 
@@ -87,6 +107,20 @@ mod tests {
         }
         assert_eq!(got, ["a", "b", "c"]);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_closed_stream_stops_counting_before_its_last_event_is_seen() {
+        let (mut out, mut receiver, lifecycle) = outbox(1);
+        out.send(delta("a")).unwrap();
+        out.pending.push_back(delta("end"));
+        out.close();
+        out.flush().unwrap();
+        assert_eq!(*lifecycle.in_flight.borrow(), 1, "the end is still held");
+        receiver.try_recv().unwrap().unwrap();
+        out.flush().unwrap();
+        assert_eq!(*lifecycle.in_flight.borrow(), 0);
+        assert!(receiver.try_recv().is_ok(), "and the end is delivered");
     }
 
     #[test]
