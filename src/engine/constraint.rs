@@ -491,4 +491,27 @@ mod tests {
             .is_ok());
         assert!(compiler(FormatLimits::default()).compile(&schema).is_ok());
     }
+
+    #[test]
+    fn huge_repetitions_are_refused_not_expanded() {
+        let compiler = compiler(FormatLimits::default());
+        let formats = [
+            ResponseFormat::JsonSchema(
+                r#"{"type": "array", "items": {"type": "integer"}, "minItems": 100000000}"#.into(),
+            ),
+            ResponseFormat::JsonSchema(r#"{"type": "string", "minLength": 1000000000}"#.into()),
+            ResponseFormat::Grammar("root ::= \"a\"{0,100000000}".into()),
+            ResponseFormat::Regex("a{1000}{1000}{1000}".into()),
+        ];
+        for format in formats {
+            match compiler.compile(&format) {
+                Err(e) => assert!(e.to_string().starts_with(format.field()), "{e}"),
+                Ok(mut c) => {
+                    // Accepted: it must still answer a mask at once.
+                    let mut logits = vec![0.0f32; 263];
+                    c.mask(&mut logits).unwrap();
+                }
+            }
+        }
+    }
 }

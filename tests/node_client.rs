@@ -1,0 +1,91 @@
+//! A client in a third language: Node's `@grpc/grpc-js` loading `proto/` at
+//! run time (with `@grpc/proto-loader`), as a Node backend would, against the
+//! real server: a streamed Generate with an image, Embed, cancelling a stream,
+//! a refused request, and `response_format`.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+/// Runs `tests/node/client.js`; fails at once, in one line, when Node or the
+/// packages `scripts/setup` installs are missing.
+async fn run_node_client(addr: String) -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node_dir = root.join("tests/node");
+    if !node_dir.join("node_modules/@grpc/grpc-js").exists() {
+        panic!("this test needs tests/node/node_modules (@grpc/grpc-js): run scripts/setup");
+    }
+    let args = vec![
+        node_dir.join("client.js").display().to_string(),
+        root.join("proto").display().to_string(),
+        addr,
+        fixture("images/square_448.png").display().to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node").args(&args).output()
+    })
+    .await
+    .expect("node task")
+    .unwrap_or_else(|e| panic!("this test needs node ({e}): run scripts/setup"));
+    assert!(
+        output.status.success(),
+        "node client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the node client prints JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_grpc_js_client_streams_embeds_cancels_and_sees_errors() {
+    let server = start(tiny_config()).await;
+    let summary = run_node_client(server.addr.to_string()).await;
+
+    // The same greedy tokens a Rust client gets.
+    let mut client = server.client().await;
+    let mut request = greedy(
+        vec![user(vec![
+            image(image_bytes("square_448.png")),
+            text("What is shown?"),
+        ])],
+        12,
+    );
+    request.request_id = "rust-client".into();
+    let want = generate_ok(&mut client, request).await;
+    let generate = &summary["generate"];
+    assert_eq!(ids(&generate["ids"]), want.ids, "{summary}");
+    assert_eq!(generate["text"], want.text.as_str());
+    assert!(
+        generate["deltas"].as_u64().unwrap() >= 2,
+        "streamed, not one message"
+    );
+    assert_eq!(generate["done"]["finish_reason"], "FINISH_REASON_LENGTH");
+    assert_eq!(generate["done"]["image_tokens"], 256);
+
+    let embed = &summary["embed"];
+    assert_eq!(embed["count"], 1, "{summary}");
+    assert_eq!(embed["dimensions"], 64);
+    assert!((embed["norm"].as_f64().unwrap() - 1.0).abs() < 1e-4);
+
+    let cancelled = &summary["cancelled"];
+    assert_eq!(cancelled["error"]["code"], "CANCELLED", "{summary}");
+    assert!(cancelled["done"].is_null());
+
+    let refused = &summary["refused"];
+    assert_eq!(refused["error"]["code"], "INVALID_ARGUMENT", "{summary}");
+    assert_eq!(
+        refused["error"]["details"],
+        "max_new_tokens: must be at least 1"
+    );
+
+    let constrained = &summary["constrained"];
+    assert!(
+        ["yes", "no"].contains(&constrained["text"].as_str().unwrap()),
+        "{summary}"
+    );
+    assert_eq!(constrained["done"]["finish_reason"], "FINISH_REASON_STOP");
+
+    server.stop().await;
+}
