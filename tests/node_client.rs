@@ -1,7 +1,7 @@
 //! A client in a third language: Node's `@grpc/grpc-js` loading `proto/` at
 //! run time (with `@grpc/proto-loader`), as a Node backend would, against the
 //! real server: a streamed Generate with an image, Embed, cancelling a stream,
-//! a refused request, and `response_format`.
+//! a refused request, a deadline, and `response_format`.
 
 mod common;
 
@@ -78,6 +78,12 @@ async fn node_grpc_js_client_streams_embeds_cancels_and_sees_errors() {
     assert_eq!(
         refused["error"]["details"],
         "max_new_tokens: must be at least 1"
+    );
+
+    // The deadline (200 ms) ends a 2000-token stream.
+    assert_eq!(
+        summary["deadline"]["code"], "DEADLINE_EXCEEDED",
+        "{summary}"
     );
 
     let constrained = &summary["constrained"];

@@ -80,6 +80,16 @@ async function main() {
     { cancelAfterFirst: true },
   );
   summary.refused = await generate({ messages: user([{ text: 'Hi' }]), max_new_tokens: 0 });
+  summary.deadline = await new Promise((resolve) => {
+    const call = client.Generate(
+      { messages: user([{ text: 'Count to a thousand.' }]), max_new_tokens: 2000, ignore_eos: true },
+      { deadline: new Date(Date.now() + 200) },
+    );
+    let deltas = 0;
+    call.on('data', () => { deltas += 1; });
+    call.on('error', (e) => resolve({ code: grpc.status[e.code], deltas }));
+    call.on('end', () => resolve({ code: 'OK', deltas }));
+  });
   summary.constrained = await generate({
     messages: user([{ text: 'Yes or no?' }]),
     sampling: { temperature: 1, seed: 3 },
