@@ -77,8 +77,8 @@ pub(crate) enum Job {
 
 /// One accepted request, counted in [`Lifecycle`]'s in-flight total until
 /// this is dropped: when its job is refused, or its sequence is over and its
-/// client has taken every event. Dropping is the one way a request stops
-/// counting, so no path can forget it.
+/// last event (or Embed reply) is about to be handed over. Dropping is the
+/// one way a request stops counting, so no path can forget it.
 pub(crate) struct InFlight(Arc<Lifecycle>);
 
 impl Drop for InFlight {

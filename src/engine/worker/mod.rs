@@ -214,7 +214,7 @@ impl Worker {
     }
 
     /// Keeps an ended stream's undelivered events until its client takes
-    /// them; the request counts as in flight until its outbox is dropped.
+    /// them; the request counts as in flight until its last event is handed over.
     fn linger(&mut self, mut out: Outbox) {
         if out.flush().is_ok() && !out.is_empty() {
             self.outboxes.push(out);
