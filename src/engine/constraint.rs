@@ -63,16 +63,21 @@ impl ResponseFormat {
             ResponseFormat::JsonSchema(text) => {
                 let mut schema: serde_json::Value =
                     serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+                if schema == serde_json::Value::Bool(true) {
+                    // Any JSON value, laid out as below.
+                    schema = serde_json::json!({});
+                }
                 let object = match &mut schema {
                     serde_json::Value::Object(object) => object,
-                    serde_json::Value::Bool(_) => {
-                        return Ok(TopLevelGrammar::from_json_schema(schema))
+                    serde_json::Value::Bool(false) => {
+                        return Err("the schema `false` allows no reply".into())
                     }
-                    _ => return Err("a schema is a JSON object (or true/false)".into()),
+                    _ => return Err("a schema is a JSON object (or true)".into()),
                 };
                 // One space after `,` and `:` and none elsewhere, as Python's
                 // json.dumps writes; a model cannot pad the reply with
-                // whitespace forever. Unknown keywords are refused, not ignored.
+                // whitespace forever. Keywords llguidance cannot honour are
+                // refused (not lenient), not silently ignored.
                 object.insert("x-guidance".into(), json_options());
                 Ok(TopLevelGrammar::from_json_schema(schema))
             }
@@ -423,6 +428,10 @@ mod tests {
             (
                 ResponseFormat::JsonSchema("[1]".into()),
                 "response_format.json_schema: a schema is a JSON object",
+            ),
+            (
+                ResponseFormat::JsonSchema("false".into()),
+                "response_format.json_schema: the schema `false` allows no reply",
             ),
             (
                 ResponseFormat::JsonSchema(
