@@ -162,6 +162,11 @@ impl Worker {
     /// Samples the token at batch output `output` for generating slot `index`,
     /// streams it, and finishes the request when it is over.
     pub(super) fn sample(&mut self, index: usize, output: i32) {
+        // A first token moves its slot from prefilling to generating: publish
+        // that before its client can see the token (and read the gauges).
+        if matches!(&self.slots[index].sequence, Some(Sequence::Generate(g)) if g.completion == 0) {
+            self.publish_phases();
+        }
         let outcome = {
             let pos = self.slots[index].kv.positions() as u32;
             let Some(Sequence::Generate(g)) = &mut self.slots[index].sequence else {
