@@ -3,12 +3,14 @@
 //! llguidance against the model's vocabulary, and each sequence's matcher,
 //! which forbids every token the format does not allow next.
 //!
-//! The vocabulary's token trie is built once per model ([`FormatCompiler`]);
-//! each distinct format is compiled once and kept in a bounded cache keyed by
+//! The vocabulary's token trie is built once per model, on the first request
+//! with a format ([`FormatCompiler`]): walking a 151k-token vocabulary takes
+//! about 0.4 s, which start-up should not pay for a feature a deployment may
+//! never use. Each distinct format is compiled once and kept in a bounded cache keyed by
 //! its content, and a request gets a copy of the compiled, unstarted matcher.
 
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use llguidance::api::{ParserLimits, TopLevelGrammar};
@@ -178,38 +180,48 @@ pub struct Vocabulary {
     pub end_of_generation: Vec<u32>,
 }
 
+/// Where a [`FormatCompiler`] gets its vocabulary, when it first needs it.
+type VocabularySource = Box<dyn Fn() -> Vocabulary + Send + Sync>;
+
 /// Compiles formats for one model and keeps the compiled ones.
 pub struct FormatCompiler {
-    factory: ParserFactory,
+    vocabulary: VocabularySource,
+    /// Built from `vocabulary` by the first compile; an error if it cannot be.
+    factory: OnceLock<Result<ParserFactory, String>>,
     limits: FormatLimits,
     cache: Mutex<LruCache<ResponseFormat, Matcher>>,
 }
 
 impl FormatCompiler {
-    /// Builds the vocabulary's token trie (once per model).
-    pub fn new(vocabulary: Vocabulary, limits: FormatLimits) -> Result<Self, EngineError> {
-        let eos = *vocabulary.end_of_generation.first().ok_or_else(|| {
-            EngineError::Inference("the model has no end-of-generation token".into())
-        })?;
-        let info = TokRxInfo::new(vocabulary.tokens.len() as u32, eos);
-        let trie =
-            TokTrie::from(&info, &vocabulary.tokens).with_eos_tokens(&vocabulary.end_of_generation);
-        let env: toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(trie));
-        let mut factory = ParserFactory::new_simple(&env)
-            .map_err(|e| EngineError::Inference(format!("constraint engine: {e}")))?;
-        factory.quiet();
-        let parser = factory.limits_mut();
-        parser.initial_lexer_fuel = limits.compile_fuel;
-        parser.step_lexer_fuel = limits.mask_fuel;
-        parser.max_lexer_states = limits.max_lexer_states;
-        // Errors name the problem; the grammar and tokens so far are noise.
-        parser.verbose_errors = false;
+    /// A compiler that reads the vocabulary from `vocabulary` when the first
+    /// format arrives.
+    pub fn new(
+        vocabulary: impl Fn() -> Vocabulary + Send + Sync + 'static,
+        limits: FormatLimits,
+    ) -> Self {
         let entries = NonZeroUsize::new(limits.cache_entries).unwrap_or(NonZeroUsize::MIN);
-        Ok(FormatCompiler {
-            factory,
+        FormatCompiler {
+            vocabulary: Box::new(vocabulary),
+            factory: OnceLock::new(),
             limits,
             cache: Mutex::new(LruCache::new(entries)),
-        })
+        }
+    }
+
+    /// The token trie and parser settings, built on first use.
+    fn factory(&self) -> Result<&ParserFactory, EngineError> {
+        self.factory
+            .get_or_init(|| {
+                let started = Instant::now();
+                let factory = build_factory((self.vocabulary)(), &self.limits);
+                tracing::info!(
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "constraint vocabulary built"
+                );
+                factory
+            })
+            .as_ref()
+            .map_err(|e| EngineError::Inference(e.clone()))
     }
 
     /// A fresh constraint for one sequence, or INVALID_ARGUMENT naming the
@@ -228,7 +240,7 @@ impl FormatCompiler {
         }
         let started = Instant::now();
         let grammar = format.grammar().map_err(invalid)?;
-        let matcher = Matcher::new(self.factory.create_parser(grammar));
+        let matcher = Matcher::new(self.factory()?.create_parser(grammar));
         if let Some(error) = matcher.get_error() {
             return Err(invalid(one_line(&error)));
         }
@@ -248,6 +260,28 @@ impl FormatCompiler {
         // A panic while holding the lock leaves a usable cache.
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// llguidance's parser factory over `vocabulary`, with `limits`.
+fn build_factory(vocabulary: Vocabulary, limits: &FormatLimits) -> Result<ParserFactory, String> {
+    let eos = *vocabulary
+        .end_of_generation
+        .first()
+        .ok_or("the model has no end-of-generation token")?;
+    let info = TokRxInfo::new(vocabulary.tokens.len() as u32, eos);
+    let trie =
+        TokTrie::from(&info, &vocabulary.tokens).with_eos_tokens(&vocabulary.end_of_generation);
+    let env: toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+    let mut factory =
+        ParserFactory::new_simple(&env).map_err(|e| format!("constraint engine: {e}"))?;
+    factory.quiet();
+    let parser = factory.limits_mut();
+    parser.initial_lexer_fuel = limits.compile_fuel;
+    parser.step_lexer_fuel = limits.mask_fuel;
+    parser.max_lexer_states = limits.max_lexer_states;
+    // Errors name the problem; the grammar and tokens so far are noise.
+    parser.verbose_errors = false;
+    Ok(factory)
 }
 
 /// One sequence's position in its format.
@@ -334,13 +368,53 @@ mod tests {
         tokens.push(b"\xFF<|im_end|>".to_vec());
         let eos = tokens.len() as u32 - 1;
         FormatCompiler::new(
-            Vocabulary {
-                tokens,
+            move || Vocabulary {
+                tokens: tokens.clone(),
                 end_of_generation: vec![eos],
             },
             limits,
         )
-        .unwrap()
+    }
+
+    #[test]
+    fn the_vocabulary_is_read_once_and_only_when_a_format_arrives() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let reads = Arc::new(AtomicUsize::new(0));
+        let counted = reads.clone();
+        let compiler = FormatCompiler::new(
+            move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+                Vocabulary {
+                    tokens: (0..=255u8).map(|b| vec![b]).collect(),
+                    end_of_generation: vec![0],
+                }
+            },
+            FormatLimits::default(),
+        );
+        assert_eq!(reads.load(Ordering::Relaxed), 0, "not at start-up");
+        for rx in ["a", "b", "a"] {
+            compiler.compile(&ResponseFormat::Regex(rx.into())).unwrap();
+        }
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+        // A vocabulary without an end token is an error for the request, not
+        // a panic, and stays one.
+        let broken = FormatCompiler::new(
+            || Vocabulary {
+                tokens: vec![b"a".to_vec()],
+                end_of_generation: Vec::new(),
+            },
+            FormatLimits::default(),
+        );
+        for _ in 0..2 {
+            let error = broken
+                .compile(&ResponseFormat::Regex("a".into()))
+                .err()
+                .unwrap();
+            assert!(
+                error.to_string().contains("no end-of-generation token"),
+                "{error}"
+            );
+        }
     }
 
     fn allowed(c: &mut Constraint, n: usize) -> Vec<usize> {

@@ -39,7 +39,8 @@ pub struct Loaded {
     pub(crate) limits: DecodeLimits,
     pub(crate) info: ModelInfo,
     pub(crate) image_context_token: i32,
-    /// Compiles `response_format`s against this model's vocabulary.
+    /// Compiles `response_format`s against this model's vocabulary (read
+    /// when the first one arrives).
     pub(crate) formats: FormatCompiler,
 }
 

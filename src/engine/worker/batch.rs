@@ -156,9 +156,7 @@ impl Worker {
         }
         true
     }
-}
 
-impl Worker {
     /// Samples the token at batch output `output` for generating slot `index`,
     /// streams it, and finishes the request when it is over.
     pub(super) fn sample(&mut self, index: usize, output: i32) {

@@ -97,7 +97,10 @@ impl Worker {
                 )));
             }
         }
-        let formats = FormatCompiler::new(vocabulary(&model), settings.formats.clone())?;
+        let formats = {
+            let model = model.clone();
+            FormatCompiler::new(move || vocabulary(&model), settings.formats.clone())
+        };
         let image_context_token = match model
             .tokenize(crate::engine::prompt::IMAGE_PLACEHOLDER, false, true)?
             .as_slice()
