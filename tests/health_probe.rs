@@ -78,10 +78,7 @@ async fn the_probe_follows_loading_serving_and_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_listening_or_bad_flags_fail_with_one_line() {
     // A port nothing listens on: bind, note it, close.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let addr = format!("127.0.0.1:{}", free_port());
     let out = probe(&["--addr", &format!("http://{addr}"), "--timeout", "2"]).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);

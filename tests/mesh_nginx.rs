@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 struct Replica {
@@ -27,11 +26,6 @@ impl Drop for Replica {
         self.child.kill().ok();
         self.child.wait().ok();
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 fn signal(pid: u32, name: &str) {
@@ -88,16 +82,9 @@ async fn replica() -> Replica {
 
 /// Generate calls this replica answered OK, from its own metrics.
 async fn served(replica: &Replica) -> u64 {
-    let mut stream = tokio::net::TcpStream::connect(replica.metrics)
+    scrape_metrics(replica.metrics)
         .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| {
             l.strip_prefix("internvl_requests_total{code=\"Ok\",method=\"Generate\"}")
                 .map(|v| v.trim().parse::<u64>().unwrap())
@@ -140,10 +127,7 @@ async fn nginx(replicas: &[&Replica]) -> Nginx {
         .filter(|l| l.trim_start().starts_with("server 10.0.0."))
         .collect();
     assert_eq!(example_servers.len(), 3, "the recipe's example servers");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut conf = recipe.replace(
         "listen 50051 http2;",
         &format!("listen 127.0.0.1:{port} http2;"),

@@ -4,20 +4,7 @@ mod common;
 
 use common::*;
 use internvl_grpc::service::proto;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
 
 fn value(metrics: &str, series: &str) -> Option<f64> {
     metrics
@@ -78,7 +65,7 @@ async fn requests_tokens_and_latencies_are_exported() {
         .unwrap()
         .into_inner();
     running.message().await.unwrap().expect("first delta");
-    let during = scrape(metrics_addr).await;
+    let during = scrape_metrics(metrics_addr).await;
     assert_eq!(value(&during, "internvl_requests_in_flight"), Some(1.0));
     assert_eq!(value(&during, "internvl_active_sequences"), Some(1.0));
     assert_eq!(value(&during, "internvl_queue_depth"), Some(0.0));
@@ -97,7 +84,7 @@ async fn requests_tokens_and_latencies_are_exported() {
         .await
         .unwrap()
         .into_inner();
-    let waiting = scrape(metrics_addr).await;
+    let waiting = scrape_metrics(metrics_addr).await;
     assert_eq!(value(&waiting, "internvl_requests_in_flight"), Some(2.0));
     assert_eq!(value(&waiting, "internvl_active_sequences"), Some(1.0));
     assert_eq!(value(&waiting, "internvl_queue_depth"), Some(1.0));
@@ -105,7 +92,7 @@ async fn requests_tokens_and_latencies_are_exported() {
     drop(running);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
-    let m = scrape(metrics_addr).await;
+    let m = scrape_metrics(metrics_addr).await;
     assert_eq!(
         value(
             &m,

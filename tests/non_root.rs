@@ -53,11 +53,6 @@ fn serve(cache: &Path, port: u16) -> Command {
     c
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 #[test]
 fn serves_as_an_unprivileged_user_writing_only_its_cache() {
     let dir = std::env::temp_dir().join(format!("internvl-nonroot-{}", std::process::id()));

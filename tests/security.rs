@@ -52,6 +52,16 @@ fn pki(name: &str) -> Pki {
     }
 }
 
+/// The tiny model served over TLS with `pki`'s server certificate, requiring
+/// client certificates its CA signed.
+fn mutual_tls(pki: &Pki) -> internvl_grpc::config::Config {
+    let mut config = tiny_config();
+    config.tls_cert = Some(pki.dir.join("server.pem"));
+    config.tls_key = Some(pki.dir.join("server.key"));
+    config.tls_client_ca = Some(pki.dir.join("ca.pem"));
+    config
+}
+
 async fn tls_channel(
     addr: std::net::SocketAddr,
     pki: &Pki,
@@ -86,10 +96,7 @@ fn with_key(key: Option<&str>) -> tonic::Request<proto::GetModelInfoRequest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_and_api_keys() {
     let pki = pki("mtls");
-    let mut config = tiny_config();
-    config.tls_cert = Some(pki.dir.join("server.pem"));
-    config.tls_key = Some(pki.dir.join("server.key"));
-    config.tls_client_ca = Some(pki.dir.join("ca.pem"));
+    let mut config = mutual_tls(&pki);
     config.api_keys = vec!["first-key".into(), "second-key".into()];
     let server = start_unready(config).await;
     let addr = server.addr;
@@ -148,10 +155,7 @@ async fn mutual_tls_and_api_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_probe_speaks_mutual_tls() {
     let pki = pki("probe");
-    let mut config = tiny_config();
-    config.tls_cert = Some(pki.dir.join("server.pem"));
-    config.tls_key = Some(pki.dir.join("server.key"));
-    config.tls_client_ca = Some(pki.dir.join("ca.pem"));
+    let config = mutual_tls(&pki);
     let server = start_unready(config).await;
     let path = |name: &str| pki.dir.join(name).display().to_string();
     let probe = |extra: Vec<String>| {

@@ -118,6 +118,12 @@ struct Case {
     check: Check,
 }
 
+/// Accepts a reply that `regex` matches whole; `why` says what else is wrong.
+fn whole_match(regex: &str, why: &'static str) -> Check {
+    let whole = regex::Regex::new(&format!("^(?:{regex})$")).unwrap();
+    Box::new(move |text| whole.is_match(text).then_some(()).ok_or_else(|| why.into()))
+}
+
 fn cases() -> Vec<Case> {
     let mut cases: Vec<Case> = schemas()
         .into_iter()
@@ -139,30 +145,20 @@ fn cases() -> Vec<Case> {
         })
         .collect();
     let regex = "(yes|no), [0-9]{1,3} (apples|pears)";
-    let whole = regex::Regex::new(&format!("^(?:{regex})$")).unwrap();
     cases.push(Case {
         name: "regex".into(),
         format: Format::Regex(regex.into()),
-        check: Box::new(move |text| {
-            whole
-                .is_match(text)
-                .then_some(())
-                .ok_or_else(|| "does not match".into())
-        }),
+        check: whole_match(regex, "does not match"),
     });
-    // The same language as a regex, to check replies with.
+    // Checked against the same language written as a regex.
     let grammar = "root ::= item (\", \" item){0,3}\nitem ::= (\"red\" | \"green\") \" \" [0-9] # a colour and a digit\n";
-    let language =
-        regex::Regex::new(r"^(?:red|green) [0-9](?:, (?:red|green) [0-9]){0,3}$").unwrap();
     cases.push(Case {
         name: "grammar".into(),
         format: Format::Grammar(grammar.into()),
-        check: Box::new(move |text| {
-            language
-                .is_match(text)
-                .then_some(())
-                .ok_or_else(|| "not in the grammar's language".into())
-        }),
+        check: whole_match(
+            r"(?:red|green) [0-9](?:, (?:red|green) [0-9]){0,3}",
+            "not in the grammar's language",
+        ),
     });
     let options = ["cat", "dog", "a bird on a wire"];
     cases.push(Case {
