@@ -164,6 +164,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flash_attn: Option<String>,
+    /// Flash attention in the vision encoder: auto, on or off.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mmproj_flash_attn: Option<String>,
     /// KV cache type for K (f16, q8_0, …).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -58,6 +58,12 @@ pub struct Config {
     /// reference parity on long image prompts).
     #[serde(deserialize_with = "parse_choice")]
     pub flash_attn: FlashAttn,
+    /// Flash attention in the vision encoder, apart from the language model's:
+    /// `auto`, `on` or `off` (default on, as llama-server's `auto` is on the
+    /// CPU: tiles stay within the vision parity tolerance, unlike the language
+    /// model's image prompts).
+    #[serde(deserialize_with = "parse_choice")]
+    pub mmproj_flash_attn: FlashAttn,
     /// KV cache type for K: `f32`, `f16`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `iq4_nl`.
     #[serde(deserialize_with = "parse_choice")]
     pub cache_type_k: KvCacheType,
@@ -144,6 +150,7 @@ impl Default for Config {
             // logits of a 13-tile image by up to 0.58 from the reference (0.016
             // without), beyond the parity tolerance; deployments opt in.
             flash_attn: FlashAttn::Off,
+            mmproj_flash_attn: FlashAttn::On,
             cache_type_k: KvCacheType::F16,
             cache_type_v: KvCacheType::F16,
             queue_depth: 64,
@@ -317,7 +324,7 @@ impl Config {
             vision: VisionParams {
                 use_gpu: self.mmproj_offload,
                 threads,
-                flash_attn: self.flash_attn,
+                flash_attn: self.mmproj_flash_attn,
             },
             decode_limits: DecodeLimits {
                 max_side: self.max_image_side,

@@ -143,7 +143,8 @@ fn encode_against_reference(family: &Family, mmproj: &Path) -> Vec<(String, Vec<
         &VisionParams {
             use_gpu: false,
             threads: 2,
-            flash_attn: internvl_grpc::engine::FlashAttn::Off,
+            // What the service runs with.
+            flash_attn: internvl_grpc::config::Config::default().mmproj_flash_attn,
         },
     )
     .unwrap();
