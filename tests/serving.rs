@@ -136,6 +136,19 @@ async fn health_and_reflection_when_ready() {
     );
     assert_eq!(info.architecture, "qwen2");
     assert!(info.chat_template.contains("<IMG_CONTEXT>"));
+    // llama.cpp is built for AVX2 without AVX-512 (README "CPU kernels").
+    #[cfg(target_arch = "x86_64")]
+    {
+        let kernels: Vec<&str> = info
+            .cpu_kernels
+            .split(';')
+            .next()
+            .unwrap()
+            .split(' ')
+            .collect();
+        assert!(kernels.contains(&"AVX2"), "{}", info.cpu_kernels);
+        assert!(!kernels.contains(&"AVX512"), "{}", info.cpu_kernels);
+    }
     server.stop().await;
 }
 

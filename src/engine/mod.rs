@@ -9,6 +9,7 @@
 
 mod cache;
 mod constraint;
+mod cpu_kernels;
 mod encoder;
 mod error;
 mod gbnf;

@@ -45,6 +45,9 @@ pub struct ModelInfo {
     pub offload: String,
     /// Sequences decoded together.
     pub parallel: u32,
+    /// The CPU instruction sets llama.cpp's kernels use, and what this CPU
+    /// has beyond them.
+    pub cpu_kernels: String,
 }
 
 /// A validated Generate call.

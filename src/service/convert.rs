@@ -115,5 +115,6 @@ pub(super) fn model_info(info: ModelInfo) -> proto::ModelInfo {
         projector: info.projector,
         training_context_size: info.training_context_size,
         parallel: info.parallel,
+        cpu_kernels: info.cpu_kernels,
     }
 }

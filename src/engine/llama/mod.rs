@@ -42,3 +42,17 @@ pub fn gpu_offload_supported() -> bool {
     // SAFETY: plain capability query.
     unsafe { sys::llama_supports_gpu_offload() }
 }
+
+/// llama.cpp's report of the CPU kernels it runs, e.g.
+/// `CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | … | REPACK = 1 |`.
+pub fn system_info() -> String {
+    // SAFETY: returns a pointer to a static, NUL-terminated buffer that
+    // llama.cpp rewrites only in this call; it is copied at once (the engine
+    // thread is the only caller after start-up).
+    unsafe {
+        std::ffi::CStr::from_ptr(sys::llama_print_system_info())
+            .to_string_lossy()
+            .trim()
+            .to_string()
+    }
+}

@@ -12,6 +12,7 @@ use super::state::Worker;
 use super::threads::DecodeThreads;
 use crate::engine::cache::{EmbeddingCache, PrefixCache};
 use crate::engine::constraint::{FormatCompiler, Vocabulary};
+use crate::engine::cpu_kernels;
 use crate::engine::encoder::TileEncoder;
 use crate::engine::error::EngineError;
 use crate::engine::gguf_meta::{check_language_model, read_tile_spec};
@@ -157,12 +158,14 @@ impl Worker {
                 llama::gpu_offload_supported(),
             ),
             parallel: parallel as u32,
+            cpu_kernels: cpu_kernels::describe(&llama::system_info()),
         };
         info!(
             model = %paths.model.display(),
             mmproj = %paths.mmproj.display(),
             n_ctx = info.context_size,
             parallel,
+            cpu_kernels = %info.cpu_kernels,
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );

@@ -1,0 +1,114 @@
+//! Which CPU kernels llama.cpp runs, and what this CPU could run beyond them.
+//!
+//! The build's kernels are fixed when llama.cpp is compiled (AVX2 without
+//! AVX-512, see README "CPU kernels"). A host with more (AVX-512, VNNI)
+//! should be told, so an operator knows what a build for it would gain.
+
+/// The instruction sets llama.cpp reports, with the host's extras that the
+/// build does not use, as one line for the start-up log and `GetModelInfo`.
+pub fn describe(system_info: &str) -> String {
+    let used = used_features(system_info);
+    let extras: Vec<&str> = host_features()
+        .into_iter()
+        .filter(|f| !used.contains(f))
+        .collect();
+    let mut line = if used.is_empty() {
+        "no SIMD kernels reported".to_string()
+    } else {
+        used.join(" ")
+    };
+    if !extras.is_empty() {
+        line.push_str("; this CPU also has ");
+        line.push_str(&extras.join(" "));
+        line.push_str(", which this build does not use");
+    }
+    line
+}
+
+/// The features `llama_print_system_info` marks `= 1` on its CPU line
+/// (`CPU : SSE3 = 1 | AVX = 1 | … |`), in its order; build facts that are
+/// not instruction sets (LLAMAFILE, OPENMP, REPACK) are left out.
+fn used_features(system_info: &str) -> Vec<&str> {
+    const NOT_ISA: &[&str] = &["LLAMAFILE", "OPENMP", "REPACK", "KLEIDIAI"];
+    let mut on_cpu = false;
+    let mut used = Vec::new();
+    for part in system_info.split('|') {
+        // Each backend's list starts "NAME : FIRST = value".
+        let mut feature = part.trim();
+        if let Some((backend, first)) = feature.split_once(" : ") {
+            on_cpu = backend.trim() == "CPU";
+            feature = first.trim();
+        }
+        if let Some((name, value)) = feature.split_once(" = ") {
+            if on_cpu && value.trim() == "1" && !NOT_ISA.contains(&name.trim()) {
+                used.push(name.trim());
+            }
+        }
+    }
+    used
+}
+
+/// AVX-512 family and VNNI features this CPU and OS support, named as
+/// llama.cpp names them.
+fn host_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let checks: [(&str, bool); 5] = [
+            ("AVX512", std::arch::is_x86_feature_detected!("avx512f")),
+            (
+                "AVX512_VBMI",
+                std::arch::is_x86_feature_detected!("avx512vbmi"),
+            ),
+            (
+                "AVX512_VNNI",
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+            ),
+            (
+                "AVX512_BF16",
+                std::arch::is_x86_feature_detected!("avx512bf16"),
+            ),
+            ("AVX_VNNI", std::arch::is_x86_feature_detected!("avxvnni")),
+        ];
+        found.extend(checks.iter().filter(|(_, has)| *has).map(|(name, _)| *name));
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AVX2_BUILD: &str = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 0 | REPACK = 1 |";
+
+    #[test]
+    fn only_instruction_sets_marked_on_are_listed() {
+        assert_eq!(
+            used_features(AVX2_BUILD),
+            ["SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2"]
+        );
+        assert_eq!(
+            used_features("CPU : AVX = 1 | AVX512 = 0 | OPENMP = 1 |"),
+            ["AVX"]
+        );
+        assert!(used_features("Metal : EMBED_LIBRARY = 1 |").is_empty());
+        assert_eq!(
+            used_features("CPU : AVX2 = 1 | Metal : EMBED_LIBRARY = 1 |"),
+            ["AVX2"]
+        );
+    }
+
+    #[test]
+    fn the_description_starts_with_what_the_build_runs() {
+        let line = describe(AVX2_BUILD);
+        assert!(
+            line.starts_with("SSE3 SSSE3 AVX AVX2 F16C FMA BMI2"),
+            "{line}"
+        );
+        // Whatever the host adds is named after it, never what is used.
+        if let Some(extra) = line.split_once("; this CPU also has ") {
+            assert!(!extra.1.contains("AVX2 "), "{line}");
+        }
+    }
+}
