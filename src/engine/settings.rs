@@ -73,6 +73,32 @@ pub struct ContextParams {
     pub n_seq_max: u32,
 }
 
+impl ContextParams {
+    /// These parameters with `auto` cache types made concrete, for a language
+    /// model on a GPU (`on_gpu`) or on the CPU. K: f16. V: bf16 where flash
+    /// attention may run on the CPU, else f16. ggml's CPU flash-attention
+    /// kernel sums an f16 V in an f16 accumulator (and llama.cpp casts an f32
+    /// V to f16 for it), which moved a 13-tile prompt's logits by up to 0.56
+    /// from the reference; any other V type it sums in f32 (0.0023).
+    pub fn resolved(&self, on_gpu: bool) -> ContextParams {
+        let flash_on_cpu = !on_gpu && self.flash_attn != FlashAttn::Off;
+        let pick = |kind: KvCacheType, auto: KvCacheType| match kind {
+            KvCacheType::Auto => auto,
+            chosen => chosen,
+        };
+        let v_auto = if flash_on_cpu {
+            KvCacheType::Bf16
+        } else {
+            KvCacheType::F16
+        };
+        ContextParams {
+            type_k: pick(self.type_k, KvCacheType::F16),
+            type_v: pick(self.type_v, v_auto),
+            ..self.clone()
+        }
+    }
+}
+
 /// Settings of the vision encoder context.
 #[derive(Clone, Debug)]
 pub struct VisionParams {
@@ -101,14 +127,13 @@ pub enum SplitMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FlashAttn {
-    /// llama.cpp decides per device.
+    /// llama.cpp decides per device (on, on the CPU).
+    #[default]
     Auto,
     /// Always.
     #[serde(alias = "true")]
     On,
-    /// Never (the default: on the CPU it moves image prompts' logits beyond
-    /// the parity tolerance).
-    #[default]
+    /// Never.
     #[serde(alias = "false")]
     Off,
 }
@@ -117,10 +142,12 @@ pub enum FlashAttn {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheType {
+    /// Chosen at load by [`ContextParams::resolved`].
+    #[default]
+    Auto,
     /// 32-bit floats.
     F32,
     /// 16-bit floats.
-    #[default]
     F16,
     /// bfloat16.
     Bf16,
@@ -162,6 +189,7 @@ macro_rules! choice_names {
 choice_names!(SplitMode { None => "none", Layer => "layer", Row => "row" });
 choice_names!(FlashAttn { Auto => "auto", On => "on" | "true", Off => "off" | "false" });
 choice_names!(KvCacheType {
+    Auto => "auto",
     F32 => "f32",
     F16 => "f16",
     Bf16 => "bf16",
@@ -225,5 +253,38 @@ mod tests {
             err.contains("none") && err.contains("layer") && err.contains("row"),
             "{err}"
         );
+    }
+
+    fn context(flash_attn: FlashAttn, type_k: KvCacheType, type_v: KvCacheType) -> ContextParams {
+        ContextParams {
+            n_ctx: 8192,
+            n_batch: 2048,
+            n_ubatch: 512,
+            threads: 2,
+            flash_attn,
+            type_k,
+            type_v,
+            n_seq_max: 8,
+        }
+    }
+
+    #[test]
+    fn auto_cache_types_keep_flash_attention_on_the_cpu_summing_v_in_f32() {
+        use KvCacheType::*;
+        let types = |p: ContextParams| (p.type_k, p.type_v);
+        for flash in [FlashAttn::Auto, FlashAttn::On] {
+            let auto = context(flash, Auto, Auto);
+            assert_eq!(
+                types(auto.resolved(false)),
+                (F16, Bf16),
+                "{flash:?} on the CPU"
+            );
+            assert_eq!(types(auto.resolved(true)), (F16, F16), "{flash:?} on a GPU");
+        }
+        let off = context(FlashAttn::Off, Auto, Auto);
+        assert_eq!(types(off.resolved(false)), (F16, F16));
+        // What a deployment sets is kept.
+        let chosen = context(FlashAttn::On, Q8_0, F16);
+        assert_eq!(types(chosen.resolved(false)), (Q8_0, F16));
     }
 }

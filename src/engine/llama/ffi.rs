@@ -29,7 +29,9 @@ pub(super) fn flash_attn(choice: FlashAttn) -> i32 {
 pub(super) fn ggml_type(kind: KvCacheType) -> u32 {
     match kind {
         KvCacheType::F32 => sys::GGML_TYPE_F32,
-        KvCacheType::F16 => sys::GGML_TYPE_F16,
+        // `auto` is resolved at load (`ContextParams::resolved`); f16 is
+        // what it means wherever it could still arrive.
+        KvCacheType::F16 | KvCacheType::Auto => sys::GGML_TYPE_F16,
         KvCacheType::Bf16 => sys::GGML_TYPE_BF16,
         KvCacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
         KvCacheType::Q4_0 => sys::GGML_TYPE_Q4_0,

@@ -127,7 +127,15 @@ impl Worker {
             &settings.vision,
             spec.tile_size,
         )?;
-        let context = Context::new(model.clone(), &settings.context)?;
+        let on_gpu = settings.model.n_gpu_layers != 0 && llama::gpu_offload_supported();
+        let context_params = settings.context.resolved(on_gpu);
+        info!(
+            flash_attn = ?context_params.flash_attn,
+            cache_type_k = ?context_params.type_k,
+            cache_type_v = ?context_params.type_v,
+            "language model context"
+        );
+        let context = Context::new(model.clone(), &context_params)?;
         let name = model.meta("general.name").unwrap_or_else(|| {
             paths
                 .model
