@@ -45,14 +45,19 @@ pub fn gpu_offload_supported() -> bool {
 
 /// llama.cpp's report of the CPU kernels it runs, e.g.
 /// `CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | … | REPACK = 1 |`.
-pub fn system_info() -> String {
-    // SAFETY: returns a pointer to a static, NUL-terminated buffer that
-    // llama.cpp rewrites only in this call; it is copied at once (the engine
-    // thread is the only caller after start-up).
-    unsafe {
-        std::ffi::CStr::from_ptr(sys::llama_print_system_info())
-            .to_string_lossy()
-            .trim()
-            .to_string()
-    }
+pub fn system_info() -> &'static str {
+    use std::sync::OnceLock;
+    static INFO: OnceLock<String> = OnceLock::new();
+    INFO.get_or_init(|| {
+        // SAFETY: returns a static, NUL-terminated buffer that llama.cpp
+        // rebuilds on every call, so two calls at once would race; the
+        // OnceLock makes this the only call in the process, and the text is
+        // copied before it returns.
+        unsafe {
+            std::ffi::CStr::from_ptr(sys::llama_print_system_info())
+                .to_string_lossy()
+                .trim()
+                .to_string()
+        }
+    })
 }

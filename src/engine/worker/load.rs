@@ -127,6 +127,7 @@ impl Worker {
             &settings.vision,
             spec.tile_size,
         )?;
+        // A model with any layer offloaded counts as on the GPU.
         let on_gpu = settings.model.n_gpu_layers != 0 && llama::gpu_offload_supported();
         let context_params = settings.context.resolved(on_gpu);
         info!(
@@ -166,7 +167,7 @@ impl Worker {
                 llama::gpu_offload_supported(),
             ),
             parallel: parallel as u32,
-            cpu_kernels: cpu_kernels::describe(&llama::system_info()),
+            cpu_kernels: cpu_kernels::describe(llama::system_info()),
         };
         info!(
             model = %paths.model.display(),
