@@ -60,8 +60,7 @@ pub struct Config {
     pub flash_attn: FlashAttn,
     /// Flash attention in the vision encoder, apart from the language model's:
     /// `auto`, `on` or `off` (default on, as llama-server's `auto` is on the
-    /// CPU: tiles stay within the vision parity tolerance, unlike the language
-    /// model's image prompts).
+    /// CPU; tiles stay within the vision parity tolerance with it).
     #[serde(deserialize_with = "parse_choice")]
     pub mmproj_flash_attn: FlashAttn,
     /// KV cache type for K: `auto` (f16), `f32`, `f16`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `iq4_nl`.
