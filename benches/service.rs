@@ -179,7 +179,8 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     // The same (corrected) vision file the service loads.
     let served = position_rows::prepare(&s.mmproj, cfg.cache_dir.as_deref()).unwrap();
     let mut vision = Vision::load(served.path(), model.clone(), &cfg.vision).unwrap();
-    let mut ctx = Context::new(model.clone(), &cfg.context).unwrap();
+    // The same context the service creates (`auto` cache types resolved).
+    let mut ctx = Context::new(model.clone(), &llama::context_params(&cfg)).unwrap();
     let mut ttft = Vec::new();
     let mut rate = Vec::new();
     let mut image = Vec::new();

@@ -17,6 +17,7 @@ mod mtmd;
 use llama_cpp_sys_2 as sys;
 
 use super::error::EngineError;
+use super::settings::EngineSettings;
 pub use super::settings::{ContextParams, ModelParams, VisionParams};
 pub use context::{BatchToken, Context, Outputs};
 pub use model::{quantize, Model, Quantization};
@@ -41,6 +42,13 @@ pub fn init_backend() -> Result<(), EngineError> {
 pub fn gpu_offload_supported() -> bool {
     // SAFETY: plain capability query.
     unsafe { sys::llama_supports_gpu_offload() }
+}
+
+/// The language model context's parameters, `auto` cache types resolved for
+/// where the model runs (any layer offloaded counts as on the GPU).
+pub fn context_params(settings: &EngineSettings) -> ContextParams {
+    let on_gpu = settings.model.n_gpu_layers != 0 && gpu_offload_supported();
+    settings.context.resolved(on_gpu)
 }
 
 /// llama.cpp's report of the CPU kernels it runs, e.g.

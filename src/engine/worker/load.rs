@@ -127,9 +127,7 @@ impl Worker {
             &settings.vision,
             spec.tile_size,
         )?;
-        // A model with any layer offloaded counts as on the GPU.
-        let on_gpu = settings.model.n_gpu_layers != 0 && llama::gpu_offload_supported();
-        let context_params = settings.context.resolved(on_gpu);
+        let context_params = llama::context_params(settings);
         info!(
             flash_attn = ?context_params.flash_attn,
             cache_type_k = ?context_params.type_k,
