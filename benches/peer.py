@@ -91,6 +91,8 @@ class Reply:
         self.tokens = 0
         self.prompt_tokens = 0
         self.text = ""
+        # The service's own Done.timings split (ms); llama-server has none.
+        self.server_ms = None
 
     def token(self, n=1):
         now = time.monotonic()
@@ -360,7 +362,7 @@ def image(server, run, out):
         image = png(448, 448, seed=run * 7919 + k)
         r = server.chat([("user", "Describe this picture.", image)], 8)
         fresh.append(r.ttft)
-        if getattr(r, "server_ms", None):
+        if r.server_ms:
             print(f"  service timings for a fresh image (ms): {r.server_ms}", flush=True)
         out["image_prompt_tokens"] = r.prompt_tokens
         r = server.chat([("user", "What colour dominates it?", image)], 8)
