@@ -591,6 +591,12 @@ fn main() {
         s.tokens,
         s.repeats
     );
+    llama::init_backend().unwrap();
+    println!(
+        "llama.cpp: {} | CPU backend file: {}",
+        llama::system_info(),
+        llama::cpu_backend_file().as_deref().unwrap_or("built in")
+    );
     let png = std::fs::read(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny-internvl/images/square_448.png"),

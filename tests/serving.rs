@@ -136,18 +136,39 @@ async fn health_and_reflection_when_ready() {
     );
     assert_eq!(info.architecture, "qwen2");
     assert!(info.chat_template.contains("<IMG_CONTEXT>"));
-    // llama.cpp is built for AVX2 without AVX-512 (README "CPU kernels").
+    // A default build links AVX2 kernels without AVX-512; one with
+    // `dynamic-backends` loads the best variant for this CPU (README "CPU
+    // kernels").
     #[cfg(target_arch = "x86_64")]
     {
         let kernels: Vec<&str> = info
             .cpu_kernels
-            .split(';')
+            .split(" (")
             .next()
             .unwrap()
             .split(' ')
             .collect();
         assert!(kernels.contains(&"AVX2"), "{}", info.cpu_kernels);
-        assert!(!kernels.contains(&"AVX512"), "{}", info.cpu_kernels);
+        if cfg!(feature = "dynamic-backends") {
+            assert!(
+                info.cpu_kernels.contains(".so, chosen at start)"),
+                "{}",
+                info.cpu_kernels
+            );
+            assert_eq!(
+                kernels.contains(&"AVX512"),
+                std::arch::is_x86_feature_detected!("avx512f"),
+                "{}",
+                info.cpu_kernels
+            );
+        } else {
+            assert!(
+                info.cpu_kernels.contains(" (built in)"),
+                "{}",
+                info.cpu_kernels
+            );
+            assert!(!kernels.contains(&"AVX512"), "{}", info.cpu_kernels);
+        }
     }
     server.stop().await;
 }

@@ -1,18 +1,21 @@
 //! Which CPU kernels llama.cpp runs, and what this CPU could run beyond them.
 //!
-//! The build's kernels are fixed when llama.cpp is compiled (AVX2 without
-//! AVX-512, see README "CPU kernels"). A host with more (AVX-512, VNNI)
-//! should be told, so an operator knows what a build for it would gain.
+//! A default build links one set of kernels, fixed at compile time (AVX2
+//! without AVX-512, see README "CPU kernels"); a host with more (AVX-512,
+//! VNNI) should be told, so an operator knows what they are missing. A build
+//! with `dynamic-backends` loads the best of ggml's CPU variants at start
+//! (`cpu_variants.rs`), and names the file it loaded.
 
-/// The instruction sets llama.cpp reports, with the host's extras that the
-/// build does not use, as one line for the start-up log and `GetModelInfo`.
-pub fn describe(system_info: &str) -> String {
-    describe_for(system_info, &host_features())
+/// The instruction sets llama.cpp reports, the CPU backend file loaded at run
+/// time if any, and the host's extras that the kernels do not use, as one
+/// line for the start-up log and `GetModelInfo`.
+pub fn describe(system_info: &str, backend_file: Option<&str>) -> String {
+    describe_for(system_info, backend_file, &host_features())
 }
 
 /// [`describe`] for a host with the features `host` (as [`host_features`]
 /// names them).
-fn describe_for(system_info: &str, host: &[&str]) -> String {
+fn describe_for(system_info: &str, backend_file: Option<&str>, host: &[&str]) -> String {
     let used = used_features(system_info);
     let extras: Vec<&str> = host.iter().copied().filter(|f| !used.contains(f)).collect();
     let mut line = if used.is_empty() {
@@ -20,10 +23,14 @@ fn describe_for(system_info: &str, host: &[&str]) -> String {
     } else {
         used.join(" ")
     };
+    match backend_file {
+        Some(file) => line.push_str(&format!(" ({file}, chosen at start)")),
+        None => line.push_str(" (built in)"),
+    }
     if !extras.is_empty() {
         line.push_str("; this CPU also has ");
         line.push_str(&extras.join(" "));
-        line.push_str(", which this build does not use");
+        line.push_str(", which these kernels do not use");
     }
     line
 }
@@ -103,19 +110,28 @@ mod tests {
     }
 
     #[test]
-    fn the_description_names_the_build_then_only_the_hosts_extras() {
+    fn the_description_names_the_kernels_their_origin_then_only_the_hosts_extras() {
         assert_eq!(
-            describe_for(AVX2_BUILD, &[]),
-            "SSE3 SSSE3 AVX AVX2 F16C FMA BMI2"
+            describe_for(AVX2_BUILD, None, &[]),
+            "SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 (built in)"
         );
         assert_eq!(
-            describe_for(AVX2_BUILD, &["AVX512", "AVX2", "AVX512_VNNI"]),
-            "SSE3 SSSE3 AVX AVX2 F16C FMA BMI2; this CPU also has AVX512 \
-             AVX512_VNNI, which this build does not use"
+            describe_for(AVX2_BUILD, None, &["AVX512", "AVX2", "AVX512_VNNI"]),
+            "SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 (built in); this CPU also has AVX512 \
+             AVX512_VNNI, which these kernels do not use"
         );
         assert_eq!(
-            describe_for("Metal : EMBED_LIBRARY = 1 |", &[]),
-            "no SIMD kernels reported"
+            describe_for(
+                "CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 |",
+                Some("libggml-cpu-cascadelake.so"),
+                &["AVX512", "AVX512_VNNI", "AVX512_BF16"]
+            ),
+            "AVX2 AVX512 AVX512_VNNI (libggml-cpu-cascadelake.so, chosen at start); \
+             this CPU also has AVX512_BF16, which these kernels do not use"
+        );
+        assert_eq!(
+            describe_for("Metal : EMBED_LIBRARY = 1 |", None, &[]),
+            "no SIMD kernels reported (built in)"
         );
     }
 }

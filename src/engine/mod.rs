@@ -10,6 +10,7 @@
 mod cache;
 mod constraint;
 mod cpu_kernels;
+mod cpu_variants;
 mod encoder;
 mod error;
 mod gbnf;

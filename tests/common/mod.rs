@@ -131,14 +131,26 @@ impl Family {
         array.iter().copied().collect()
     }
 
-    /// This model, 2 threads, derived files in the test cache.
+    /// This model, 2 threads, derived files in the test cache. With
+    /// `INTERNVL_TEST_FROM_ENV` set, `INTERNVL_*` variables change the other
+    /// keys, as they do for the server: how `benches/gpu_check.sh` runs the
+    /// same parity protocol with other settings on a GPU, without a rebuild.
     pub fn config(&self) -> Config {
-        Config {
+        let base = Config {
             model: self.preset.into(),
             threads: 2,
             cache_dir: Some(test_cache_dir()),
             ..Config::default()
+        };
+        if std::env::var_os("INTERNVL_TEST_FROM_ENV").is_none() {
+            return base;
         }
+        let fixed = serde_json::json!({
+            "model": base.model,
+            "threads": base.threads,
+            "cache_dir": base.cache_dir,
+        });
+        Config::load(None, &fixed).expect("INTERNVL_* settings")
     }
 }
 

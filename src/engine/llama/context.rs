@@ -35,6 +35,8 @@ pub struct Context {
     n_seq_max: i32,
     /// The context's own CPU threads, kept between decodes.
     threadpool: NonNull<sys::ggml_threadpool>,
+    /// How that pool is freed (see [`ThreadpoolFns`]).
+    free_threadpool: unsafe extern "C" fn(*mut sys::ggml_threadpool),
     // Declared last so the context is freed before the model it points into.
     _model: Arc<Model>,
 }
@@ -48,7 +50,61 @@ impl Drop for Context {
             sys::llama_batch_free(self.token_batch);
             sys::llama_batch_free(self.embd_batch);
             sys::llama_free(self.ptr.as_ptr());
-            sys::ggml_threadpool_free(self.threadpool.as_ptr());
+            (self.free_threadpool)(self.threadpool.as_ptr());
+        }
+    }
+}
+
+/// `ggml_threadpool_new` and `_free` belong to the CPU backend. A default
+/// build links them; in a `dynamic-backends` build the CPU backend is a plugin
+/// loaded at start, and they are reached through its registry, as llama.cpp's
+/// own tools do.
+#[derive(Clone, Copy)]
+struct ThreadpoolFns {
+    new: unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool,
+    free: unsafe extern "C" fn(*mut sys::ggml_threadpool),
+}
+
+impl ThreadpoolFns {
+    #[cfg(not(feature = "dynamic-backends"))]
+    fn get() -> Option<Self> {
+        Some(Self {
+            new: sys::ggml_threadpool_new,
+            free: sys::ggml_threadpool_free,
+        })
+    }
+
+    /// `None` when no CPU backend is registered or it lacks either function.
+    #[cfg(feature = "dynamic-backends")]
+    fn get() -> Option<Self> {
+        // SAFETY: registry queries on ggml's live registry. The CPU backend's
+        // get_proc_address returns, for these two names, the addresses of
+        // `ggml_threadpool_new` and `ggml_threadpool_free` (ggml-cpu.cpp),
+        // whose C signatures are the ones the fields declare (ggml-cpu.h).
+        unsafe {
+            let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+            if dev.is_null() {
+                return None;
+            }
+            let reg = sys::ggml_backend_dev_backend_reg(dev);
+            let new = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_new".as_ptr());
+            let free =
+                sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_free".as_ptr());
+            if new.is_null() || free.is_null() {
+                return None;
+            }
+            Some(Self {
+                new: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(
+                        *mut sys::ggml_threadpool_params,
+                    ) -> *mut sys::ggml_threadpool,
+                >(new),
+                free: std::mem::transmute::<
+                    *mut std::ffi::c_void,
+                    unsafe extern "C" fn(*mut sys::ggml_threadpool),
+                >(free),
+            })
         }
     }
 }
@@ -99,12 +155,14 @@ impl Context {
         // vision encoder computes on another thread, and two OpenMP teams
         // outnumbering the cores made libgomp stop spinning between decodes,
         // which cost decoding a fifth of its speed (measured).
-        // SAFETY: plain constructor of a params struct, then a pool from it.
-        let threadpool = unsafe {
+        let pool_fns = ThreadpoolFns::get();
+        // SAFETY: plain constructor of a params struct, then a pool from it
+        // through the CPU backend's own function.
+        let threadpool = pool_fns.map_or(std::ptr::null_mut(), |fns| unsafe {
             let mut tp = sys::ggml_threadpool_params_default(params.threads.max(1));
-            sys::ggml_threadpool_new(&mut tp)
-        };
-        let Some(threadpool) = NonNull::new(threadpool) else {
+            (fns.new)(&mut tp)
+        });
+        let (Some(threadpool), Some(pool_fns)) = (NonNull::new(threadpool), pool_fns) else {
             // SAFETY: freeing what was created above, once.
             unsafe {
                 sys::llama_batch_free(token_batch);
@@ -127,6 +185,7 @@ impl Context {
             n_embd_inp,
             n_seq_max,
             threadpool,
+            free_threadpool: pool_fns.free,
             _model: model,
         })
     }

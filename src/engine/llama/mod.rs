@@ -30,12 +30,123 @@ pub fn init_backend() -> Result<(), EngineError> {
         OnceLock::new();
     let backend = BACKEND.get_or_init(|| {
         llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+        #[cfg(feature = "dynamic-backends")]
+        load_backend_plugins()?;
         llama_cpp_2::llama_backend::LlamaBackend::init().map_err(|e| e.to_string())
     });
     backend
         .as_ref()
         .map(|_| ())
         .map_err(|e| EngineError::Inference(format!("llama.cpp backend: {e}")))
+}
+
+/// The CPU backend plugin loaded at start, in a `dynamic-backends` build.
+#[cfg(feature = "dynamic-backends")]
+static CPU_BACKEND_FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Loads ggml's backends from the folder beside the executable, where a
+/// deployment puts them, or else from the folder the build wrote them to
+/// (tests, `cargo run`): the best CPU variant this CPU and OS run, and every
+/// other backend plugin there (a GPU's). ggml's own search would also look in
+/// the working directory, and picks the CPU variant from CPUID alone.
+#[cfg(feature = "dynamic-backends")]
+fn load_backend_plugins() -> Result<(), String> {
+    use std::path::{Path, PathBuf};
+    let beside_binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let built = sys::BACKENDS_DIR.map(PathBuf::from);
+    let folders: Vec<PathBuf> = beside_binary.into_iter().chain(built).collect();
+    for folder in &folders {
+        let mut plugins: Vec<String> = std::fs::read_dir(folder)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| {
+                        // `libggml-KIND.so` or `libggml-KIND-VARIANT.so`; the
+                        // core libraries beside them are not plugins.
+                        name.starts_with("libggml-")
+                            && name.ends_with(".so")
+                            && name != "libggml-base.so"
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        plugins.sort();
+        let cpu: Vec<&str> = plugins
+            .iter()
+            .map(String::as_str)
+            .filter(|name| name.starts_with("libggml-cpu"))
+            .collect();
+        if cpu.is_empty() {
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        let chosen =
+            super::cpu_variants::choose_x86_variant(&cpu, super::cpu_variants::x86_supported)
+                .ok_or_else(|| {
+                    format!(
+                        "none of the CPU backends in {} ({}) runs on this CPU",
+                        folder.display(),
+                        cpu.join(", ")
+                    )
+                })?;
+        // Elsewhere ggml's own choice, which scores each variant itself.
+        #[cfg(not(target_arch = "x86_64"))]
+        let chosen = {
+            llama_cpp_2::llama_backend::load_backends_from_path(folder);
+            return Ok(());
+        };
+        for plugin in std::iter::once(chosen).chain(
+            plugins
+                .iter()
+                .map(String::as_str)
+                .filter(|name| !name.starts_with("libggml-cpu")),
+        ) {
+            load_plugin(&folder.join(plugin))?;
+        }
+        let _ = CPU_BACKEND_FILE.set(chosen.to_string());
+        return Ok(());
+    }
+    Err(format!(
+        "no ggml CPU backend (libggml-cpu-*.so) in {}",
+        folders
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    ))
+}
+
+/// Registers one ggml backend plugin. A plugin that fails to load is an
+/// error: whoever put a GPU backend beside the binary expects it used, not a
+/// silent fall back to the CPU.
+#[cfg(feature = "dynamic-backends")]
+fn load_plugin(path: &std::path::Path) -> Result<(), String> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: NUL in the path", path.display()))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string for the call's
+    // duration. ggml dlopens the file, checks its API version and score, and
+    // registers it; nothing is kept from our memory.
+    let reg = unsafe { sys::ggml_backend_load(c_path.as_ptr()) };
+    if reg.is_null() {
+        return Err(format!(
+            "{}: ggml could not load this backend (its reason is in the log line before)",
+            path.display()
+        ));
+    }
+    tracing::info!(plugin = %path.display(), "ggml backend loaded");
+    Ok(())
+}
+
+/// The CPU backend plugin loaded at start (`libggml-cpu-haswell.so`), in a
+/// `dynamic-backends` build; `None` where the CPU kernels are linked in.
+pub fn cpu_backend_file() -> Option<String> {
+    #[cfg(feature = "dynamic-backends")]
+    return CPU_BACKEND_FILE.get().cloned();
+    #[cfg(not(feature = "dynamic-backends"))]
+    None
 }
 
 /// Whether this build of llama.cpp can offload layers to a GPU.

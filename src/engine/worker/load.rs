@@ -165,7 +165,10 @@ impl Worker {
                 llama::gpu_offload_supported(),
             ),
             parallel: parallel as u32,
-            cpu_kernels: cpu_kernels::describe(llama::system_info()),
+            cpu_kernels: cpu_kernels::describe(
+                llama::system_info(),
+                llama::cpu_backend_file().as_deref(),
+            ),
         };
         info!(
             model = %paths.model.display(),
