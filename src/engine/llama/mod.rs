@@ -82,19 +82,9 @@ fn load_backend_plugins() -> Result<(), String> {
         if cpu.is_empty() {
             continue;
         }
-        #[cfg(target_arch = "x86_64")]
-        let chosen =
-            super::cpu_variants::choose_x86_variant(&cpu, super::cpu_variants::x86_supported)
-                .ok_or_else(|| {
-                    format!(
-                        "none of the CPU backends in {} ({}) runs on this CPU",
-                        folder.display(),
-                        cpu.join(", ")
-                    )
-                })?;
-        // Elsewhere ggml's own choice, which scores each variant itself.
-        #[cfg(not(target_arch = "x86_64"))]
-        let chosen = {
+        let Some(chosen) = chosen_cpu_variant(folder, &cpu)? else {
+            // ggml's own choice, which scores each variant itself, and loads
+            // the other plugins.
             llama_cpp_2::llama_backend::load_backends_from_path(folder);
             return Ok(());
         };
@@ -106,7 +96,8 @@ fn load_backend_plugins() -> Result<(), String> {
         ) {
             load_plugin(&folder.join(plugin))?;
         }
-        let _ = CPU_BACKEND_FILE.set(chosen.to_string());
+        // Called once, from init_backend's OnceLock, so the cell is empty.
+        CPU_BACKEND_FILE.get_or_init(|| chosen.to_string());
         return Ok(());
     }
     Err(format!(
@@ -117,6 +108,30 @@ fn load_backend_plugins() -> Result<(), String> {
             .collect::<Vec<_>>()
             .join(" or ")
     ))
+}
+
+/// The CPU variant to load from `folder`'s `cpu` plugins: on x86-64 the best
+/// this CPU and OS run; elsewhere `None`, leaving the choice to ggml.
+#[cfg(feature = "dynamic-backends")]
+fn chosen_cpu_variant<'a>(
+    folder: &std::path::Path,
+    cpu: &[&'a str],
+) -> Result<Option<&'a str>, String> {
+    #[cfg(target_arch = "x86_64")]
+    return super::cpu_variants::choose_x86_variant(cpu, super::cpu_variants::x86_supported)
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "none of the CPU backends in {} ({}) runs on this CPU",
+                folder.display(),
+                cpu.join(", ")
+            )
+        });
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (folder, cpu);
+        Ok(None)
+    }
 }
 
 /// Registers one ggml backend plugin. A plugin that fails to load is an
@@ -141,7 +156,8 @@ fn load_plugin(path: &std::path::Path) -> Result<(), String> {
 }
 
 /// The CPU backend plugin loaded at start (`libggml-cpu-haswell.so`), in a
-/// `dynamic-backends` build; `None` where the CPU kernels are linked in.
+/// `dynamic-backends` build on x86-64; `None` where the CPU kernels are
+/// linked in, or ggml chose the variant.
 pub fn cpu_backend_file() -> Option<String> {
     #[cfg(feature = "dynamic-backends")]
     return CPU_BACKEND_FILE.get().cloned();
