@@ -75,8 +75,9 @@ gpu)
     # The server's own start-up log: which backends loaded, what was offloaded.
     RUST_LOG=info timeout 60 "$target/internvl-grpc" serve --model tiny \
         --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --cache-dir /tmp/serve-cache >"$out/serve-gpu.log" 2>&1 &
+    serve=$!
     sleep 20
-    kill %1 2>/dev/null
+    kill $serve 2>/dev/null
     grep -E -i 'cuda|offload|model loaded|language model context|backend' "$out/serve-gpu.log" | cut -c1-400 | head -20
 
     (cd /work/main && timeout 300 "$(exe parity)" 2>&1) >"$out/parity-gpu.log"

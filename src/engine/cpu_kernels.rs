@@ -4,7 +4,7 @@
 //! without AVX-512, see README "CPU kernels"); a host with more (AVX-512,
 //! VNNI) should be told, so an operator knows what they are missing. A build
 //! with `dynamic-backends` loads the best of ggml's CPU variants at start
-//! (`cpu_variants.rs`), and names the file it loaded.
+//! (`backend_plugins.rs`), and names the file it loaded.
 
 /// The instruction sets llama.cpp reports, the CPU backend file loaded at run
 /// time if any, and the host's extras that the kernels do not use, as one

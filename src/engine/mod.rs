@@ -7,10 +7,10 @@
 //! read-only after loading and is shared so that tokenization and image tiling
 //! run on the caller's blocking threads.
 
+mod backend_plugins;
 mod cache;
 mod constraint;
 mod cpu_kernels;
-mod cpu_variants;
 mod encoder;
 mod error;
 mod gbnf;

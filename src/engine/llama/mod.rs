@@ -51,6 +51,7 @@ static CPU_BACKEND_FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new(
 /// the working directory, and picks the CPU variant from CPUID alone.
 #[cfg(feature = "dynamic-backends")]
 fn load_backend_plugins() -> Result<(), String> {
+    use super::backend_plugins;
     use std::path::{Path, PathBuf};
     let beside_binary = std::env::current_exe()
         .ok()
@@ -58,42 +59,26 @@ fn load_backend_plugins() -> Result<(), String> {
     let built = sys::BACKENDS_DIR.map(PathBuf::from);
     let folders: Vec<PathBuf> = beside_binary.into_iter().chain(built).collect();
     for folder in &folders {
-        let mut plugins: Vec<String> = std::fs::read_dir(folder)
+        let names = std::fs::read_dir(folder)
             .map(|entries| {
                 entries
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|name| {
-                        // `libggml-KIND.so` or `libggml-KIND-VARIANT.so`; the
-                        // core libraries beside them are not plugins.
-                        name.starts_with("libggml-")
-                            && name.ends_with(".so")
-                            && name != "libggml-base.so"
-                    })
-                    .collect()
+                    .collect::<Vec<_>>()
             })
             .unwrap_or_default();
-        plugins.sort();
-        let cpu: Vec<&str> = plugins
-            .iter()
-            .map(String::as_str)
-            .filter(|name| name.starts_with("libggml-cpu"))
-            .collect();
+        let (cpu, others) = backend_plugins::plugins_in(names);
         if cpu.is_empty() {
             continue;
         }
+        let cpu: Vec<&str> = cpu.iter().map(String::as_str).collect();
         let Some(chosen) = chosen_cpu_variant(folder, &cpu)? else {
             // ggml's own choice, which scores each variant itself, and loads
             // the other plugins.
             llama_cpp_2::llama_backend::load_backends_from_path(folder);
             return Ok(());
         };
-        for plugin in std::iter::once(chosen).chain(
-            plugins
-                .iter()
-                .map(String::as_str)
-                .filter(|name| !name.starts_with("libggml-cpu")),
-        ) {
+        for plugin in std::iter::once(chosen).chain(others.iter().map(String::as_str)) {
             load_plugin(&folder.join(plugin))?;
         }
         // Called once, from init_backend's OnceLock, so the cell is empty.
@@ -118,7 +103,9 @@ fn chosen_cpu_variant<'a>(
     cpu: &[&'a str],
 ) -> Result<Option<&'a str>, String> {
     #[cfg(target_arch = "x86_64")]
-    return super::cpu_variants::choose_x86_variant(cpu, super::cpu_variants::x86_supported)
+    use super::backend_plugins;
+    #[cfg(target_arch = "x86_64")]
+    return backend_plugins::choose_x86_variant(cpu, backend_plugins::x86_supported)
         .map(Some)
         .ok_or_else(|| {
             format!(

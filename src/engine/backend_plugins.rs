@@ -1,12 +1,30 @@
-//! Which of ggml's CPU variant plugins a `dynamic-backends` build loads.
+//! Which of ggml's backend plugins a `dynamic-backends` build loads from a
+//! folder: one CPU variant, and every other backend (a GPU's).
 //!
-//! ggml's loader ranks the variants by CPUID alone (its x86 score has a FIXME
-//! for OS support), so on a host whose kernel leaves AVX-512 state off it
-//! would pick a variant that dies with SIGILL. The choice is made here
+//! ggml's loader ranks the CPU variants by CPUID alone (its x86 score has a
+//! FIXME for OS support), so on a host whose kernel leaves AVX-512 state off
+//! it would pick a variant that dies with SIGILL. The choice is made here
 //! instead, with the same ranking, over what Rust's feature detection says
 //! the CPU *and* OS run. The rules are unit-tested in every build; only a
 //! `dynamic-backends` build calls them.
 #![cfg_attr(not(feature = "dynamic-backends"), allow(dead_code))]
+
+/// The plugins among a folder's file names: `libggml-KIND.so` or
+/// `libggml-KIND-VARIANT.so`, split into CPU variants and other backends, each
+/// sorted. The core libraries beside them (`libggml-base.so`, versioned
+/// names) are not plugins.
+pub fn plugins_in(names: impl IntoIterator<Item = String>) -> (Vec<String>, Vec<String>) {
+    let mut plugins: Vec<String> = names
+        .into_iter()
+        .filter(|name| {
+            name.starts_with("libggml-") && name.ends_with(".so") && name != "libggml-base.so"
+        })
+        .collect();
+    plugins.sort();
+    plugins
+        .into_iter()
+        .partition(|name| name.starts_with("libggml-cpu"))
+}
 
 /// ggml's x86 CPU variants (`GGML_CPU_ALL_VARIANTS` in ggml/src/CMakeLists.txt)
 /// and the instruction sets each is compiled for, as Rust's
@@ -224,6 +242,23 @@ mod tests {
             choose_x86_variant(&["libggml-cpu-zen4.so"], host(haswell)),
             None
         );
+    }
+
+    #[test]
+    fn plugins_are_split_from_the_core_libraries() {
+        let names = [
+            "libggml-cpu-zen4.so",
+            "libggml-base.so",
+            "libggml-base.so.0",
+            "libggml.so",
+            "libllama.so.0.6.0",
+            "libggml-cuda.so",
+            "libggml-cpu-haswell.so",
+            "internvl-grpc",
+        ];
+        let (cpu, others) = plugins_in(names.map(String::from));
+        assert_eq!(cpu, ["libggml-cpu-haswell.so", "libggml-cpu-zen4.so"]);
+        assert_eq!(others, ["libggml-cuda.so"]);
     }
 
     #[test]
