@@ -86,7 +86,7 @@ gpu)
     grep -E '^(test |InternVL)' "$out/parity-gpu.log" | cut -c1-200
     if [ $rc != 0 ]; then
         # Which setting costs parity: the same protocol with flash attention off.
-        (cd /work/main && INTERNVL_TEST_FROM_ENV=1 INTERNVL_FLASH_ATTN=off \
+        (cd /work/main && TEST_INTERNVL_FROM_ENV=1 INTERNVL_FLASH_ATTN=off \
             timeout 200 "$(exe parity)" 2>&1) >"$out/parity-gpu-fa-off.log"
         echo "parity on the GPU, flash attention off: rc $?"
         grep -E '^(test |InternVL)' "$out/parity-gpu-fa-off.log" | cut -c1-200

@@ -132,7 +132,7 @@ impl Family {
     }
 
     /// This model, 2 threads, derived files in the test cache. With
-    /// `INTERNVL_TEST_FROM_ENV` set, `INTERNVL_*` variables change the other
+    /// `TEST_INTERNVL_FROM_ENV` set, `INTERNVL_*` variables change the other
     /// keys, as they do for the server: how `benches/gpu_check.sh` runs the
     /// same parity protocol with other settings on a GPU, without a rebuild.
     pub fn config(&self) -> Config {
@@ -142,7 +142,7 @@ impl Family {
             cache_dir: Some(test_cache_dir()),
             ..Config::default()
         };
-        if std::env::var_os("INTERNVL_TEST_FROM_ENV").is_none() {
+        if std::env::var_os("TEST_INTERNVL_FROM_ENV").is_none() {
             return base;
         }
         let fixed = serde_json::json!({
