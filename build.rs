@@ -1,4 +1,5 @@
-//! Generates the gRPC server and client code from `proto/`.
+//! Generates the gRPC server and client code from `proto/`, and compiles the
+//! model catalog in.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
@@ -9,6 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(&["proto/internvl/v1/internvl.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     catalog(&out_dir)?;
+    // A `dynamic-backends` server links ggml's shared libraries: it looks for
+    // them beside itself, where a deployment puts them with the plugins, so
+    // copying the folder is enough (`$ORIGIN` is the real binary's folder,
+    // through a symlink too). Tests and `cargo run` get cargo's library path.
+    if std::env::var_os("CARGO_FEATURE_DYNAMIC_BACKENDS").is_some() {
+        println!("cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN");
+    }
     Ok(())
 }
 
