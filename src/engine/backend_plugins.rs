@@ -6,7 +6,8 @@
 //! it would pick a variant that dies with SIGILL. The choice is made here
 //! instead, with the same ranking, over what Rust's feature detection says
 //! the CPU *and* OS run. The rules are unit-tested in every build; only a
-//! `dynamic-backends` build calls them.
+//! `dynamic-backends` build loads plugins (`x86_supported` also serves
+//! `cpu_kernels.rs` in every build).
 #![cfg_attr(not(feature = "dynamic-backends"), allow(dead_code))]
 
 /// The plugins among a folder's file names: `libggml-KIND.so` or

@@ -61,29 +61,21 @@ fn used_features(system_info: &str) -> Vec<&str> {
 /// AVX-512 family and VNNI features this CPU and OS support, named as
 /// llama.cpp names them.
 fn host_features() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut found = Vec::new();
+    // llama.cpp's name, then the name the variant loader checks it by.
     #[cfg(target_arch = "x86_64")]
-    {
-        let checks: [(&str, bool); 5] = [
-            ("AVX512", std::arch::is_x86_feature_detected!("avx512f")),
-            (
-                "AVX512_VBMI",
-                std::arch::is_x86_feature_detected!("avx512vbmi"),
-            ),
-            (
-                "AVX512_VNNI",
-                std::arch::is_x86_feature_detected!("avx512vnni"),
-            ),
-            (
-                "AVX512_BF16",
-                std::arch::is_x86_feature_detected!("avx512bf16"),
-            ),
-            ("AVX_VNNI", std::arch::is_x86_feature_detected!("avxvnni")),
-        ];
-        found.extend(checks.iter().filter(|(_, has)| *has).map(|(name, _)| *name));
-    }
-    found
+    return [
+        ("AVX512", "avx512f"),
+        ("AVX512_VBMI", "avx512vbmi"),
+        ("AVX512_VNNI", "avx512vnni"),
+        ("AVX512_BF16", "avx512bf16"),
+        ("AVX_VNNI", "avxvnni"),
+    ]
+    .into_iter()
+    .filter(|(_, feature)| super::backend_plugins::x86_supported(feature))
+    .map(|(name, _)| name)
+    .collect();
+    #[cfg(not(target_arch = "x86_64"))]
+    Vec::new()
 }
 
 #[cfg(test)]
