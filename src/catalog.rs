@@ -32,7 +32,8 @@ pub struct Entry {
     pub context_length: u32,
     /// Quantization served when none is named.
     pub default_quant: String,
-    /// Whether repository and file names were checked against the hub listing.
+    /// Whether the repository's file listing was read: then every file here
+    /// is in it and has its size (a unit test holds the catalog to that).
     #[serde(default)]
     pub checked: bool,
     /// What a user should know.
@@ -56,6 +57,41 @@ pub struct File {
     /// SHA-256 (hex), when known.
     #[serde(default)]
     pub sha256: Option<String>,
+}
+
+/// How far `pull` can check a catalog file, from what the catalog knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// Its SHA-256 is known: pull checks the bytes (and the size, if known).
+    Hash,
+    /// Its size is known: pull checks that.
+    Size,
+    /// Only its name, which follows the publisher's naming but was not seen
+    /// in a listing: pull fails naming the file if the hub has none, and
+    /// checks the bytes against the hash the hub announces.
+    NameOnly,
+}
+
+impl Verification {
+    /// The word `internvl-grpc models` shows.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verification::Hash => "sha256",
+            Verification::Size => "size",
+            Verification::NameOnly => "unverified",
+        }
+    }
+}
+
+impl File {
+    /// How far `pull` can check this file.
+    pub fn verification(&self) -> Verification {
+        match (&self.sha256, self.size) {
+            (Some(_), _) => Verification::Hash,
+            (None, Some(_)) => Verification::Size,
+            (None, None) => Verification::NameOnly,
+        }
+    }
 }
 
 /// A language-model file of one quantization.
@@ -100,6 +136,12 @@ fn check(entry: &Entry) -> Result<(), String> {
         .map(|q| &q.file)
         .chain(std::iter::once(&entry.mmproj));
     for file in files {
+        if entry.checked && file.size.is_none() {
+            return Err(format!(
+                "{}: the listing was checked (checked = true), so its size is known: add size",
+                file.file
+            ));
+        }
         if let Some(sha) = &file.sha256 {
             if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!("{}: sha256 is not 64 hex digits", file.file));
@@ -195,8 +237,47 @@ mod tests {
         let mut bad_default = entry.clone();
         bad_default.default_quant = "q1".into();
         assert!(check(&bad_default).unwrap_err().contains("default_quant"));
-        let mut bad_sha = entry;
+        let mut bad_sha = entry.clone();
         bad_sha.mmproj.sha256 = Some("abc".into());
         assert!(check(&bad_sha).unwrap_err().contains("sha256"));
+        let mut listed_without_size = find("internvl3-2b").unwrap().unwrap().entry.clone();
+        assert!(listed_without_size.checked);
+        check(&listed_without_size).unwrap();
+        listed_without_size.mmproj.size = None;
+        assert!(check(&listed_without_size).unwrap_err().contains("size"));
+    }
+
+    #[test]
+    fn every_file_of_a_checked_listing_has_its_size() {
+        let checked: Vec<&Entry> = entries().iter().filter(|e| e.checked).collect();
+        assert!(
+            checked.iter().any(|e| e.repo.is_some()),
+            "a hub listing was checked"
+        );
+        for entry in checked {
+            for file in entry
+                .quants
+                .values()
+                .map(|q| &q.file)
+                .chain([&entry.mmproj])
+            {
+                assert!(
+                    file.size.is_some(),
+                    "{}: {} has no size",
+                    entry.name,
+                    file.file
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn verification_follows_what_the_catalog_knows() {
+        let q8 = find("internvl3.5-2b:q8_0").unwrap().unwrap();
+        assert_eq!(q8.model.file.verification(), Verification::Hash);
+        let bf16 = find("internvl3.5-2b:bf16").unwrap().unwrap();
+        assert_eq!(bf16.model.file.verification(), Verification::NameOnly);
+        let q4 = find("internvl3-2b:q4_k_m").unwrap().unwrap();
+        assert_eq!(q4.model.file.verification(), Verification::Size);
     }
 }

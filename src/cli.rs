@@ -459,7 +459,7 @@ pub fn models(args: HubArgs) -> ClientResult {
     let mut out = std::io::stdout();
     writeln!(
         out,
-        "{:<18} {:<12} {:<8} QUANTIZATIONS (RAM GB; * = downloaded, default first)",
+        "{:<18} {:<12} {:<8} QUANTIZATIONS (RAM GB, what pull checks; * = downloaded, default first)  [REPOSITORY; MMPROJ CHECK]",
         "NAME", "FAMILY", "SIZE"
     )?;
     for entry in crate::catalog::entries() {
@@ -470,7 +470,12 @@ pub fn models(args: HubArgs) -> ClientResult {
             .iter()
             .map(|(name, q)| {
                 let have = mmproj && crate::models::cached(entry, &q.file, &hub).is_some();
-                format!("{name}{} ({:.1})", if have { "*" } else { "" }, q.ram_gb)
+                format!(
+                    "{name}{} ({:.1}, {})",
+                    if have { "*" } else { "" },
+                    q.ram_gb,
+                    q.file.verification().label()
+                )
             })
             .collect();
         let source = entry
@@ -480,19 +485,20 @@ pub fn models(args: HubArgs) -> ClientResult {
             .unwrap_or_default();
         writeln!(
             out,
-            "{:<18} {:<12} {:<8} {}  [{}{}]",
+            "{:<18} {:<12} {:<8} {}  [{source}; mmproj {}]",
             entry.name,
             entry.family,
             entry.parameters.split(' ').next().unwrap_or_default(),
             shown.join(" "),
-            source,
-            if entry.checked {
-                ""
-            } else {
-                "; names unchecked"
-            }
+            entry.mmproj.verification().label(),
         )?;
     }
+    writeln!(
+        out,
+        "sha256: pull checks the bytes against the catalog's hash; size: their size; \
+         unverified: the name follows the publisher's naming but was not seen in a listing \
+         (pull fails naming the file if the hub has none)"
+    )?;
     Ok(())
 }
 

@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn catalog_names_resolve_from_a_local_cache_without_network() {
         let root = scratch("resolve");
-        let choice = catalog::find("internvl3.5-2b:q4_k_m").unwrap().unwrap();
+        let choice = catalog::find("internvl3.5-8b:q4_k_m").unwrap().unwrap();
         let repo = choice.entry.repo.as_deref().unwrap();
         let model = fake_cache(&root, repo, &choice.model.file.file, b"GGUF");
         let mmproj = fake_cache(&root, repo, &choice.entry.mmproj.file, b"GGUF");
@@ -278,7 +278,7 @@ mod tests {
             offline: true,
             endpoint: None,
         };
-        let paths = resolve("internvl3.5-2b:q4_k_m", "", &options).unwrap();
+        let paths = resolve("internvl3.5-8b:q4_k_m", "", &options).unwrap();
         assert_eq!((paths.model, paths.mmproj), (model.clone(), mmproj));
         assert_eq!(
             cached(choice.entry, &choice.model.file, &options),
@@ -310,10 +310,10 @@ mod tests {
 
     #[test]
     fn an_unknown_quantization_lists_the_known_ones() {
-        let err = resolve("internvl3-1b:q3_k_s", "", &HubOptions::default())
+        let err = resolve("internvl3.5-2b:q3_k_s", "", &HubOptions::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("q8_0") && err.contains("f16"), "{err}");
+        assert!(err.contains("q8_0") && err.contains("bf16"), "{err}");
     }
 
     #[test]

@@ -8,110 +8,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
+use common::hub::*;
 use common::*;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
 use internvl_grpc::catalog;
 use internvl_grpc::config::Config;
-use sha2::{Digest, Sha256};
-
-/// What the fake hub serves under one URL path: the bytes, and the content
-/// hash it announces (the hub's ETag of an LFS file).
-#[derive(Clone)]
-struct Served {
-    bytes: Vec<u8>,
-    sha256: String,
-}
-
-/// A fake hub: `GET /{repo}/resolve/main/{file}` with the headers hf-hub
-/// reads, honouring `Range`; it records every range asked for.
-struct FakeHub {
-    url: String,
-    ranges: Arc<Mutex<Vec<String>>>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
-}
-
-async fn fake_hub(files: HashMap<String, Served>) -> FakeHub {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let ranges = Arc::new(Mutex::new(Vec::new()));
-    let files = Arc::new(files);
-    let seen = ranges.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (files, seen) = (files.clone(), seen.clone());
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let response = answer(&files, &seen, &request);
-                        async move { Ok::<_, std::convert::Infallible>(response) }
-                    });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
-                    eprintln!("fake hub connection: {e}");
-                }
-            });
-        }
-    });
-    FakeHub {
-        url,
-        ranges,
-        _task: task,
-    }
-}
-
-fn answer(
-    files: &HashMap<String, Served>,
-    seen: &Mutex<Vec<String>>,
-    request: &Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
-    let Some(served) = files.get(request.uri().path()) else {
-        return Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::from_static(b"not found")))
-            .unwrap();
-    };
-    let total = served.bytes.len();
-    let range = request
-        .headers()
-        .get("range")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    seen.lock()
-        .unwrap()
-        .push(format!("{} {range}", request.uri().path()));
-    let (start, end) = match range.strip_prefix("bytes=").and_then(|r| r.split_once('-')) {
-        Some((a, b)) => (
-            a.parse::<usize>().unwrap_or(0),
-            b.parse::<usize>().map_or(total - 1, |e| e.min(total - 1)),
-        ),
-        None => (0, total - 1),
-    };
-    Response::builder()
-        .status(StatusCode::PARTIAL_CONTENT)
-        .header("x-repo-commit", "0123456789abcdef0123456789abcdef01234567")
-        .header("etag", format!("\"{}\"", served.sha256))
-        .header("x-linked-etag", format!("\"{}\"", served.sha256))
-        .header("content-range", format!("bytes {start}-{end}/{total}"))
-        .body(Full::new(Bytes::copy_from_slice(
-            &served.bytes[start..=end],
-        )))
-        .unwrap()
-}
 
 fn binary(args: &[&str], hub_url: &str) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
@@ -137,10 +38,6 @@ fn files_of(spec: &str) -> (String, String, String) {
     )
 }
 
-fn url_path(repo: &str, file: &str) -> String {
-    format!("/{repo}/resolve/main/{file}")
-}
-
 fn models_line(stdout: &str, name: &str) -> String {
     stdout
         .lines()
@@ -158,20 +55,18 @@ async fn pull_downloads_resumes_and_refuses_then_serve_uses_the_catalog_name() {
     // The tiny InternVL3.5 files stand in for the published ones.
     let model = std::fs::read(INTERNVL35.model_path()).unwrap();
     let mmproj = std::fs::read(INTERNVL35.mmproj_path()).unwrap();
-    let honest = |bytes: &Vec<u8>| Served {
-        bytes: bytes.clone(),
-        sha256: hex(bytes),
-    };
     let (repo_1b, model_1b, mmproj_1b) = files_of("internvl3.5-1b");
-    let (repo_2b, model_2b, mmproj_2b) = files_of("internvl3.5-2b:q4_k_m");
+    let (repo_8b, model_8b, mmproj_8b) = files_of("internvl3.5-8b");
     let (repo_3, model_3, mmproj_3) = files_of("internvl3-1b");
+    // A file whose size and hash the catalog knows: the hub's word is not enough.
+    let (repo_2b8, model_2b8, _) = files_of("internvl3.5-2b:q8_0");
     let mut corrupt = model.clone();
     corrupt[model.len() / 2] ^= 0xff;
     let files = HashMap::from([
         (url_path(&repo_1b, &model_1b), honest(&model)),
         (url_path(&repo_1b, &mmproj_1b), honest(&mmproj)),
-        (url_path(&repo_2b, &model_2b), honest(&model)),
-        (url_path(&repo_2b, &mmproj_2b), honest(&mmproj)),
+        (url_path(&repo_8b, &model_8b), honest(&model)),
+        (url_path(&repo_8b, &mmproj_8b), honest(&mmproj)),
         // Bytes that are not what the hub says they are.
         (
             url_path(&repo_3, &model_3),
@@ -181,6 +76,7 @@ async fn pull_downloads_resumes_and_refuses_then_serve_uses_the_catalog_name() {
             },
         ),
         (url_path(&repo_3, &mmproj_3), honest(&mmproj)),
+        (url_path(&repo_2b8, &model_2b8), honest(&model)),
     ]);
     let hub = fake_hub(files).await;
 
@@ -211,22 +107,31 @@ async fn pull_downloads_resumes_and_refuses_then_serve_uses_the_catalog_name() {
     assert_eq!(std::fs::read(&paths[1]).unwrap(), mmproj);
     let (_, after, _) = binary(&["models", "--hf-cache", &cache_arg], &hub.url);
     let line = models_line(&after, "internvl3.5-1b");
-    assert!(line.contains("q8_0*"), "{line}");
-    assert!(!line.contains("f16*"), "{line}");
+    assert!(line.contains("q4_k_m*"), "{line}");
+    assert!(!line.contains("bf16*"), "{line}");
+    // Each file says what pull can check of it.
+    let line = models_line(&after, "internvl3.5-2b");
+    assert!(
+        line.contains("q8_0 (3.7, sha256)")
+            && line.contains("bf16 (5.4, unverified)")
+            && line.contains("mmproj sha256"),
+        "{line}"
+    );
+    assert!(!after.contains("unchecked"), "{after}");
 
     // An interrupted download resumes where it stopped.
-    let blobs = cache.join(format!("models--{}/blobs", repo_2b.replace('/', "--")));
+    let blobs = cache.join(format!("models--{}/blobs", repo_8b.replace('/', "--")));
     std::fs::create_dir_all(&blobs).unwrap();
     let half = model.len() / 2;
     std::fs::write(blobs.join(format!("{}.part", hex(&model))), &model[..half]).unwrap();
     let (ok, out, err) = binary(
-        &["pull", "internvl3.5-2b:q4_k_m", "--hf-cache", &cache_arg],
+        &["pull", "internvl3.5-8b", "--hf-cache", &cache_arg],
         &hub.url,
     );
     assert!(ok, "resumed pull failed: {err}");
     assert_eq!(std::fs::read(out.lines().next().unwrap()).unwrap(), model);
     let ranges = hub.ranges.lock().unwrap().clone();
-    let resumed = format!("{} bytes={half}-", url_path(&repo_2b, &model_2b));
+    let resumed = format!("{} bytes={half}-", url_path(&repo_8b, &model_8b));
     assert!(ranges.contains(&resumed), "no resumed range in {ranges:?}");
 
     // Bytes whose hash is not the hub's are refused and removed.
@@ -246,13 +151,25 @@ async fn pull_downloads_resumes_and_refuses_then_serve_uses_the_catalog_name() {
         "{listing}"
     );
 
+    // Bytes the hub vouches for, but not the size the catalog records.
+    let (ok, _, err) = binary(
+        &["pull", "internvl3.5-2b:q8_0", "--hf-cache", &cache_arg],
+        &hub.url,
+    );
+    assert!(!ok, "a file of the wrong size was accepted");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&model_2b8) && last.contains("2165036128"),
+        "last line {last:?} must name the file and the catalog's size"
+    );
+
     // An unknown quantization names the known ones.
     let (ok, _, err) = binary(
         &["pull", "internvl3.5-1b:q1", "--hf-cache", &cache_arg],
         &hub.url,
     );
     assert!(!ok);
-    assert!(err.contains("q8_0"), "{err}");
+    assert!(err.contains("q4_k_m"), "{err}");
 
     // The pulled model serves by its catalog name, offline.
     let server = start(Config {

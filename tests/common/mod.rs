@@ -2,6 +2,7 @@
 //! and the reference data of the tiny fixture model.
 #![allow(dead_code)]
 
+pub mod hub;
 pub mod parity;
 
 use std::net::SocketAddr;
