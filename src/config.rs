@@ -86,6 +86,9 @@ pub struct Config {
     pub max_image_alloc_mb: u64,
     /// Emit logs as JSON lines.
     pub log_json: bool,
+    /// llama.cpp's information lines (model metadata, over 150 at a start)
+    /// at INFO; by default they are DEBUG. Its warnings stay warnings.
+    pub llama_info_logs: bool,
     /// On shutdown, seconds running requests get to finish before they are cut.
     pub drain_grace_secs: f64,
     /// MiB of encoded image tiles kept for reuse (0 = no image cache).
@@ -162,6 +165,7 @@ impl Default for Config {
             max_image_pixels: 64 * 1024 * 1024,
             max_image_alloc_mb: 512,
             log_json: false,
+            llama_info_logs: false,
             drain_grace_secs: 30.0,
             image_cache_mb: 512,
             prefix_cache_mb: 512,
@@ -182,6 +186,87 @@ impl Default for Config {
             metrics_listen: None,
         }
     }
+}
+
+/// Environment variables `INTERNVL_<KEY>` set configuration keys.
+const ENV_PREFIX: &str = "INTERNVL";
+
+/// The variables of `vars` that set configuration keys: every `INTERNVL_*`
+/// one but those Kubernetes adds for a Service whose name starts with
+/// `internvl` (service links: the manifests' own Service `internvl-grpc`
+/// gives `INTERNVL_GRPC_SERVICE_HOST`, `INTERNVL_GRPC_PORT`, …). Anything
+/// else under the prefix stays, so a misspelt key is still refused.
+fn settings_in_env(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<config::Map<String, String>, ConfigError> {
+    let prefix = format!("{ENV_PREFIX}_");
+    let mut settings = config::Map::new();
+    for (name, value) in vars {
+        let Some(name) = name.to_str() else { continue };
+        if !name.to_ascii_uppercase().starts_with(&prefix) {
+            continue;
+        }
+        let Some(value) = value.to_str() else {
+            return Err(ConfigError::Load(config::ConfigError::Message(format!(
+                "environment variable {name}: the value is not UTF-8"
+            ))));
+        };
+        if !is_service_link(name, value) {
+            settings.insert(name.to_string(), value.to_string());
+        }
+    }
+    Ok(settings)
+}
+
+/// Whether `name=value` has the shape of a variable the kubelet adds for a
+/// Service (`{SVC}_SERVICE_HOST`, `{SVC}_SERVICE_PORT[_{PORT_NAME}]`,
+/// `{SVC}_PORT`, `{SVC}_PORT_{N}_{PROTO}[_PROTO|_PORT|_ADDR]`): name and value
+/// must both fit, so a key that merely ends in `_PORT` is not dropped.
+pub(crate) fn is_service_link(name: &str, value: &str) -> bool {
+    let ip = |v: &str| v.parse::<std::net::IpAddr>().is_ok();
+    let port = |v: &str| v.parse::<u16>().is_ok();
+    let proto = |p: &str| matches!(p, "TCP" | "UDP" | "SCTP");
+    // `tcp://10.0.0.1:50051`, or `[fd00::1]:50051` for IPv6; `n` the port
+    // the name carries, when it carries one.
+    let url = |v: &str, p: &str, n: Option<&str>| {
+        let Some(rest) = v.strip_prefix(&format!("{}://", p.to_ascii_lowercase())) else {
+            return false;
+        };
+        let Some((host, at)) = rest.rsplit_once(':') else {
+            return false;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        ip(host) && port(at) && n.is_none_or(|n| n == at)
+    };
+    let parts: Vec<&str> = name.split('_').collect();
+    let n = parts.len();
+    // The Service's part of the name, its first `k` words: `INTERNVL` and
+    // whatever follows in the Service's name.
+    let service = |k: usize| k >= 1 && parts[0].eq_ignore_ascii_case(ENV_PREFIX);
+    let ends = |suffix: &[&str]| parts.ends_with(suffix) && service(n - suffix.len());
+    // `{SVC}_PORT_{N}_{PROTO}` followed by `extra` more words.
+    let port_entry = |extra: usize| {
+        n >= 4 + extra && {
+            let at = n - 3 - extra;
+            parts[at] == "PORT" && port(parts[at + 1]) && proto(parts[at + 2]) && service(at)
+        }
+    };
+    (ends(&["SERVICE", "HOST"]) && ip(value))
+        || (ends(&["SERVICE", "PORT"]) && port(value))
+        || (parts
+            .windows(2)
+            .enumerate()
+            .any(|(i, w)| w == ["SERVICE", "PORT"] && service(i) && i + 2 < n)
+            && port(value))
+        || (ends(&["PORT"]) && ["TCP", "UDP", "SCTP"].iter().any(|p| url(value, p, None)))
+        || (port_entry(0) && url(value, parts[n - 1], Some(parts[n - 2])))
+        || (port_entry(1)
+            && match parts[n - 1] {
+                "PROTO" => value.eq_ignore_ascii_case(parts[n - 2]),
+                "PORT" => value == parts[n - 3],
+                "ADDR" => ip(value),
+                _ => false,
+            })
 }
 
 /// A configuration that cannot be used, naming the key.
@@ -221,6 +306,15 @@ impl Config {
     /// Merges the layers. `overrides` is any serializable map of the keys the
     /// command line set (unset flags must be left out).
     pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, overrides, std::env::vars_os())
+    }
+
+    /// [`Config::load`] with `env` in place of the process's environment.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: &impl Serialize,
+        env: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<Self, ConfigError> {
         let mut builder =
             config::Config::builder().add_source(config::Config::try_from(&Config::default())?);
         if let Some(file) = file {
@@ -232,7 +326,8 @@ impl Config {
         }
         let config: Config = builder
             .add_source(
-                config::Environment::with_prefix("INTERNVL")
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .source(Some(settings_in_env(env)?))
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("tensor_split")
@@ -350,6 +445,7 @@ impl Config {
                 .clone()
                 .filter(|d| !d.as_os_str().is_empty())
                 .or_else(crate::engine::position_rows::default_cache_dir),
+            llama_info_logs: self.llama_info_logs,
         })
     }
 }
@@ -391,5 +487,91 @@ mod tests {
             err.contains("cache_type_v") && err.contains("q8_0"),
             "{err}"
         );
+    }
+
+    /// What the kubelet adds for a Service `name` with ports `(name, port)`
+    /// at `ip` (pkg/kubelet/envvars), as `(variable, value)`.
+    fn service_links(name: &str, ip: &str, ports: &[(&str, u16)]) -> Vec<(String, String)> {
+        let svc = name.to_ascii_uppercase().replace('-', "_");
+        let mut vars = vec![
+            (format!("{svc}_SERVICE_HOST"), ip.to_string()),
+            (format!("{svc}_SERVICE_PORT"), ports[0].1.to_string()),
+            (format!("{svc}_PORT"), format!("tcp://{ip}:{}", ports[0].1)),
+        ];
+        for (port_name, port) in ports {
+            let p = format!("{svc}_PORT_{port}_TCP");
+            vars.push((
+                format!(
+                    "{svc}_SERVICE_PORT_{}",
+                    port_name.to_ascii_uppercase().replace('-', "_")
+                ),
+                port.to_string(),
+            ));
+            vars.push((p.clone(), format!("tcp://{ip}:{port}")));
+            vars.push((format!("{p}_PROTO"), "tcp".into()));
+            vars.push((format!("{p}_PORT"), port.to_string()));
+            vars.push((format!("{p}_ADDR"), ip.to_string()));
+        }
+        vars
+    }
+
+    fn env_of(vars: &[(String, String)]) -> Result<config::Map<String, String>, ConfigError> {
+        settings_in_env(vars.iter().map(|(k, v)| (k.into(), v.into())))
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_settings() {
+        for (name, ip) in [
+            ("internvl-grpc", "10.96.12.7"),
+            ("internvl", "10.0.0.1"),
+            ("internvl-grpc-metrics-2", "fd00::12"),
+        ] {
+            let mut vars = service_links(name, ip, &[("grpc", 50051), ("metrics", 9090)]);
+            vars.push(("INTERNVL_THREADS".into(), "4".into()));
+            vars.push(("KUBERNETES_SERVICE_HOST".into(), "10.96.0.1".into()));
+            let kept = env_of(&vars).unwrap();
+            assert_eq!(
+                kept.keys().collect::<Vec<_>>(),
+                ["INTERNVL_THREADS"],
+                "{name}: {kept:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_misspelt_key_is_still_refused_beside_service_links() {
+        let mut vars = service_links("internvl-grpc", "10.96.12.7", &[("grpc", 50051)]);
+        // Names of the service-link shape with values that are not.
+        vars.push(("INTERNVL_GRPC_SERVICE_PORT_X".into(), "many".into()));
+        vars.push(("INTERNVL_THREAD".into(), "4".into()));
+        let kept = env_of(&vars).unwrap();
+        let mut names: Vec<_> = kept.keys().collect();
+        names.sort();
+        assert_eq!(names, ["INTERNVL_GRPC_SERVICE_PORT_X", "INTERNVL_THREAD"]);
+        // Beside service links alone, the misspelt key is what is refused.
+        let mut vars = service_links("internvl-grpc", "10.96.12.7", &[("grpc", 50051)]);
+        vars.push(("INTERNVL_MAX_IMAGES_PER_REQUST".into(), "3".into()));
+        let flags = BTreeMap::<String, String>::new();
+        let env = vars.iter().map(|(k, v)| (k.into(), v.into()));
+        let err = Config::load_with_env(None, &flags, env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_images_per_requst"), "{err}");
+        // The same links with the right keys load.
+        let mut vars = service_links("internvl-grpc", "10.96.12.7", &[("grpc", 50051)]);
+        vars.push(("INTERNVL_THREADS".into(), "3".into()));
+        let env = vars.iter().map(|(k, v)| (k.into(), v.into()));
+        assert_eq!(Config::load_with_env(None, &flags, env).unwrap().threads, 3);
+    }
+
+    #[test]
+    fn no_key_has_the_shape_of_a_service_link() {
+        let keys = serde_json::to_value(Config::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            let name = format!("INTERNVL_{}", key.to_ascii_uppercase());
+            for value in ["10.0.0.1", "50051", "tcp://10.0.0.1:50051", "tcp"] {
+                assert!(!is_service_link(&name, value), "{name}={value}");
+            }
+        }
     }
 }

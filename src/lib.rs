@@ -45,6 +45,10 @@ pub enum ServeError {
     /// The engine could not start.
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
+    /// The engine failed while serving; the process should exit non-zero so
+    /// that its orchestrator restarts it.
+    #[error("{0}")]
+    Fault(std::sync::Arc<engine::EngineError>),
     /// The gRPC transport failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -186,10 +190,10 @@ pub async fn run_with_metrics(
     tokio::pin!(drain);
 
     let mut loaded = false;
-    loop {
+    let fault = loop {
         tokio::select! {
             served = &mut server => return served.map_err(ServeError::from),
-            () = &mut drain => break,
+            () = &mut drain => break None,
             ready = engine.wait_ready(), if !loaded => {
                 ready.map_err(ServeError::Load)?;
                 loaded = true;
@@ -198,14 +202,39 @@ pub async fn run_with_metrics(
                     tracing::info!("ready");
                 }
             }
+            fault = engine.wait_fault(), if loaded => {
+                // Out of rotation at once; the engine has already answered
+                // every open call with INTERNAL.
+                set_health(&reporter, ServingStatus::NotServing).await;
+                tracing::error!("{fault}; stopping so that the replica restarts");
+                break Some(fault);
+            }
         }
-    }
+    };
     if close_transport.send(()).is_err() {
         tracing::debug!("transport already closed");
     }
-    server.await?;
+    match fault {
+        None => server.await?,
+        Some(fault) => {
+            // A short drain: the errors already sent reach their clients,
+            // but a client that holds its connection cannot keep a dead
+            // replica alive.
+            if tokio::time::timeout(FAULT_DRAIN, &mut server)
+                .await
+                .is_err()
+            {
+                tracing::warn!("connections still open after the fault drain; closing");
+            }
+            return Err(ServeError::Fault(fault));
+        }
+    }
     Ok(())
 }
+
+/// How long a replica whose engine failed waits for its last answers to
+/// reach their clients before it exits.
+const FAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Ends a background task when the server returns.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

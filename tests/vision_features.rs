@@ -124,7 +124,7 @@ fn decoding_and_resizing_match_pillow_bit_for_bit() {
 /// Encodes every reference image's tiles with the vision encoder loaded from
 /// `mmproj`; the largest |Δ| per tile against the reference features, per image.
 fn encode_against_reference(family: &Family, mmproj: &Path) -> Vec<(String, Vec<f32>)> {
-    llama::init_backend().unwrap();
+    llama::init_backend(false).unwrap();
     let model = Arc::new(
         Model::load(
             &family.model_path(),

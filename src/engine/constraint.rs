@@ -20,6 +20,7 @@ use toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie};
 
 use super::error::EngineError;
 use super::gbnf;
+use super::json_numbers::{NumberDigits, MAX_DIGITS};
 
 /// What a reply's text must be.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -57,6 +58,15 @@ impl ResponseFormat {
             ResponseFormat::JsonObject => 0,
             ResponseFormat::Choice(options) => options.iter().map(String::len).sum(),
         }
+    }
+
+    /// Whether the reply is JSON, whose numbers get bounded digits
+    /// (`json_numbers.rs`). A regex or grammar says its own digits.
+    fn is_json(&self) -> bool {
+        matches!(
+            self,
+            ResponseFormat::JsonSchema(_) | ResponseFormat::JsonObject
+        )
     }
 
     /// The format as an llguidance grammar, or why it is not one.
@@ -190,6 +200,9 @@ pub struct FormatCompiler {
     factory: OnceLock<Result<ParserFactory, String>>,
     limits: FormatLimits,
     cache: Mutex<LruCache<ResponseFormat, Matcher>>,
+    /// Tokens that hold more than [`MAX_DIGITS`] digits in a row (none in
+    /// Qwen's vocabulary), found with the first JSON format.
+    long_digit_tokens: OnceLock<Arc<Vec<u32>>>,
 }
 
 impl FormatCompiler {
@@ -205,7 +218,26 @@ impl FormatCompiler {
             factory: OnceLock::new(),
             limits,
             cache: Mutex::new(LruCache::new(entries)),
+            long_digit_tokens: OnceLock::new(),
         }
+    }
+
+    /// The digit state of a fresh JSON reply, with the vocabulary's tokens
+    /// that carry an overlong run of digits.
+    fn json_numbers(&self) -> Result<JsonNumbers, EngineError> {
+        let factory = self.factory()?;
+        let long = self.long_digit_tokens.get_or_init(|| {
+            let trie = factory.tok_env().tok_trie();
+            Arc::new(
+                (0..trie.vocab_size() as u32)
+                    .filter(|&t| has_long_digit_run(trie.token(t)))
+                    .collect(),
+            )
+        });
+        Ok(JsonNumbers {
+            digits: NumberDigits::default(),
+            long_digit_tokens: long.clone(),
+        })
     }
 
     /// The token trie and parser settings, built on first use.
@@ -235,8 +267,12 @@ impl FormatCompiler {
                 self.limits.max_bytes
             )));
         }
+        let numbers = match format.is_json() {
+            true => Some(self.json_numbers()?),
+            false => None,
+        };
         if let Some(matcher) = self.cache().get(format) {
-            return Ok(Constraint::new(matcher.deep_clone()));
+            return Ok(Constraint::new(matcher.deep_clone(), numbers));
         }
         let started = Instant::now();
         let grammar = format.grammar().map_err(invalid)?;
@@ -253,7 +289,7 @@ impl FormatCompiler {
             cached = cache.len(),
             "response format compiled"
         );
-        Ok(Constraint::new(matcher))
+        Ok(Constraint::new(matcher, numbers))
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<ResponseFormat, Matcher>> {
@@ -284,18 +320,28 @@ fn build_factory(vocabulary: Vocabulary, limits: &FormatLimits) -> Result<Parser
     Ok(factory)
 }
 
+/// A JSON reply's digit state (`json_numbers.rs`).
+#[derive(Clone)]
+struct JsonNumbers {
+    digits: NumberDigits,
+    long_digit_tokens: Arc<Vec<u32>>,
+}
+
 /// One sequence's position in its format.
 pub struct Constraint {
     matcher: Matcher,
+    /// For a JSON reply: where its text stands, to bound number digits.
+    numbers: Option<JsonNumbers>,
     /// Time spent computing masks and advancing the matcher (the
     /// constraint's whole cost per sequence).
     pub mask_time: Duration,
 }
 
 impl Constraint {
-    fn new(matcher: Matcher) -> Self {
+    fn new(matcher: Matcher, numbers: Option<JsonNumbers>) -> Self {
         Constraint {
             matcher,
+            numbers,
             mask_time: Duration::ZERO,
         }
     }
@@ -308,14 +354,74 @@ impl Constraint {
             return Err(failed("no token can continue the reply"));
         }
         forbid(mask.as_slice(), logits);
+        if let Some(numbers) = &self.numbers {
+            self.bound_digits(numbers, mask.as_slice(), logits);
+        }
         self.mask_time += t.elapsed();
         Ok(())
+    }
+
+    /// Forbids the allowed tokens that would give a number part more than
+    /// [`MAX_DIGITS`] digits. Only inside a number, where the format allows
+    /// few tokens, and for tokens that carry such a run themselves. Never
+    /// forbids every token: a format that needs longer numbers (a minimum
+    /// of 1e17) keeps its way to end.
+    fn bound_digits(&self, numbers: &JsonNumbers, allowed: &[u32], logits: &mut [f32]) {
+        let Ok(env) = self.matcher.tok_env() else {
+            return;
+        };
+        let trie = env.tok_trie();
+        let is_allowed = |t: u32| {
+            allowed
+                .get(t as usize / 32)
+                .is_some_and(|w| w & (1 << (t % 32)) != 0)
+        };
+        let goes_over = |t: u32| {
+            let mut digits = numbers.digits;
+            !digits.feed(trie.token(t))
+        };
+        let allowed_count: usize = allowed.iter().map(|w| w.count_ones() as usize).sum();
+        let over: Vec<u32> = if numbers.digits.in_number() {
+            allowed
+                .iter()
+                .enumerate()
+                .flat_map(|(word, &bits)| {
+                    (0..32)
+                        .filter(move |i| bits & (1 << i) != 0)
+                        .map(move |i| (word * 32 + i) as u32)
+                })
+                .filter(|&t| goes_over(t))
+                .collect()
+        } else {
+            // Outside a number only a token's own run of digits can pass
+            // the bound.
+            numbers
+                .long_digit_tokens
+                .iter()
+                .copied()
+                .filter(|&t| is_allowed(t) && goes_over(t))
+                .collect()
+        };
+        if over.len() < allowed_count {
+            for token in over {
+                if let Some(logit) = logits.get_mut(token as usize) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
     }
 
     /// Advances past a sampled token (which the mask allowed).
     pub fn accept(&mut self, token: i32) -> Result<(), EngineError> {
         let t = Instant::now();
         let result = self.matcher.consume_token(token as u32).map_err(failed);
+        if let (Some(numbers), Ok(env)) = (&mut self.numbers, self.matcher.tok_env()) {
+            // Past the bound only where the format left no other way: count
+            // anew from here.
+            if !numbers.digits.feed(env.tok_trie().token(token as u32)) {
+                numbers.digits = NumberDigits::default();
+            }
+        }
         self.mask_time += t.elapsed();
         result
     }
@@ -324,6 +430,13 @@ impl Constraint {
     pub fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
     }
+}
+
+/// Whether `bytes` hold more than [`MAX_DIGITS`] ASCII digits in a row.
+fn has_long_digit_run(bytes: &[u8]) -> bool {
+    bytes
+        .split(|b| !b.is_ascii_digit())
+        .any(|run| run.len() > MAX_DIGITS as usize)
 }
 
 /// Sets `logits[i]` to -inf where bit `i` of `allowed` is clear (and past
@@ -374,6 +487,63 @@ mod tests {
             },
             limits,
         )
+    }
+
+    /// Feeds `text` one byte token at a time; the logits of the next step.
+    fn after(constraint: &mut Constraint, text: &str, vocab: usize) -> Vec<f32> {
+        for b in text.bytes() {
+            let mut logits = vec![0.0; vocab];
+            constraint.mask(&mut logits).unwrap();
+            assert!(
+                logits[b as usize].is_finite(),
+                "{:?} not allowed",
+                b as char
+            );
+            constraint.accept(i32::from(b)).unwrap();
+        }
+        let mut logits = vec![0.0; vocab];
+        constraint.mask(&mut logits).unwrap();
+        logits
+    }
+
+    #[test]
+    fn json_numbers_end_after_sixteen_digits_a_part_but_strings_do_not() {
+        let compiler = compiler(FormatLimits::default());
+        let vocab = 256 + 7;
+        let schema = r#"{"type": "object", "properties": {"n": {"type": "number"},
+            "s": {"type": "string"}}, "required": ["n", "s"]}"#;
+        let format = ResponseFormat::JsonSchema(schema.into());
+        let digit = b'4' as usize;
+        let mut c = compiler.compile(&format).unwrap();
+        let logits = after(&mut c, &format!("{{\"n\": 7.{}", "4".repeat(15)), vocab);
+        assert!(logits[digit].is_finite(), "the 16th fractional digit");
+        let logits = after(&mut c, "4", vocab);
+        assert_eq!(logits[digit], f32::NEG_INFINITY, "a 17th");
+        assert!(logits[b',' as usize].is_finite(), "the number can end");
+        // The same text in a string is not bounded.
+        let mut c = compiler.compile(&format).unwrap();
+        let logits = after(
+            &mut c,
+            &format!("{{\"n\": 1, \"s\": \"{}", "4".repeat(40)),
+            vocab,
+        );
+        assert!(logits[digit].is_finite());
+        // A regex says its own digits.
+        let mut c = compiler
+            .compile(&ResponseFormat::Regex("[0-9]+".into()))
+            .unwrap();
+        assert!(after(&mut c, &"4".repeat(40), vocab)[digit].is_finite());
+    }
+
+    #[test]
+    fn a_format_that_needs_long_numbers_still_ends() {
+        let compiler = compiler(FormatLimits::default());
+        let format = ResponseFormat::JsonSchema(
+            r#"{"type": "integer", "minimum": 100000000000000000}"#.into(),
+        );
+        let mut c = compiler.compile(&format).unwrap();
+        let logits = after(&mut c, &"1".repeat(16), 256 + 7);
+        assert!(logits.iter().any(|l| l.is_finite()), "some token is left");
     }
 
     #[test]

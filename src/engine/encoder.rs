@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::error::EngineError;
 use super::llama::{Model, Vision, VisionParams};
+use super::protocol::Doorbell;
 use super::vision::TileHash;
 
 /// A tile's embeddings, or why it could not be encoded.
@@ -51,6 +52,7 @@ impl TileEncoder {
         model: Arc<Model>,
         params: &VisionParams,
         side: u32,
+        bell: Arc<Doorbell>,
     ) -> Result<Self, EngineError> {
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
         let (result_tx, results) = mpsc::channel();
@@ -81,6 +83,8 @@ impl TileEncoder {
                     if result_tx.send(encoded).is_err() {
                         return;
                     }
+                    // The engine thread may be waiting for this tile alone.
+                    bell.ring();
                 }
             })
             .map_err(|e| {

@@ -63,6 +63,10 @@ pub enum EngineError {
     /// The engine thread has stopped (shutdown or a failed load).
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine thread failed (a panic) while this request was open or
+    /// queued; the replica is restarting.
+    #[error("the engine failed ({0}); this replica is restarting, retry on another")]
+    Fault(String),
     /// llama.cpp reported a failure while running a request.
     #[error("inference failed: {0}")]
     Inference(String),

@@ -15,6 +15,7 @@ mod encoder;
 mod error;
 mod gbnf;
 mod gguf_meta;
+mod json_numbers;
 mod protocol;
 pub mod settings;
 mod types;
@@ -49,7 +50,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use constraint::{FormatLimits, ResponseFormat};
 pub use error::EngineError;
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
-pub use protocol::{EngineState, Loaded};
+pub use protocol::{EngineState, GenerateEvents, Loaded};
 pub use sampling::SamplingParams;
 pub use settings::{EngineSettings, FlashAttn, KvCacheType, SplitMode};
 pub use types::*;
@@ -58,6 +59,11 @@ pub use worker::SlotPhase;
 
 use prompt::Prompt;
 use protocol::{EmbedJob, GenerateJob, InFlight, Job, Lifecycle};
+
+/// In a build with the test-only `fault-injection` feature, a Generate with
+/// this seed panics the engine thread at its fourth token.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_SEED: u64 = 0xFA17_FA17;
 
 /// How long a drain waits for cut requests to stop (one decode step each).
 const CUT_WAIT: Duration = Duration::from_secs(30);
@@ -142,6 +148,7 @@ impl Engine {
                 "grace period over; cutting the requests still running"
             );
             self.lifecycle.aborting.store(true, Ordering::Release);
+            self.lifecycle.bell.ring();
             // Each is cut at its next decode step, so this is short; the bound
             // only matters if the engine thread died holding a job.
             let cut = tokio::time::timeout(CUT_WAIT, in_flight.wait_for(|n| *n == 0)).await;
@@ -162,7 +169,7 @@ impl Engine {
         loop {
             match &*state.borrow_and_update() {
                 EngineState::Ready(_) => return Ok(()),
-                EngineState::Failed(e) => return Err(e.clone()),
+                EngineState::Failed(e) | EngineState::Faulted(e) => return Err(e.clone()),
                 EngineState::Stopped => return Err(Arc::new(EngineError::Stopped)),
                 EngineState::Loading => {}
             }
@@ -176,7 +183,25 @@ impl Engine {
         match &*self.state.borrow() {
             EngineState::Ready(loaded) => Ok(loaded.clone()),
             EngineState::Loading => Err(EngineError::NotReady),
-            EngineState::Failed(_) | EngineState::Stopped => Err(EngineError::Stopped),
+            EngineState::Failed(_) | EngineState::Faulted(_) | EngineState::Stopped => {
+                Err(EngineError::Stopped)
+            }
+        }
+    }
+
+    /// Waits until the engine, once ready, stops serving for a reason other
+    /// than a drain: a fault (its error), or the thread's end.
+    pub async fn wait_fault(&self) -> Arc<EngineError> {
+        let mut state = self.state.clone();
+        loop {
+            match &*state.borrow_and_update() {
+                EngineState::Faulted(e) => return e.clone(),
+                EngineState::Stopped => return Arc::new(EngineError::Stopped),
+                EngineState::Loading | EngineState::Ready(_) | EngineState::Failed(_) => {}
+            }
+            if state.changed().await.is_err() {
+                return Arc::new(EngineError::Fault("the engine thread ended".into()));
+            }
         }
     }
 
@@ -244,30 +269,14 @@ impl Engine {
     pub async fn generate(
         &self,
         mut request: GenerateRequest,
-    ) -> Result<mpsc::Receiver<Result<GenerateEvent, EngineError>>, EngineError> {
+    ) -> Result<GenerateEvents, EngineError> {
         let arrived = Instant::now();
-        // The prompt replaces the messages; moving them avoids copying image bytes.
-        let messages = std::mem::take(&mut request.messages);
-        // A bad format is refused before any image is decoded.
-        let constraint = match request.response_format.clone() {
-            None => None,
-            Some(format) => {
-                let loaded = self.loaded()?;
-                let compiled = tokio::task::spawn_blocking(move || loaded.formats.compile(&format))
-                    .await
-                    .map_err(|e| {
-                        EngineError::Inference(format!("format compilation panicked: {e}"))
-                    })??;
-                Some(compiled)
-            }
-        };
-        let (loaded, prompt) = self.chat_prompt(messages).await?;
+        // Cheapest first: what needs neither the format compiled nor an
+        // image decoded is refused before either.
+        let loaded = self.loaded()?;
         let n_ctx = loaded.info.context_size;
         if request.max_new_tokens == 0 {
             return Err(EngineError::invalid("max_new_tokens", "must be at least 1"));
-        }
-        if request.deadline.is_some_and(|d| d <= Instant::now()) {
-            return Err(EngineError::DeadlineExceeded { completed: 0 });
         }
         if request.max_new_tokens >= n_ctx {
             return Err(EngineError::invalid(
@@ -277,6 +286,33 @@ impl Engine {
                     request.max_new_tokens
                 ),
             ));
+        }
+        if request.top_logprobs > loaded.info.vocab_size {
+            return Err(EngineError::invalid(
+                "top_logprobs",
+                format!(
+                    "{} is beyond the vocabulary of {}",
+                    request.top_logprobs, loaded.info.vocab_size
+                ),
+            ));
+        }
+        // The prompt replaces the messages; moving them avoids copying image bytes.
+        let messages = std::mem::take(&mut request.messages);
+        // A bad format is refused before any image is decoded.
+        let constraint = match request.response_format.clone() {
+            None => None,
+            Some(format) => {
+                let compiled = tokio::task::spawn_blocking(move || loaded.formats.compile(&format))
+                    .await
+                    .map_err(|e| {
+                        EngineError::Inference(format!("format compilation panicked: {e}"))
+                    })??;
+                Some(compiled)
+            }
+        };
+        let (_, prompt) = self.chat_prompt(messages).await?;
+        if request.deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(EngineError::DeadlineExceeded { completed: 0 });
         }
         if prompt.prompt_tokens >= n_ctx {
             return Err(EngineError::invalid(
@@ -296,15 +332,6 @@ impl Engine {
                 ),
             ));
         }
-        if request.top_logprobs > loaded.info.vocab_size {
-            return Err(EngineError::invalid(
-                "top_logprobs",
-                format!(
-                    "{} is beyond the vocabulary of {}",
-                    request.top_logprobs, loaded.info.vocab_size
-                ),
-            ));
-        }
         let (events, receiver) = mpsc::channel(self.stream_buffer);
         let in_flight = self.take_place()?;
         let job = GenerateJob {
@@ -317,7 +344,7 @@ impl Engine {
             constraint,
         };
         self.submit(Job::Generate(Box::new(job)))?;
-        Ok(receiver)
+        Ok(GenerateEvents::new(receiver, self.lifecycle.bell.clone()))
     }
 
     /// Pooled final hidden states of each input.
@@ -371,7 +398,11 @@ impl Engine {
             reply,
             _in_flight: in_flight,
         }))?;
-        result.await.map_err(|_| EngineError::Stopped)?
+        // Every path that ends a job answers it; a dropped reply means the
+        // engine thread ended without doing so.
+        result
+            .await
+            .map_err(|_| EngineError::Fault("the engine ended without answering".into()))?
     }
 
     /// Counts a request in flight, or refuses it while draining or full.
@@ -396,6 +427,10 @@ impl Engine {
         self.commands.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => self.full(),
             mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
-        })
+        })?;
+        // The engine thread may be waiting with every slot stalled; the new
+        // job may fit beside them.
+        self.lifecycle.bell.ring();
+        Ok(())
     }
 }

@@ -2,8 +2,10 @@
 //! thread: jobs in, stream events out, the engine's state, and the counters
 //! both sides share (drain, in-flight jobs, busy slots).
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -27,6 +29,9 @@ pub enum EngineState {
     Ready(Arc<Loaded>),
     /// Loading failed; the message names the file.
     Failed(Arc<EngineError>),
+    /// The engine thread failed while serving (a panic): nothing more will
+    /// be answered, and the replica should restart.
+    Faulted(Arc<EngineError>),
     /// The engine thread has ended.
     Stopped,
 }
@@ -102,6 +107,77 @@ pub(crate) fn take_place(in_flight: &mut usize, capacity: usize) -> bool {
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Wakes the engine thread when it waits with nothing to do but wait: every
+/// slot held by a slow client or by the vision encoder. Rung by whatever can
+/// end that wait: a client taking an event or leaving, a finished tile, a
+/// new job, a drain's cut. A ring before the wait is kept, so none is lost.
+#[derive(Default)]
+pub(crate) struct Doorbell {
+    rung: Mutex<bool>,
+    bell: Condvar,
+}
+
+impl Doorbell {
+    pub(crate) fn ring(&self) {
+        let mut rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        *rung = true;
+        self.bell.notify_one();
+    }
+
+    /// Waits until rung (since the last wait) or `timeout` has passed;
+    /// whether it was rung.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let rung = self.rung.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut rung, _) = self
+            .bell
+            .wait_timeout_while(rung, timeout, |rung| !*rung)
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *rung)
+    }
+}
+
+/// A Generate call's events, ending with `Done` or an error. Taking an event
+/// or dropping this (the client left) wakes the engine thread, which may be
+/// waiting for exactly that.
+pub struct GenerateEvents {
+    events: mpsc::Receiver<EventResult>,
+    bell: Arc<Doorbell>,
+}
+
+impl GenerateEvents {
+    pub(crate) fn new(events: mpsc::Receiver<EventResult>, bell: Arc<Doorbell>) -> Self {
+        Self { events, bell }
+    }
+
+    /// The next event; `None` once the stream is over.
+    pub async fn recv(&mut self) -> Option<EventResult> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventResult>> {
+        let event = self.events.poll_recv(cx);
+        if event.is_ready() {
+            self.bell.ring();
+        }
+        event
+    }
+}
+
+impl tokio_stream::Stream for GenerateEvents {
+    type Item = EventResult;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EventResult>> {
+        self.get_mut().poll_event(cx)
+    }
+}
+
+impl Drop for GenerateEvents {
+    fn drop(&mut self) {
+        self.events.close();
+        self.bell.ring();
+    }
+}
+
 /// Drain state shared by the handles and the engine thread.
 pub(crate) struct Lifecycle {
     /// No new work is accepted.
@@ -119,6 +195,8 @@ pub(crate) struct Lifecycle {
     /// Slots per phase (`worker::slots::Phase` order), published whenever
     /// one changes.
     phases: [AtomicUsize; PHASES],
+    /// Wakes the engine thread from a stall.
+    pub(crate) bell: Arc<Doorbell>,
 }
 
 /// Number of slot phases counted in [`Lifecycle`].
@@ -135,6 +213,7 @@ impl Lifecycle {
             parallel: u64::from(parallel),
             capacity,
             phases: Default::default(),
+            bell: Arc::default(),
         }
     }
 
@@ -185,6 +264,34 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ring_before_the_wait_is_not_lost() {
+        let bell = Doorbell::default();
+        bell.ring();
+        let started = Instant::now();
+        assert!(bell.wait(Duration::from_secs(5)));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // Taken by that wait: the next one times out.
+        assert!(!bell.wait(Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn taking_an_event_or_leaving_rings() {
+        let bell = Arc::new(Doorbell::default());
+        let (tx, rx) = mpsc::channel(1);
+        let mut events = GenerateEvents::new(rx, bell.clone());
+        tx.try_send(Err(EngineError::Stopped)).unwrap();
+        assert!(!bell.wait(Duration::ZERO), "sending alone does not ring");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(runtime.block_on(events.recv()).is_some());
+        assert!(bell.wait(Duration::ZERO), "taking rang");
+        drop(events);
+        assert!(bell.wait(Duration::ZERO), "leaving rang");
+        assert!(tx.is_closed());
+    }
 
     #[test]
     fn places_are_taken_up_to_the_capacity() {

@@ -37,6 +37,9 @@ pub struct EngineSettings {
     /// Where files derived from the model files are kept (the corrected
     /// mmproj, see [`position_rows`]); `None` when no directory is known.
     pub cache_dir: Option<PathBuf>,
+    /// llama.cpp's information lines at INFO (else DEBUG); its warnings and
+    /// errors keep their level either way.
+    pub llama_info_logs: bool,
 }
 
 /// How the language model is loaded and offloaded.

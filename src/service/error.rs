@@ -41,7 +41,7 @@ impl From<EngineError> for Status {
             EngineError::ModelFile { .. } | EngineError::CacheDir { .. } => {
                 Code::FailedPrecondition
             }
-            EngineError::Inference(_) => Code::Internal,
+            EngineError::Inference(_) | EngineError::Fault(_) => Code::Internal,
         };
         Status::new(code, error.to_string())
     }

@@ -12,12 +12,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Instant;
 
-use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::engine::{Engine, GenerateEvent};
+use crate::engine::{Engine, EngineError, GenerateEvent};
 use crate::metrics::Metrics;
 
 /// Code generated from `proto/internvl/v1/internvl.proto`.
@@ -111,20 +112,40 @@ impl InternVl for InternVlService {
             Err(status) => return self.counted("Generate", Err(status)),
         };
         let metrics = self.metrics.clone();
+        // Whether the stream carried its end (`Done` or an error).
+        let ended = Arc::new(AtomicBool::new(false));
+        let saw_end = ended.clone();
         // Dropping this stream (client gone) drops the receiver, which the
         // engine notices before its next decode step.
-        let stream = ReceiverStream::new(events).map(move |event| {
+        let stream = events.map(move |event| {
             let event = event.map_err(Status::from);
             match &event {
                 Ok(GenerateEvent::Done { usage, timings, .. }) => {
+                    saw_end.store(true, Ordering::Relaxed);
                     metrics.generation(usage, timings);
                     metrics.request("Generate", tonic::Code::Ok);
                 }
-                Err(status) => metrics.request("Generate", status.code()),
+                Err(status) => {
+                    saw_end.store(true, Ordering::Relaxed);
+                    metrics.request("Generate", status.code());
+                }
                 Ok(GenerateEvent::Delta { .. }) => {}
             }
             event.map(convert::response)
         });
+        // A channel closed without an end means the engine died mid-reply:
+        // the client gets INTERNAL, never an OK on a truncated reply.
+        let metrics = self.metrics.clone();
+        let missing_end = std::iter::from_fn(move || {
+            (!ended.swap(true, Ordering::Relaxed)).then(|| {
+                let status = Status::from(EngineError::Fault(
+                    "the reply stopped before its end".into(),
+                ));
+                metrics.request("Generate", status.code());
+                Err(status)
+            })
+        });
+        let stream = stream.chain(tokio_stream::iter(missing_end));
         Ok(Response::new(Box::pin(stream)))
     }
 

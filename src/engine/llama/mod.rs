@@ -11,6 +11,7 @@
 
 mod context;
 mod ffi;
+mod log;
 mod model;
 mod mtmd;
 
@@ -23,13 +24,15 @@ pub use context::{BatchToken, Context, Outputs};
 pub use model::{quantize, Model, Quantization};
 pub use mtmd::Vision;
 
-/// Starts llama.cpp's backends once and routes its logs to `tracing`.
-pub fn init_backend() -> Result<(), EngineError> {
+/// Starts llama.cpp's backends once and routes its logs to `tracing`
+/// (`info_logs`: its information lines at INFO, else DEBUG; the first call's
+/// choice holds for the process).
+pub fn init_backend(info_logs: bool) -> Result<(), EngineError> {
     use std::sync::OnceLock;
     static BACKEND: OnceLock<Result<llama_cpp_2::llama_backend::LlamaBackend, String>> =
         OnceLock::new();
     let backend = BACKEND.get_or_init(|| {
-        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+        log::route_logs(info_logs);
         #[cfg(feature = "dynamic-backends")]
         load_backend_plugins()?;
         llama_cpp_2::llama_backend::LlamaBackend::init().map_err(|e| e.to_string())

@@ -171,6 +171,10 @@ pub(super) fn next_token(
     if g.completion == 1 {
         g.decode_started = Some(Instant::now());
     }
+    #[cfg(feature = "fault-injection")]
+    if g.request.sampling.seed == Some(crate::engine::FAULT_SEED) && g.completion == 4 {
+        panic!("fault injected at the fourth token");
+    }
     if !g.request.ignore_eos && model.is_eog(token) {
         return Some(Ok(FinishReason::Stop));
     }

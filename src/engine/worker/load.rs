@@ -68,7 +68,7 @@ impl Worker {
         let paths = resolve()?;
         check_language_model(&paths.model)?;
         let (spec, projector) = read_tile_spec(&paths.mmproj)?;
-        llama::init_backend()?;
+        llama::init_backend(settings.llama_info_logs)?;
         let started = Instant::now();
         let model = Arc::new(Model::load(&paths.model, &settings.model)?);
         let file_error = |message: &str| EngineError::ModelFile {
@@ -126,6 +126,7 @@ impl Worker {
             model.clone(),
             &settings.vision,
             spec.tile_size,
+            lifecycle.bell.clone(),
         )?;
         let context_params = llama::context_params(settings);
         info!(

@@ -41,7 +41,7 @@ mod threads;
 mod vision_feed;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
@@ -58,9 +58,11 @@ use slots::Sequence;
 use state::Worker;
 use vision_feed::awaited;
 
-/// How long the loop sleeps when every slot waits on a slow client or on the
-/// vision encoder.
-const STALLED_POLL: Duration = Duration::from_millis(1);
+/// Longest wait when every slot waits on a slow client or on the vision
+/// encoder: the doorbell (`protocol::Doorbell`) ends it sooner, and a
+/// deadline ends it on time; this bound only limits what a wake-up that
+/// nothing rang (a missed event) could cost.
+const STALLED_WAIT: Duration = Duration::from_millis(100);
 
 /// Loads the model (announcing the outcome on `state`), then serves `jobs`
 /// until every handle is gone and no work is left.
@@ -84,8 +86,32 @@ pub(super) fn run<F>(
             return;
         }
     };
-    worker.serve(jobs);
-    state.send_replace(EngineState::Stopped);
+    let mut jobs = jobs;
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.serve(&mut jobs)));
+    match served {
+        Ok(()) => {
+            state.send_replace(EngineState::Stopped);
+        }
+        Err(panic) => {
+            let why = panic_text(panic.as_ref());
+            tracing::error!("the engine thread failed: {why}");
+            // Handles refuse new work from here on; then every caller still
+            // waiting hears why.
+            state.send_replace(EngineState::Faulted(Arc::new(EngineError::Fault(
+                why.clone(),
+            ))));
+            worker.fail_everything(&why, &mut jobs);
+        }
+    }
+}
+
+/// A panic's message, as `std` prints it.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl Worker {
@@ -95,8 +121,49 @@ impl Worker {
             || self.slots.iter().any(|s| s.sequence.is_some())
     }
 
+    /// After the loop panicked: every running sequence, every lingering
+    /// stream and every queued job gets [`EngineError::Fault`] where its
+    /// channel has room (a stream whose client is behind ends without it,
+    /// and its handler reports the missing end). Touches no llama.cpp state.
+    fn fail_everything(&mut self, why: &str, jobs: &mut mpsc::Receiver<Job>) {
+        let fault = || EngineError::Fault(why.to_string());
+        for slot in &mut self.slots {
+            match slot.sequence.take() {
+                Some(Sequence::Generate(g)) => {
+                    let mut out = g.out;
+                    // Err only when the client left or is behind: nothing to do.
+                    let _ = out.send(Err(fault()));
+                }
+                Some(Sequence::Embed(e)) => {
+                    let _ = e.job.reply.send(Err(fault()));
+                }
+                None => {}
+            }
+        }
+        // Streams already over hand over what their channel takes.
+        for mut out in self.outboxes.drain(..) {
+            let _ = out.flush();
+        }
+        jobs.close();
+        let mut queued: Vec<Job> = self.waiting.take().into_iter().collect();
+        while let Ok(job) = jobs.try_recv() {
+            queued.push(job);
+        }
+        for job in queued {
+            match job {
+                // A queued stream's channel is empty: the error fits.
+                Job::Generate(g) => {
+                    let _ = g.events.try_send(Err(fault()));
+                }
+                Job::Embed(e) => {
+                    let _ = e.reply.send(Err(fault()));
+                }
+            }
+        }
+    }
+
     /// The scheduler loop; returns once every handle is gone and no work is left.
-    fn serve(&mut self, mut jobs: mpsc::Receiver<Job>) {
+    fn serve(&mut self, jobs: &mut mpsc::Receiver<Job>) {
         let mut open = true;
         loop {
             if !self.busy() {
@@ -128,9 +195,28 @@ impl Worker {
             // first token sees its sequence counted.
             self.publish_phases();
             if !self.step() && self.busy() {
-                std::thread::sleep(STALLED_POLL);
+                let wait = self.next_deadline().map_or(STALLED_WAIT, |d| {
+                    d.saturating_duration_since(Instant::now())
+                        .min(STALLED_WAIT)
+                });
+                self.lifecycle.bell.wait(wait);
             }
         }
+    }
+
+    /// The earliest deadline of a running or waiting request.
+    fn next_deadline(&self) -> Option<Instant> {
+        let running = self.slots.iter().filter_map(|s| match &s.sequence {
+            Some(Sequence::Generate(g)) => g.request.deadline,
+            Some(Sequence::Embed(e)) => e.job.deadline,
+            None => None,
+        });
+        let waiting = match &self.waiting {
+            Some(Job::Generate(g)) => g.request.deadline,
+            Some(Job::Embed(e)) => e.deadline,
+            None => None,
+        };
+        running.chain(waiting).min()
     }
 
     /// One scheduler step; false when nothing could move.
