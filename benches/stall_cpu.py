@@ -6,8 +6,8 @@ buffered per stream), then measures the process's CPU time (utime + stime
 from /proc) over SECONDS in two states:
 - idle: no request at all;
 - stalled: one Generate stream whose client read its first event and then
-  stops reading, so (once the HTTP/2 window is full) its slot is held by the
-  client and the engine thread has nothing to do until the client reads.
+  stops reading, so (once a small HTTP/2 window is full) its slot is held by
+  the client and the engine thread has nothing to do until the client reads.
 Prints one JSON line per state: CPU seconds per wall second.
 
     .venv/bin/python benches/stall_cpu.py target/debug/internvl-grpc [SECONDS]
@@ -69,7 +69,12 @@ def main():
          "--cache-dir", tempfile.mkdtemp(prefix="internvl-stall-cache-")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        # A small HTTP/2 window without BDP probing: grpcio stops taking the
+        # stream's messages off the socket soon after the client stops
+        # reading, so the server's stream buffer fills and its slot waits.
+        channel = grpc.insecure_channel(
+            f"127.0.0.1:{port}",
+            options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)])
         client = rpc.InternVLStub(channel)
         for _ in range(600):
             try:
@@ -81,17 +86,19 @@ def main():
         print(json.dumps({"state": "idle", "cpu_per_s": round(measure(server.pid, seconds), 4)}))
         request = pb.GenerateRequest(
             messages=[pb.Message(role="user", content=[pb.Content(text="count on")])],
-            # Twenty alternatives a token make each event about 1 kB: the
-            # HTTP/2 window fills within a second and the stream stalls.
             max_new_tokens=8000, ignore_eos=True, top_logprobs=20)
         stream = client.Generate(request)
         next(stream)
+        # Held by its client in 20 scrapes running: a stall, not the moment
+        # between two tokens.
         held = 'internvl_slots{phase="held_by_client"} 1'
+        running = 0
         for _ in range(600):
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
-            if held in text:
+            running = running + 1 if held in text else 0
+            if running == 20:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         else:
             sys.exit("the stream never stalled")
         print(json.dumps({"state": "stalled", "cpu_per_s": round(measure(server.pid, seconds), 4)}))

@@ -2,7 +2,8 @@
 //!
 //! The tiny model's weights are random, so at temperature 1.0 its free text
 //! is noise: a reply that parses and validates does so because the
-//! constraint held every token.
+//! constraint held every token, and one that ends does so because the
+//! format (or the service's bound on number digits) let it.
 
 mod common;
 
@@ -94,6 +95,19 @@ fn schemas() -> Vec<(&'static str, Value)> {
                 json!({"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
                        "date": {"type": "string", "pattern": "^20[0-9]{2}-[01][0-9]-[0-3][0-9]$"}}),
                 json!(["code", "date"]),
+            ),
+        ),
+        (
+            // Nothing bounds these digits but the service's own limit (16 a
+            // part, as llama.cpp's grammar): without it a reply at
+            // temperature 1 ran `777.4444…` until max_new_tokens.
+            "numbers without a bound on their digits",
+            object(
+                json!({"total": {"type": "number", "minimum": 0, "maximum": 1000},
+                       "ratio": {"type": "number"},
+                       "count": {"type": "integer"},
+                       "readings": {"type": "array", "items": {"type": "number"}, "maxItems": 2}}),
+                json!(["total", "ratio", "count", "readings"]),
             ),
         ),
         (

@@ -361,8 +361,8 @@ impl Constraint {
         Ok(())
     }
 
-    /// Forbids the allowed tokens that would give a number part more than
-    /// [`MAX_DIGITS`] digits. Only inside a number, where the format allows
+    /// Forbids the allowed tokens that would give a number part more digits
+    /// than `json_numbers.rs` allows. Only inside a number, where the format allows
     /// few tokens, and for tokens that carry such a run themselves. Never
     /// forbids every token: a format that needs longer numbers (a minimum
     /// of 1e17) keeps its way to end.

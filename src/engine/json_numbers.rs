@@ -6,12 +6,19 @@
 //! ends by LENGTH, invalid. llama.cpp's JSON-Schema grammar bounds each
 //! part of a number to 16 digits (`integral-part`, `decimal-part`); the
 //! same bound is applied here on top of the format's mask: outside strings,
-//! a number's integral part, fraction and exponent take at most
-//! [`MAX_DIGITS`] digits each. Strings are not bounded (only their
-//! `maxLength` bounds them).
+//! a number's integral part and fraction take at most [`MAX_DIGITS`] digits
+//! each. Its exponent takes at most [`MAX_EXPONENT_DIGITS`]: with 16 there
+//! (llama.cpp's choice) a reply at temperature 1 wrote `2222e2222222222222222`,
+//! which JSON parsers read as a double refuse (serde_json: "number out of
+//! range") or turn into infinity (Python). Strings are not bounded (only
+//! their `maxLength` bounds them).
 
-/// Most digits in each part (integral, fraction, exponent) of a number.
+/// Most digits in the integral part, and in the fraction, of a number.
 pub(crate) const MAX_DIGITS: u8 = 16;
+
+/// Most digits in a number's exponent: every number then stays within a
+/// double's range (at most 9999999999999999.9999999999999999e99).
+pub(crate) const MAX_EXPONENT_DIGITS: u8 = 2;
 
 /// Where the reply's JSON text stands, as far as digits are concerned.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -54,6 +61,7 @@ impl NumberDigits {
     fn byte(&mut self, b: u8) -> bool {
         let digit = b.is_ascii_digit();
         let count = |n: u8| (n < MAX_DIGITS).then_some(n + 1);
+        let exponent = |n: u8| (n < MAX_EXPONENT_DIGITS).then_some(n + 1);
         let next = match (self.part, b) {
             (Part::InString, b'\\') => Some(Part::Escape),
             (Part::InString, b'"') => Some(Part::Outside),
@@ -64,7 +72,7 @@ impl NumberDigits {
             (Part::Integral(_) | Part::Fraction(_), b'e' | b'E') => Some(Part::ExponentStart),
             (Part::ExponentStart, b'+' | b'-') => Some(Part::Exponent(0)),
             (Part::ExponentStart, _) if digit => Some(Part::Exponent(1)),
-            (Part::Exponent(n), _) if digit => count(n).map(Part::Exponent),
+            (Part::Exponent(n), _) if digit => exponent(n).map(Part::Exponent),
             // Anything else ends a number: the byte is read as outside one.
             (_, b'"') => Some(Part::InString),
             (_, b'-') => Some(Part::Integral(0)),
@@ -90,14 +98,17 @@ mod tests {
     }
 
     #[test]
-    fn each_part_of_a_number_takes_at_most_sixteen_digits() {
+    fn a_number_takes_sixteen_digits_a_part_and_two_in_its_exponent() {
         let sixteen = "1234567890123456";
-        assert!(fits(&format!(
-            "{{\"total\": {sixteen}.{sixteen}e-{sixteen}}}"
-        )));
+        assert!(fits(&format!("{{\"total\": {sixteen}.{sixteen}e-99}}")));
         assert!(!fits(&format!("{{\"total\": {sixteen}7}}")));
         assert!(!fits(&format!("[-0.{sixteen}4]")));
-        assert!(!fits(&format!("[1E+{sixteen}0]")));
+        assert!(!fits("[1E+100]"));
+        assert!(!fits("[2222e2222]"));
+        // The largest number it lets through is a double.
+        let largest = format!("{}.{}e99", "9".repeat(16), "9".repeat(16));
+        assert!(fits(&largest));
+        assert!(largest.parse::<f64>().unwrap().is_finite());
         // The issue's runaway reply.
         assert!(!fits("{\"total\": 777.444444444444444444444444485444444"));
     }

@@ -177,6 +177,7 @@ impl Worker {
             n_ctx = info.context_size,
             parallel,
             cpu_kernels = %info.cpu_kernels,
+            offload = %info.offload,
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
