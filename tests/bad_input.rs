@@ -77,6 +77,24 @@ async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
             greedy(hello(), 100_000),
             "max_new_tokens",
         ),
+        // Cheap checks come first: with an image that does not decode, the
+        // refusal names what needs no decoding (the image would be named if
+        // it were decoded first).
+        (
+            "max_new_tokens beyond the context, with a bad image",
+            greedy(vec![user(vec![image(b"not an image".to_vec())])], 100_000),
+            "max_new_tokens",
+        ),
+        (
+            "a bad format, with a bad image",
+            proto::GenerateRequest {
+                response_format: Some(proto::ResponseFormat {
+                    format: Some(proto::response_format::Format::Regex("(".into())),
+                }),
+                ..greedy(vec![user(vec![image(b"not an image".to_vec())])], 4)
+            },
+            "response_format.regex",
+        ),
         (
             "prompt beyond the context",
             greedy(

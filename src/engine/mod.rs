@@ -60,11 +60,6 @@ pub use worker::SlotPhase;
 use prompt::Prompt;
 use protocol::{EmbedJob, GenerateJob, InFlight, Job, Lifecycle};
 
-/// In a build with the test-only `fault-injection` feature, a Generate with
-/// this seed panics the engine thread at its fourth token.
-#[cfg(feature = "fault-injection")]
-pub const FAULT_SEED: u64 = 0xFA17_FA17;
-
 /// How long a drain waits for cut requests to stop (one decode step each).
 const CUT_WAIT: Duration = Duration::from_secs(30);
 

@@ -209,3 +209,8 @@ pub struct TokenCount {
     /// `<IMG_CONTEXT>` id (-1 when the vocabulary has none).
     pub input_ids: Vec<i32>,
 }
+
+/// In a build with the test-only `fault-injection` feature, a Generate with
+/// this seed panics the engine thread at its fourth token.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_SEED: u64 = 0xFA17_FA17;

@@ -172,7 +172,7 @@ pub(super) fn next_token(
         g.decode_started = Some(Instant::now());
     }
     #[cfg(feature = "fault-injection")]
-    if g.request.sampling.seed == Some(crate::engine::FAULT_SEED) && g.completion == 4 {
+    if g.request.sampling.seed == Some(crate::engine::types::FAULT_SEED) && g.completion == 4 {
         panic!("fault injected at the fourth token");
     }
     if !g.request.ignore_eos && model.is_eog(token) {
