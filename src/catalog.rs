@@ -151,6 +151,13 @@ fn check(entry: &Entry) -> Result<(), String> {
     Ok(())
 }
 
+/// One catalog file's text as an entry, checked; why not, if it is not one.
+pub fn parse_entry(text: &str) -> Result<Entry, String> {
+    let entry: Entry = toml::from_str(text).map_err(|e| e.to_string())?;
+    check(&entry)?;
+    Ok(entry)
+}
+
 /// Every entry, sorted by name. Panics on a malformed catalog file: they are
 /// compiled in, and a unit test parses each one.
 pub fn entries() -> &'static [Entry] {
@@ -158,12 +165,7 @@ pub fn entries() -> &'static [Entry] {
     ENTRIES.get_or_init(|| {
         let mut entries: Vec<Entry> = FILES
             .iter()
-            .map(|(file, text)| {
-                let entry: Entry =
-                    toml::from_str(text).unwrap_or_else(|e| panic!("models/{file}: {e}"));
-                check(&entry).unwrap_or_else(|e| panic!("models/{file}: {e}"));
-                entry
-            })
+            .map(|(file, text)| parse_entry(text).unwrap_or_else(|e| panic!("models/{file}: {e}")))
             .collect();
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         entries

@@ -60,6 +60,14 @@ async fn capacity_is_served_and_overload_is_refused_cleanly() {
         "only OK and RESOURCE_EXHAUSTED: {codes:?}"
     );
     assert!(ok > 0 && refused > 0, "{codes:?}");
+    // Refused at once: a refusal that waited for a place would take about
+    // as long as a served call.
+    let refused_p99 = overload["refused_p99_ms"].as_f64().unwrap();
+    let served_p50 = overload["p50_ms"].as_f64().unwrap();
+    assert!(
+        refused_p99 < served_p50,
+        "refusals took up to {refused_p99:.1} ms, served calls {served_p50:.1} ms (p50)"
+    );
 
     // Still serving normally afterwards.
     let mut client = server.client().await;

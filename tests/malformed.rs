@@ -542,7 +542,8 @@ async fn undecodable_requests_are_invalid_argument() {
     let truncated = valid[..valid.len() - 3].to_vec();
     for (name, bytes, names) in [
         ("invalid UTF-8 in text", bad_utf8, "Content.part"),
-        ("truncated message", truncated, ""),
+        // Cut inside the last field: prost names where it stopped.
+        ("truncated message", truncated, "GenerateRequest."),
     ] {
         let mut grpc = tonic::client::Grpc::new(channel.clone());
         grpc.ready().await.unwrap();

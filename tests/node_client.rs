@@ -12,7 +12,7 @@ use serde_json::Value;
 
 /// Runs `tests/node/client.js`; fails at once, in one line, when Node or the
 /// packages `scripts/setup` installs are missing.
-async fn run_node_client(addr: String) -> Value {
+async fn run_node_client(addr: String, metrics: std::net::SocketAddr) -> Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let node_dir = root.join("tests/node");
     if !node_dir.join("node_modules/@grpc/grpc-js").exists() {
@@ -23,6 +23,7 @@ async fn run_node_client(addr: String) -> Value {
         root.join("proto").display().to_string(),
         addr,
         fixture("images/square_448.png").display().to_string(),
+        format!("http://{metrics}/metrics"),
     ];
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("node").args(&args).output()
@@ -38,10 +39,47 @@ async fn run_node_client(addr: String) -> Value {
     serde_json::from_slice(&output.stdout).expect("the node client prints JSON")
 }
 
+/// Requests in flight and slots in use, as the server's metrics say.
+async fn server_load(metrics: std::net::SocketAddr) -> (u64, u64) {
+    let text = scrape_metrics(metrics).await;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}")) as u64
+    };
+    (
+        value("internvl_requests_in_flight"),
+        value("internvl_active_sequences"),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_grpc_js_client_streams_embeds_cancels_and_sees_errors() {
-    let server = start(tiny_config()).await;
-    let summary = run_node_client(server.addr.to_string()).await;
+    let metrics_port = free_port();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let server = start(internvl_grpc::config::Config {
+        metrics_listen: Some(metrics.to_string()),
+        ..tiny_config()
+    })
+    .await;
+    let summary = run_node_client(server.addr.to_string(), metrics).await;
+    // CANCELLED and DEADLINE_EXCEEDED are grpc-js's own words; what the
+    // server did is what its metrics said 300 ms after the client gave up:
+    // the 8000-token streams (seconds of decoding each) had stopped.
+    for call in ["cancelled", "deadline"] {
+        let server = &summary[call]["server"];
+        assert_eq!(
+            (server["in_flight"].as_u64(), server["active"].as_u64()),
+            (Some(0), Some(0)),
+            "{call}: requests in flight and slots in use 300 ms later: {summary}"
+        );
+    }
+    let left = server_load(metrics).await;
+    assert_eq!(
+        left,
+        (0, 0),
+        "requests in flight and slots in use at the end"
+    );
 
     // The same greedy tokens a Rust client gets.
     let mut client = server.client().await;

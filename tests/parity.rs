@@ -2,9 +2,11 @@
 //! the real server over gRPC: every chat and embed case of `reference.json`.
 //!
 //! A case passes when text token ids and image-token counts are exact, greedy
-//! tokens equal the reference up to the first near-tie (reference margin < 0.1),
-//! the top-5 ids at the last prompt position match with values within 0.25, and
-//! embeddings have cosine >= 0.999. The service reports log-probabilities, which
+//! tokens equal the reference at every step up to the first where they differ,
+//! which only a reference near-tie (margin < 0.1) allows, the top-5 ids at the
+//! last prompt position match with values within 0.06 (the fixtures' own
+//! protocol allows 0.25; the worst measured is 0.0231), and embeddings have
+//! cosine >= 0.999. The service reports log-probabilities, which
 //! are the logits shifted by one constant per position; the reference logits
 //! are shifted the same way (log-softmax) before comparing.
 
@@ -166,6 +168,48 @@ async fn tokenizers_match_the_reference() {
                 .ids;
             assert_eq!(got, ids(&case["ids"]), "{}: {t:?}", family.name);
         }
+        server.stop().await;
+    }
+}
+
+/// Special-token strings in a user's text are read as the special tokens,
+/// as the reference's tokenizer reads them (its `tokenize` case of
+/// `<|im_start|>user\nhi<|im_end|>`): a user can write a turn marker into
+/// the prompt. Parity decides; README ("Special tokens in user text") says
+/// what a deployment that faces untrusted users should do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_tokens_in_user_text_are_read_as_the_reference_reads_them() {
+    for family in FAMILIES {
+        let reference = family.reference();
+        let case = reference["tokenize"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["text"].as_str().unwrap().contains("<|im_start|>"))
+            .expect("a tokenize case with special-token strings");
+        let want = ids(&case["ids"]);
+        let im_start = reference["model"]["special_tokens"]["<|im_start|>"]
+            .as_i64()
+            .unwrap() as i32;
+        assert_eq!(
+            want[0], im_start,
+            "the reference reads the marker as one token"
+        );
+        let server = start(family.config()).await;
+        let mut client = server.client().await;
+        let count = client
+            .count_tokens(proto::CountTokensRequest {
+                messages: vec![user(vec![text(case["text"].as_str().unwrap())])],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            count.input_ids.windows(want.len()).any(|w| w == want),
+            "{}: the user's text is not the reference's ids {want:?} in {:?}",
+            family.name,
+            count.input_ids
+        );
         server.stop().await;
     }
 }

@@ -123,10 +123,14 @@ async fn an_untied_output_weight_gives_the_reference_answers() {
 async fn quantized_language_files_are_served() {
     llama::init_backend(false).unwrap();
     for family in FAMILIES {
-        for (to, name) in [
-            (Quantization::F16, "F16"),
-            (Quantization::Q8_0, "Q8_0"),
-            (Quantization::Q4KM, "Q4_K_M"),
+        // Largest top-5 |Δ| against the reference at the last prompt
+        // position, per quantization: about twice the worst measured over
+        // both families' cases (Q8_0 0.288, Q4_K_M 1.491 with these random
+        // rows). A quantized path that emits garbage misses them by far.
+        for (to, name, bound) in [
+            (Quantization::F16, "F16", LOGIT_TOLERANCE),
+            (Quantization::Q8_0, "Q8_0", 0.6),
+            (Quantization::Q4KM, "Q4_K_M", 3.0),
         ] {
             let file = scratch().join(format!("{name}-{}", family.model));
             llama::quantize(&family.model_path(), &file, to).unwrap();
@@ -136,12 +140,21 @@ async fn quantized_language_files_are_served() {
             }
             // F16 keeps the reference's answers; the coarser formats change
             // a random model's logits by more than the protocol allows, so
-            // they are only required to serve every case.
+            // they are held to their own measured bound.
             if to == Quantization::F16 {
                 let failures: Vec<&String> = results.iter().flat_map(|r| &r.failures).collect();
                 assert!(failures.is_empty(), "{} F16: {failures:?}", family.name);
             }
             assert_eq!(results.len(), CASES.len());
+            for r in &results {
+                assert!(
+                    r.worst_top5 <= bound,
+                    "{} {name} {}: top-5 |Δ| {:.4} over {bound}",
+                    family.name,
+                    r.id,
+                    r.worst_top5
+                );
+            }
         }
     }
 }

@@ -77,6 +77,10 @@ async fn tiles_outlive_the_kv_cache_that_held_them() {
     server.stop().await;
 }
 
+/// Fewest decisive tokens the shared and the alone reply are compared over:
+/// all 8 when measured.
+const MIN_COMPARED: usize = 8;
+
 /// A question about the same picture while a first one is still answered:
 /// the second shares the running sequence's cells for the image instead of
 /// decoding them again (the prefix cache is off, so nothing else could
@@ -121,7 +125,8 @@ async fn requests_arriving_together_share_their_common_prefix() {
     let alone_usage = alone.done.as_ref().unwrap().usage.unwrap();
     assert_eq!(alone_usage.cached_tokens, 0, "nothing to share any more");
     let n = decisive_prefix(&alone.tokens, 0.01);
-    assert!(n > 0, "no decisive token to compare");
+    eprintln!("shared and alone compared over {n} of 8 tokens");
+    assert!(n >= MIN_COMPARED, "only {n} decisive tokens to compare");
     assert_eq!(together.ids[..n], alone.ids[..n]);
     server.stop().await;
 }

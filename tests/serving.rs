@@ -205,8 +205,18 @@ async fn stop_sequences_and_seeded_sampling() {
     };
     let a = generate_ok(&mut client, sampled(7)).await;
     let b = generate_ok(&mut client, sampled(7)).await;
+    // ignore_eos (from `greedy`): all 16 tokens come, so the checks below
+    // cannot pass on an empty reply.
+    assert_eq!(a.ids.len(), 16);
     assert_eq!(a.ids, b.ids);
+    assert_eq!(a.tokens.len(), 16);
     assert!(a.tokens.iter().all(|t| t.logprob < 0.0 && t.top.len() == 2));
+    // The sampled token's log-probability is among its alternatives' order:
+    // at most the best one's.
+    assert!(a
+        .tokens
+        .iter()
+        .all(|t| t.logprob <= t.top[0].logprob + 1e-6 && t.top[0].logprob >= t.top[1].logprob));
     // logprobs alone: a probability per token, no alternatives.
     let only = generate_ok(
         &mut client,
@@ -216,19 +226,27 @@ async fn stop_sequences_and_seeded_sampling() {
         },
     )
     .await;
+    assert_eq!(only.tokens.len(), 4);
     assert!(only
         .tokens
         .iter()
         .all(|t| t.logprob < 0.0 && t.top.is_empty()));
     let greedy_ids = generate_ok(&mut client, greedy(hello(), 16)).await.ids;
-    let mut differs = false;
+    assert_eq!(greedy_ids.len(), 16);
+    let mut samples = vec![a.ids.clone()];
     for seed in 1..6 {
         let c = generate_ok(&mut client, sampled(seed)).await;
-        differs |= c.ids != greedy_ids;
+        assert_eq!(c.ids.len(), 16, "seed {seed}");
+        samples.push(c.ids);
     }
     assert!(
-        differs,
-        "temperature 1.5 never left the greedy path in 5 seeds"
+        samples.iter().any(|s| *s != greedy_ids),
+        "temperature 1.5 never left the greedy path in 6 seeds"
     );
+    // Different seeds give different samples (a seed that were ignored
+    // would give one sample six times).
+    samples.sort();
+    samples.dedup();
+    assert!(samples.len() >= 2, "six seeds gave one sample");
     server.stop().await;
 }

@@ -160,3 +160,26 @@ fn sigterm_drains_and_exits_cleanly() {
     assert!(rest.iter().any(|l| l.contains("draining")), "{rest:?}");
     assert!(rest.iter().any(|l| l.contains("drained")), "{rest:?}");
 }
+
+/// The fuzzers' GGUF seeds (fuzz/seeds, written by fuzz/make_seeds.py) are
+/// whole files that pass every check, so fuzzing starts on the success path
+/// rather than at the first refusal.
+#[test]
+fn the_fuzz_seeds_pass_the_checks_they_start_from() {
+    use internvl_grpc::engine::gguf;
+    use internvl_grpc::engine::gguf_meta::read_tile_spec;
+    use internvl_grpc::engine::position_rows::{prepare, VisionFile};
+
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let language = gguf::read(&seeds.join("gguf_header/minimal-language-model.gguf")).unwrap();
+    gguf::check_language_model(&language).unwrap();
+    let mmproj = seeds.join("mmproj_header/minimal-internvl-mmproj.gguf");
+    let (spec, projector) = read_tile_spec(&mmproj).unwrap();
+    assert_eq!((projector.as_str(), spec.tile_size), ("internvl", 28));
+    let cache = test_cache_dir().join("fuzz-seed");
+    let prepared = prepare(&mmproj, Some(&cache)).unwrap();
+    assert!(
+        matches!(prepared, VisionFile::Corrected { .. }),
+        "{prepared:?}"
+    );
+}

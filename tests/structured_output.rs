@@ -273,6 +273,10 @@ async fn every_format_gives_valid_replies_when_sampling() {
     server.stop().await;
 }
 
+/// Fewest decisive tokens a free stream is compared over, batched and alone
+/// (9, 14, 23 and 24 of 24 when measured).
+const MIN_COMPARED: usize = 8;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn constrained_and_free_streams_share_the_batch() {
     let server = start(with(8)).await;
@@ -308,7 +312,11 @@ async fn constrained_and_free_streams_share_the_batch() {
                 // Batch shapes may round near-ties apart; agree up to the first one.
                 let n =
                     decisive_prefix(&want.tokens, 0.05).min(decisive_prefix(&reply.tokens, 0.05));
-                assert!(n > 0);
+                eprintln!("free stream {free}: compared over {n} of 24 tokens");
+                assert!(
+                    n >= MIN_COMPARED,
+                    "free stream {free}: only {n} decisive tokens"
+                );
                 assert_eq!(
                     reply.ids[..n],
                     want.ids[..n],

@@ -101,6 +101,16 @@ async fn streams_keep_decoding_while_an_image_is_encoded() {
         &gaps[..gaps.len().min(8)]
     );
     assert_eq!(tiles, 13);
+    // With the encoder on the engine thread, the other stream would get at
+    // most one token per engine step while the image is read: one step per
+    // tile encoded, one per chunk of its embeddings decoded (about 65 here).
+    // Beside it, the other stream decodes while each tile is encoded (2376
+    // tokens when measured, on a machine busy with another build).
+    let inline_steps = tiles as usize + usage.image_tokens as usize / 64;
+    assert!(
+        during > 4 * inline_steps,
+        "the other stream got {during} tokens while the image was read; the encoder on the engine thread would allow about {inline_steps}"
+    );
     // Encoding on the engine thread paused the other stream for each tile's
     // whole encoding (13 such pauses when measured); beside it, only decoding
     // a tile's embeddings pauses it.

@@ -1,22 +1,62 @@
 //! Any bytes as a Generate or Embed request on the wire: decoding then
-//! validation must accept or name a field, never panic.
+//! validation must accept or name a field, never panic; and what validation
+//! accepts goes on as the engine takes it: each image decoded within limits
+//! (or refused naming its field) and the `response_format` compiled (or
+//! refused naming it). Structured seeds (fuzz/seeds/request_validation,
+//! written by fuzz/make_seeds.py) start it inside nested messages with
+//! images, videos and every format kind.
 #![no_main]
 
+#[path = "shared/formats.rs"]
+mod formats;
+
+use internvl_grpc::engine::vision::decode_rgb;
+use internvl_grpc::engine::{DecodeLimits, Part};
 use internvl_grpc::service::proto;
 use internvl_grpc::service::validation::{embed, generate, Limits};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
+const LIMITS: DecodeLimits = DecodeLimits {
+    max_side: 2048,
+    max_pixels: 1 << 20,
+    max_alloc: 64 << 20,
+};
+
+fn decode_images<'a>(parts: impl Iterator<Item = &'a Part>) {
+    for part in parts {
+        let frames: Vec<&[u8]> = match part {
+            Part::Text(_) => continue,
+            Part::Image(image) => vec![&image.data],
+            Part::Video(video) => video.frames.iter().map(|f| f.as_slice()).collect(),
+        };
+        for frame in frames {
+            if let Ok(image) = decode_rgb(frame, &LIMITS) {
+                assert!(image.width() > 0 && image.height() > 0);
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();
     if let Ok(request) = proto::GenerateRequest::decode(data) {
-        if let Err(e) = generate(request, &limits) {
-            assert!(!e.to_string().is_empty());
+        match generate(request, &limits) {
+            Ok(request) => {
+                decode_images(request.messages.iter().flat_map(|m| m.parts.iter()));
+                if let Some(format) = &request.response_format {
+                    if let Err(e) = formats::compiler().compile(format) {
+                        assert!(e.to_string().starts_with("response_format"), "{e}");
+                    }
+                }
+            }
+            Err(e) => assert!(!e.to_string().is_empty()),
         }
     }
     if let Ok(request) = proto::EmbedRequest::decode(data) {
-        if let Err(e) = embed(request, &limits) {
-            assert!(!e.to_string().is_empty());
+        match embed(request, &limits) {
+            Ok(request) => decode_images(request.inputs.iter().flat_map(|i| i.iter())),
+            Err(e) => assert!(!e.to_string().is_empty()),
         }
     }
 });

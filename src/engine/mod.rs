@@ -13,8 +13,6 @@ mod constraint;
 mod cpu_kernels;
 mod encoder;
 mod error;
-mod gbnf;
-mod gguf_meta;
 mod json_numbers;
 mod protocol;
 pub mod settings;
@@ -27,7 +25,11 @@ mod worker;
 #[doc(hidden)]
 pub mod digest;
 #[doc(hidden)]
+pub mod gbnf;
+#[doc(hidden)]
 pub mod gguf;
+#[doc(hidden)]
+pub mod gguf_meta;
 #[doc(hidden)]
 pub mod llama;
 #[doc(hidden)]
@@ -48,6 +50,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use constraint::{FormatLimits, ResponseFormat};
+// For the fuzz targets, which compile formats without a model.
+#[doc(hidden)]
+pub use constraint::{FormatCompiler, Vocabulary};
 pub use error::EngineError;
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
 pub use protocol::{EngineState, GenerateEvents, Loaded};

@@ -11,8 +11,12 @@ use super::*;
 
 /// A reference near-tie: below this margin any continuation is right.
 pub const MARGIN_TIE: f64 = 0.1;
-/// Largest |Δ| of a top-5 log-probability at the last prompt position.
-pub const LOGIT_TOLERANCE: f32 = 0.25;
+/// Largest |Δ| of a top-5 log-probability at the last prompt position:
+/// about 2.6 times the worst measured on F32 files (0.0231, InternVL3.5
+/// `text_multiturn`; InternVL3's worst 0.0205, `image_square`; F16 files
+/// 0.0197), far under what the known regressions gave (the uncorrected
+/// vision 6.92, flash attention summing an f16 V 0.56).
+pub const LOGIT_TOLERANCE: f32 = 0.06;
 /// Smallest cosine of an embedding against the reference.
 pub const COSINE_MIN: f64 = 0.999;
 
@@ -37,7 +41,8 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// What one chat case gave against the reference.
 pub struct CaseResult {
     pub id: String,
-    /// Greedy steps compared (up to the first reference near-tie).
+    /// Greedy steps compared (through the first difference, which only a
+    /// reference near-tie allows).
     pub checked_steps: usize,
     /// Largest |Δ| of the top-5 log-probabilities at the last prompt position.
     pub worst_top5: f32,
@@ -138,16 +143,22 @@ pub async fn check_chat_case(
         .iter()
         .map(|m| m.as_f64().unwrap())
         .collect();
-    let checked = margins
-        .iter()
-        .position(|&m| m < MARGIN_TIE)
-        .unwrap_or(margins.len());
-    if got.ids[..checked] != want_greedy[..checked] {
-        failures.push(format!(
-            "{id}: greedy ids differ within the first {checked} steps: got {:?}, want {:?}",
-            &got.ids[..checked],
-            &want_greedy[..checked]
-        ));
+    // Every step is compared until the first one where the two differ; a
+    // difference is allowed only where the reference itself had a near-tie
+    // (after which the continuations are of different prefixes). Agreeing
+    // through a near-tie, the next steps are still comparable.
+    let steps = want_greedy.len().min(got.ids.len()).min(margins.len());
+    let first_difference = (0..steps).find(|&i| got.ids[i] != want_greedy[i]);
+    let checked = first_difference.map_or(steps, |i| i + 1);
+    if let Some(i) = first_difference {
+        if margins[i] >= MARGIN_TIE {
+            failures.push(format!(
+                "{id}: greedy ids differ at step {i} (reference margin {:.3}): got {:?}, want {:?}",
+                margins[i],
+                &got.ids[..=i],
+                &want_greedy[..=i]
+            ));
+        }
     }
 
     let ref_logprobs = log_softmax(&family.npy(case["last_logits"].as_str().unwrap()));

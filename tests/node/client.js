@@ -1,14 +1,36 @@
 // A Node @grpc/grpc-js client of internvl.v1, loading proto/ at run time as a
-// Node backend would. Usage: node client.js PROTO_ROOT ADDRESS IMAGE_FILE
+// Node backend would. Usage: node client.js PROTO_ROOT ADDRESS IMAGE_FILE METRICS_URL
 // Prints one JSON summary: a streamed Generate (with an image), an Embed, a
-// Generate cancelled after its first token, a refused request, and a
+// Generate cancelled after its first token and one past its deadline (each
+// with what the server's metrics say 300 ms later), a refused request, and a
 // response_format reply.
 'use strict';
 const fs = require('fs');
+const http = require('http');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const [protoRoot, address, imageFile] = process.argv.slice(2);
+const [protoRoot, address, imageFile, metricsUrl] = process.argv.slice(2);
+
+// Requests in flight and slots in use, from the server's own metrics, a
+// moment after the client gave up on a call: what the server did about it.
+function serverLoad() {
+  return new Promise((resolve, reject) => {
+    setTimeout(() => {
+      http.get(metricsUrl, (res) => {
+        let body = '';
+        res.on('data', (chunk) => { body += chunk; });
+        res.on('end', () => {
+          const value = (name) => Number((body.match(new RegExp(`^${name} (\\S+)$`, 'm')) || [])[1]);
+          resolve({
+            in_flight: value('internvl_requests_in_flight'),
+            active: value('internvl_active_sequences'),
+          });
+        });
+      }).on('error', reject);
+    }, 300);
+  });
+}
 const definition = protoLoader.loadSync('internvl/v1/internvl.proto', {
   keepCase: true,
   longs: String,
@@ -76,13 +98,16 @@ async function main() {
     normalize: true,
   });
   summary.cancelled = await generate(
-    { messages: user([{ text: 'Count to a thousand.' }]), max_new_tokens: 500, ignore_eos: true },
+    // Long enough (seconds) that a server which missed the cancel would
+    // still be decoding it when the test looks.
+    { messages: user([{ text: 'Count to a thousand.' }]), max_new_tokens: 8000, ignore_eos: true },
     { cancelAfterFirst: true },
   );
+  summary.cancelled.server = await serverLoad();
   summary.refused = await generate({ messages: user([{ text: 'Hi' }]), max_new_tokens: 0 });
   summary.deadline = await new Promise((resolve) => {
     const call = client.Generate(
-      { messages: user([{ text: 'Count to a thousand.' }]), max_new_tokens: 2000, ignore_eos: true },
+      { messages: user([{ text: 'Count to a thousand.' }]), max_new_tokens: 8000, ignore_eos: true },
       { deadline: new Date(Date.now() + 200) },
     );
     let deltas = 0;
@@ -90,6 +115,7 @@ async function main() {
     call.on('error', (e) => resolve({ code: grpc.status[e.code], deltas }));
     call.on('end', () => resolve({ code: 'OK', deltas }));
   });
+  summary.deadline.server = await serverLoad();
   summary.constrained = await generate({
     messages: user([{ text: 'Yes or no?' }]),
     sampling: { temperature: 1, seed: 3 },

@@ -34,6 +34,9 @@ async def main() -> None:
     codes = {}
     details = []
     latencies = []
+    # How long each refused call took: "at once" means without waiting in
+    # the queue for a slot.
+    refusals = []
     tokens = 0
     sent = 0
     started = time.monotonic()
@@ -75,9 +78,12 @@ async def main() -> None:
                     if pushback is not None:
                         await asyncio.sleep(int(pushback) / 1e3)
                 codes[code] = codes.get(code, 0) + 1
+                took = (time.monotonic() - t) * 1e3
                 if code == "OK":
-                    latencies.append((time.monotonic() - t) * 1e3)
+                    latencies.append(took)
                     tokens += got
+                elif code == "RESOURCE_EXHAUSTED":
+                    refusals.append(took)
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
 
@@ -92,6 +98,7 @@ async def main() -> None:
                 "first_errors": details,
                 "p50_ms": percentile(latencies, 0.50),
                 "p99_ms": percentile(latencies, 0.99),
+                "refused_p99_ms": percentile(refusals, 0.99),
                 "tokens": tokens,
                 "wall_s": wall,
             }
