@@ -101,16 +101,12 @@ async fn streams_keep_decoding_while_an_image_is_encoded() {
         &gaps[..gaps.len().min(8)]
     );
     assert_eq!(tiles, 13);
-    // With the encoder on the engine thread, the other stream would get at
-    // most one token per engine step while the image is read: one step per
-    // tile encoded, one per chunk of its embeddings decoded (about 65 here).
-    // Beside it, the other stream decodes while each tile is encoded (2376
-    // tokens when measured, on a machine busy with another build).
-    let inline_steps = tiles as usize + usage.image_tokens as usize / 64;
-    assert!(
-        during > 4 * inline_steps,
-        "the other stream got {during} tokens while the image was read; the encoder on the engine thread would allow about {inline_steps}"
-    );
+    // The count of the other stream's tokens meanwhile (`during`) is printed,
+    // not asserted: it does not tell the two designs apart. With the tile
+    // encoded on the engine thread (a scratch change) it got 706 tokens in
+    // 2.1 s; beside it, 2376 in 9.7 s on a machine busy with another build.
+    // What does tell them apart is the pauses below (11 of 13 tiles with the
+    // scratch change, 3 beside it).
     // Encoding on the engine thread paused the other stream for each tile's
     // whole encoding (13 such pauses when measured); beside it, only decoding
     // a tile's embeddings pauses it.
