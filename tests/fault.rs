@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -48,22 +48,13 @@ async fn rest(stream: &mut tonic::Streaming<proto::GenerateResponse>) -> (usize,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_panic_ends_every_call_with_internal_and_the_process_non_zero() {
     let (port, metrics_port) = (free_port(), free_port());
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
     let stderr = std::env::temp_dir().join(format!("internvl-fault-{}.log", std::process::id()));
-    let mut server = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
-        .arg("serve")
-        .arg("--model")
-        .arg(INTERNVL3.model_path())
-        .arg("--mmproj")
-        .arg(INTERNVL3.mmproj_path())
-        .arg("--cache-dir")
-        .arg(test_cache_dir())
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+    let mut server = serve_tiny(format!("127.0.0.1:{port}").parse().unwrap(), metrics)
         .args(["--parallel", "2", "--threads", "2"])
         // One event per stream in flight: a client that does not read holds
         // its sequence (and its slot) where it is.
         .env("INTERNVL_STREAM_BUFFER", "1")
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
@@ -128,7 +119,6 @@ async fn an_engine_panic_ends_every_call_with_internal_and_the_process_non_zero(
                 .await
         })
     };
-    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
     let started = Instant::now();
     while !scrape_metrics(metrics)
         .await

@@ -40,19 +40,9 @@ fn signal(pid: u32, name: &str) {
 async fn replica() -> Replica {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
-        .arg("serve")
-        .arg("--model")
-        .arg(INTERNVL3.model_path())
-        .arg("--mmproj")
-        .arg(INTERNVL3.mmproj_path())
-        .arg("--cache-dir")
-        .arg(test_cache_dir())
-        .args(["--listen", &addr.to_string()])
-        .args(["--metrics-listen", &metrics.to_string()])
+    let child = serve_tiny(addr, metrics)
         .args(["--threads", "1"])
         .env("INTERNVL_DRAIN_GRACE_SECS", "5")
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -554,3 +554,22 @@ pub async fn scrape_metrics(addr: SocketAddr) -> String {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
+
+/// `internvl-grpc serve` of the tiny InternVL3 (the real binary, its own
+/// process) on `listen` with its metrics on `metrics`, stdin closed; the
+/// caller adds its settings and spawns it.
+pub fn serve_tiny(listen: SocketAddr, metrics: SocketAddr) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_internvl-grpc"));
+    command
+        .arg("serve")
+        .arg("--model")
+        .arg(INTERNVL3.model_path())
+        .arg("--mmproj")
+        .arg(INTERNVL3.mmproj_path())
+        .arg("--cache-dir")
+        .arg(test_cache_dir())
+        .args(["--listen", &listen.to_string()])
+        .args(["--metrics-listen", &metrics.to_string()])
+        .stdin(std::process::Stdio::null());
+    command
+}
