@@ -380,7 +380,6 @@ impl Constraint {
             let mut digits = numbers.digits;
             !digits.feed(trie.token(t))
         };
-        let allowed_count: usize = allowed.iter().map(|w| w.count_ones() as usize).sum();
         let over: Vec<u32> = if numbers.digits.in_number() {
             allowed
                 .iter()
@@ -402,6 +401,10 @@ impl Constraint {
                 .filter(|&t| is_allowed(t) && goes_over(t))
                 .collect()
         };
+        if over.is_empty() {
+            return;
+        }
+        let allowed_count: usize = allowed.iter().map(|w| w.count_ones() as usize).sum();
         if over.len() < allowed_count {
             for token in over {
                 if let Some(logit) = logits.get_mut(token as usize) {
