@@ -237,6 +237,7 @@ impl FormatCompiler {
         Ok(JsonNumbers {
             digits: NumberDigits::default(),
             long_digit_tokens: long.clone(),
+            env: factory.tok_env().clone(),
         })
     }
 
@@ -325,6 +326,8 @@ fn build_factory(vocabulary: Vocabulary, limits: &FormatLimits) -> Result<Parser
 struct JsonNumbers {
     digits: NumberDigits,
     long_digit_tokens: Arc<Vec<u32>>,
+    /// The vocabulary, for each token's bytes.
+    env: toktrie::TokEnv,
 }
 
 /// One sequence's position in its format.
@@ -355,7 +358,7 @@ impl Constraint {
         }
         forbid(mask.as_slice(), logits);
         if let Some(numbers) = &self.numbers {
-            self.bound_digits(numbers, mask.as_slice(), logits);
+            Self::bound_digits(numbers, mask.as_slice(), logits);
         }
         self.mask_time += t.elapsed();
         Ok(())
@@ -366,11 +369,8 @@ impl Constraint {
     /// few tokens, and for tokens that carry such a run themselves. Never
     /// forbids every token: a format that needs longer numbers (a minimum
     /// of 1e17) keeps its way to end.
-    fn bound_digits(&self, numbers: &JsonNumbers, allowed: &[u32], logits: &mut [f32]) {
-        let Ok(env) = self.matcher.tok_env() else {
-            return;
-        };
-        let trie = env.tok_trie();
+    fn bound_digits(numbers: &JsonNumbers, allowed: &[u32], logits: &mut [f32]) {
+        let trie = numbers.env.tok_trie();
         let is_allowed = |t: u32| {
             allowed
                 .get(t as usize / 32)
@@ -418,10 +418,13 @@ impl Constraint {
     pub fn accept(&mut self, token: i32) -> Result<(), EngineError> {
         let t = Instant::now();
         let result = self.matcher.consume_token(token as u32).map_err(failed);
-        if let (Some(numbers), Ok(env)) = (&mut self.numbers, self.matcher.tok_env()) {
+        if let Some(numbers) = &mut self.numbers {
             // Past the bound only where the format left no other way: count
             // anew from here.
-            if !numbers.digits.feed(env.tok_trie().token(token as u32)) {
+            if !numbers
+                .digits
+                .feed(numbers.env.tok_trie().token(token as u32))
+            {
                 numbers.digits = NumberDigits::default();
             }
         }
