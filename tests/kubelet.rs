@@ -364,7 +364,9 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o777)).unwrap();
 
-    let environment = |container: &Value| {
+    // A container as the kubelet starts it: the image's and the spec's
+    // environment (and the service links), `$(VAR)` expanded in its args.
+    let in_container = |container: &Value| {
         let mut env = vec![
             (
                 "PATH".to_string(),
@@ -376,79 +378,47 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
         env.extend(image_env());
         env.extend(service_links(&services));
         env.extend(container_env(container, &config_map));
-        env
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| expand(a.as_str().unwrap(), &env))
+            .collect();
+        let read_only = container["securityContext"]["readOnlyRootFilesystem"] == true;
+        let command = in_pod(&binary, uid, gid, &volume, read_only, &env, &args);
+        (command, args)
     };
-    let read_only =
-        |container: &Value| container["securityContext"]["readOnlyRootFilesystem"] == true;
 
     // The init container, to completion.
-    let init = &pod["initContainers"][0];
-    let env = environment(init);
-    let args: Vec<String> = init["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| expand(a.as_str().unwrap(), &env))
-        .collect();
-    let pulled = in_pod(&binary, uid, gid, &volume, read_only(init), &env, &args)
-        .output()
-        .expect("the init container starts");
+    let (mut init, args) = in_container(&pod["initContainers"][0]);
+    let pulled = init.output().expect("the init container starts");
     assert!(
         pulled.status.success(),
         "{overlay}: init container {args:?} failed: {}",
         String::from_utf8_lossy(&pulled.stderr)
     );
 
-    // The server.
+    // The server, and its probes in the kubelet's order.
     let server_spec = pod["containers"]
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["name"] == "server")
         .expect("a server container");
-    let env = environment(server_spec);
-    let args: Vec<String> = server_spec["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| expand(a.as_str().unwrap(), &env))
-        .collect();
-    let log = volume.with_extension("log");
-    let mut server = in_pod(
-        &binary,
-        uid,
-        gid,
-        &volume,
-        read_only(server_spec),
-        &env,
-        &args,
-    )
-    .stdout(std::fs::File::create(&log).unwrap())
-    .stderr(std::fs::File::create(volume.with_extension("err")).unwrap())
-    .spawn()
-    .expect("the server container starts");
     let stderr = volume.with_extension("err");
-    until_success(
-        &server_spec["startupProbe"],
-        "startup",
-        &mut server,
-        &stderr,
-    )
-    .await;
-    until_success(
-        &server_spec["readinessProbe"],
-        "readiness",
-        &mut server,
-        &stderr,
-    )
-    .await;
-    until_success(
-        &server_spec["livenessProbe"],
-        "liveness",
-        &mut server,
-        &stderr,
-    )
-    .await;
+    let mut server = in_container(server_spec)
+        .0
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("the server container starts");
+    for (probe, what) in [
+        ("startupProbe", "startup"),
+        ("readinessProbe", "readiness"),
+        ("livenessProbe", "liveness"),
+    ] {
+        until_success(&server_spec[probe], what, &mut server, &stderr).await;
+    }
 
     // A rollout: SIGTERM, then the grace period before the kubelet kills.
     let pid = container_pid(&server);
