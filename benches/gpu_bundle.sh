@@ -4,7 +4,9 @@
 # lent GPU machines): the test and bench binaries built here with
 # `dynamic-backends`, ggml's shared libraries and CPU variants, ggml's source
 # (to build the CUDA backend there, as a plugin for these binaries), and the
-# gguf wheel for benches/make_bench_model.py.
+# wheels benches/make_bench_model.py needs: gguf, and numpy and PyYAML for a
+# machine whose python3 (3.12 there) lacks them. At most 64 MiB: the size is
+# printed, and more fails.
 #
 #   CARGO_TARGET_DIR=/work/target-dl benches/gpu_bundle.sh    # → .device/
 #
@@ -45,4 +47,11 @@ tar -cJf "$out/ggml-src.tar.xz" -C "$src" ggml
 mkdir -p "$out/whl"
 ls "$out"/whl/gguf-*.whl >/dev/null 2>&1 ||
     python3 -m pip download -q --no-deps --only-binary=:all: -d "$out/whl" gguf==0.19.0
+ls "$out"/whl/numpy-*.whl >/dev/null 2>&1 ||
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$out/whl" numpy==2.2.6 pyyaml==6.0.2
 du -sh "$out"/*
+size=$(du -sm "$out" | cut -f1)
+echo "bundle: $size MiB"
+[ "$size" -le 64 ] || { echo "gpu_bundle: $size MiB is over the 64 MiB a device call may carry" >&2; exit 1; }

@@ -175,12 +175,14 @@ fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     let prompt_tokens = &prompts.text;
     llama::init_backend(false).unwrap();
     let cfg = config(s).engine_settings().unwrap();
-    let model = Arc::new(Model::load(&s.model, &cfg.model).unwrap());
+    let (model, log) = llama::capture_logs(|| Model::load(&s.model, &cfg.model));
+    let model = Arc::new(model.unwrap());
+    let on_gpu = internvl_grpc::engine::Placement::from_log(&log).all_layers_on_local_gpus();
     // The same (corrected) vision file the service loads.
     let served = position_rows::prepare(&s.mmproj, cfg.cache_dir.as_deref()).unwrap();
     let mut vision = Vision::load(served.path(), model.clone(), &cfg.vision).unwrap();
     // The same context the service creates (`auto` cache types resolved).
-    let mut ctx = Context::new(model.clone(), &llama::context_params(&cfg)).unwrap();
+    let mut ctx = Context::new(model.clone(), &llama::context_params(&cfg, on_gpu)).unwrap();
     let mut ttft = Vec::new();
     let mut rate = Vec::new();
     let mut image = Vec::new();

@@ -38,6 +38,61 @@ pub enum Command {
     /// Probe a server's gRPC health: exit 0 when it answers SERVING, 1
     /// otherwise (for container HEALTHCHECKs; needs no other tool).
     Health(HealthArgs),
+    /// List the ggml devices this build finds (the names `devices` takes).
+    Devices(DevicesArgs),
+    /// Serve this host's ggml devices to a server elsewhere (its
+    /// `rpc_servers`), as llama.cpp's rpc-server does. The protocol has no
+    /// authentication: private networks only.
+    RpcServer(RpcServerArgs),
+}
+
+/// Flags of `devices`.
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    /// Also list the devices of these RPC servers (host:port, comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub rpc_servers: Vec<String>,
+}
+
+/// Flags of `rpc-server`.
+#[derive(Debug, Args)]
+pub struct RpcServerArgs {
+    /// Address to serve on (host:port). Anyone who reaches it can run
+    /// anything on these devices and read their memory: bind a private
+    /// address.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub listen: String,
+    /// Devices to serve, comma separated (default: every GPU, else the CPU).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// CPU threads, when the CPU is served (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `devices`: prints each device ggml finds.
+pub fn devices(args: DevicesArgs) -> ClientResult {
+    let devices = crate::engine::devices(&args.rpc_servers)?;
+    for d in devices {
+        println!(
+            "{:<10} {:<5} {} ({} MiB, {} MiB free)",
+            d.name,
+            d.kind.name(),
+            d.description,
+            d.memory_total / (1024 * 1024),
+            d.memory_free / (1024 * 1024)
+        );
+    }
+    Ok(())
+}
+
+/// `rpc-server`: serves devices until killed.
+pub fn rpc_server(args: RpcServerArgs) -> ClientResult {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    crate::engine::serve_rpc(&args.listen, &args.devices, threads)?;
+    Ok(())
 }
 
 /// Flags of `health`.
@@ -156,6 +211,14 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensor_split: Option<Vec<f32>>,
+    /// ggml devices the model may use, comma separated (Vulkan0,CUDA1,RPC0).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<String>>,
+    /// ggml RPC servers whose devices are added, comma separated host:port.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpc_servers: Option<Vec<String>>,
     /// Run the vision encoder on the GPU.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -52,6 +52,14 @@ pub struct Config {
     pub split_mode: SplitMode,
     /// Share of the model per GPU, e.g. `[3, 1]`.
     pub tensor_split: Vec<f32>,
+    /// ggml devices the language model may use, by name (`Vulkan0`, `CUDA1`,
+    /// `RPC0`), e.g. `["Vulkan0"]`; empty = every GPU ggml found and every RPC
+    /// server's. `internvl-grpc devices` lists them.
+    pub devices: Vec<String>,
+    /// ggml RPC servers (`internvl-grpc rpc-server`) whose devices are added,
+    /// e.g. `["10.0.0.2:50052"]`. The protocol has no authentication: private
+    /// networks only.
+    pub rpc_servers: Vec<String>,
     /// Run the vision encoder on the GPU.
     pub mmproj_offload: bool,
     /// `auto`, `on` or `off` (default auto: llama.cpp turns it on where the
@@ -67,8 +75,9 @@ pub struct Config {
     #[serde(deserialize_with = "parse_choice")]
     pub cache_type_k: KvCacheType,
     /// KV cache type for V (quantized V needs flash attention); `auto`: bf16
-    /// where flash attention runs on the CPU, whose kernel sums an f16 V in
-    /// f16 (reference parity lost on long image prompts), else f16.
+    /// where flash attention may run on a CPU (a layer on the CPU, or any on
+    /// an RPC device), whose kernel sums an f16 V in f16 (reference parity
+    /// lost on long image prompts), else f16.
     #[serde(deserialize_with = "parse_choice")]
     pub cache_type_v: KvCacheType,
     /// Requests waiting for a free slot: at most `parallel + queue_depth` are in
@@ -149,6 +158,8 @@ impl Default for Config {
             main_gpu: 0,
             split_mode: SplitMode::Layer,
             tensor_split: Vec::new(),
+            devices: Vec::new(),
+            rpc_servers: Vec::new(),
             mmproj_offload: true,
             // On the CPU flash attention skips other sequences' cells in the
             // shared KV pool: a burst of 8 prompts finished in 22.8 s instead
@@ -285,6 +296,13 @@ pub enum ConfigError {
     },
 }
 
+/// `host:port` with a port number, as ggml's RPC client parses an endpoint.
+fn is_host_port(endpoint: &str) -> bool {
+    endpoint
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -331,6 +349,8 @@ impl Config {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("tensor_split")
+                    .with_list_parse_key("devices")
+                    .with_list_parse_key("rpc_servers")
                     .with_list_parse_key("api_keys"),
             )
             .add_source(config::Config::try_from(overrides)?)
@@ -360,6 +380,18 @@ impl Config {
             return Err(invalid(
                 "tensor_split",
                 "shares must be finite and non-negative",
+            ));
+        }
+        if let Some(i) = self.rpc_servers.iter().position(|e| !is_host_port(e)) {
+            return Err(invalid(
+                "rpc_servers",
+                format!("entry {i}, \"{}\", is not host:port", self.rpc_servers[i]),
+            ));
+        }
+        if let Some(i) = self.devices.iter().position(|d| d.trim().is_empty()) {
+            return Err(invalid(
+                "devices",
+                format!("entry {i} is empty; a device has a name"),
             ));
         }
         if !self.drain_grace_secs.is_finite() || self.drain_grace_secs < 0.0 {
@@ -407,6 +439,8 @@ impl Config {
                 main_gpu: self.main_gpu,
                 split_mode: self.split_mode,
                 tensor_split: self.tensor_split.clone(),
+                devices: self.devices.clone(),
+                rpc_servers: self.rpc_servers.clone(),
             },
             context: ContextParams {
                 n_ctx: self.n_ctx,

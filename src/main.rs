@@ -63,6 +63,14 @@ async fn main() -> ExitCode {
         Command::Info(args) => cli::info(args).await.map_err(|e| e.to_string()),
         Command::Health(args) => cli::health(args).await.map_err(|e| e.to_string()),
         Command::Models(args) => cli::models(args).map_err(|e| e.to_string()),
+        Command::Devices(args) => cli::devices(args).map_err(|e| e.to_string()),
+        // Serves until the process ends, on a thread of ggml's own.
+        Command::RpcServer(args) => {
+            init_tracing(false);
+            tokio::task::spawn_blocking(move || cli::rpc_server(args).map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|e| Err(format!("rpc-server panicked: {e}")))
+        }
         // Blocking downloads, off the async runtime's workers.
         Command::Pull(args) => {
             tokio::task::spawn_blocking(move || cli::pull(args).map_err(|e| e.to_string()))

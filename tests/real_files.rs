@@ -175,6 +175,8 @@ fn think_tokens_stream_as_text_and_stop_sequences_see_them() {
             main_gpu: 0,
             split_mode: internvl_grpc::engine::SplitMode::None,
             tensor_split: vec![],
+            devices: vec![],
+            rpc_servers: vec![],
         },
     )
     .unwrap();

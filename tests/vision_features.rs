@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
-use internvl_grpc::engine::llama::{self, Model, ModelParams, Vision, VisionParams};
+use internvl_grpc::engine::llama::{self, Model, Vision};
 use internvl_grpc::engine::position_rows;
 use internvl_grpc::engine::vision::{decode_rgb, tile_image, DecodeLimits, TileSpec};
 use sha2::{Digest, Sha256};
@@ -125,29 +125,11 @@ fn decoding_and_resizing_match_pillow_bit_for_bit() {
 /// `mmproj`; the largest |Δ| per tile against the reference features, per image.
 fn encode_against_reference(family: &Family, mmproj: &Path) -> Vec<(String, Vec<f32>)> {
     llama::init_backend(false).unwrap();
-    let model = Arc::new(
-        Model::load(
-            &family.model_path(),
-            &ModelParams {
-                n_gpu_layers: 0,
-                main_gpu: 0,
-                split_mode: internvl_grpc::engine::SplitMode::None,
-                tensor_split: vec![],
-            },
-        )
-        .unwrap(),
-    );
-    let mut vision = Vision::load(
-        mmproj,
-        model,
-        &VisionParams {
-            use_gpu: false,
-            threads: 2,
-            // What the service runs with.
-            flash_attn: internvl_grpc::config::Config::default().mmproj_flash_attn,
-        },
-    )
-    .unwrap();
+    // The devices the service would use: in a GPU build the encoder runs on
+    // the GPU (`mmproj_offload`), and the bound below holds there too.
+    let settings = family.config().engine_settings().unwrap();
+    let model = Arc::new(Model::load(&family.model_path(), &settings.model).unwrap());
+    let mut vision = Vision::load(mmproj, model, &settings.vision).unwrap();
     let mut images = Vec::new();
     for img in family.reference()["images"].as_array().unwrap() {
         let name = img["image"].as_str().unwrap();

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::error::EngineError;
-use super::llama::{Model, Vision, VisionParams};
+use super::llama::{capture_logs, Model, Vision, VisionParams};
 use super::protocol::Doorbell;
 use super::vision::TileHash;
 
@@ -46,14 +46,15 @@ pub(crate) struct TileEncoder {
 
 impl TileEncoder {
     /// Loads the mmproj on a new thread, which then encodes `side` × `side`
-    /// RGB tiles on request; returns once loading succeeded or failed.
+    /// RGB tiles on request; returns once loading succeeded or failed, with
+    /// what llama.cpp logged while loading (where it put the encoder).
     pub fn start(
         mmproj: &Path,
         model: Arc<Model>,
         params: &VisionParams,
         side: u32,
         bell: Arc<Doorbell>,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<(Self, Vec<String>), EngineError> {
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
         let (result_tx, results) = mpsc::channel();
         let (loaded_tx, loaded_rx) = mpsc::sync_channel(1);
@@ -61,8 +62,9 @@ impl TileEncoder {
         let thread = std::thread::Builder::new()
             .name("internvl-vision".into())
             .spawn(move || {
-                let (mut vision, loaded) = match Vision::load(&path, model, &params) {
-                    Ok(vision) => (Some(vision), Ok(())),
+                let (vision, log) = capture_logs(|| Vision::load(&path, model, &params));
+                let (mut vision, loaded) = match vision {
+                    Ok(vision) => (Some(vision), Ok(log)),
                     Err(e) => (None, Err(e)),
                 };
                 // A failed send means start() gave up waiting: nothing to serve.
@@ -101,7 +103,7 @@ impl TileEncoder {
             busy: None,
             thread: Some(thread),
         };
-        loaded.map(|()| encoder)
+        loaded.map(|log| (encoder, log))
     }
 
     /// Whether a tile can be handed over now.

@@ -35,6 +35,16 @@ pub enum EngineError {
         /// What is wrong.
         message: String,
     },
+    /// A device setting that cannot work here (no such device, more
+    /// `tensor_split` entries than devices, an unreachable `rpc_servers`
+    /// entry); `setting` names the key.
+    #[error("{setting}: {message}")]
+    Offload {
+        /// The configuration key at fault, e.g. `rpc_servers[1]`.
+        setting: String,
+        /// What is wrong, and what there is instead.
+        message: String,
+    },
     /// The engine is still loading the model.
     #[error("the model is still loading")]
     NotReady,
@@ -73,6 +83,14 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// Shorthand for [`EngineError::Offload`].
+    pub fn offload(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Offload {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
+
     /// Shorthand for [`EngineError::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidArgument {

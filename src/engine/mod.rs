@@ -14,6 +14,7 @@ mod cpu_kernels;
 mod encoder;
 mod error;
 mod json_numbers;
+mod placement;
 mod protocol;
 pub mod settings;
 mod types;
@@ -54,6 +55,7 @@ pub use constraint::{FormatLimits, ResponseFormat};
 #[doc(hidden)]
 pub use constraint::{FormatCompiler, Vocabulary};
 pub use error::EngineError;
+pub use placement::{Buffer, BufferKind, Device, DeviceKind, Placement};
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
 pub use protocol::{EngineState, GenerateEvents, Loaded};
 pub use sampling::SamplingParams;
@@ -64,6 +66,23 @@ pub use worker::SlotPhase;
 
 use prompt::Prompt;
 use protocol::{EmbedJob, GenerateJob, InFlight, Job, Lifecycle};
+
+/// ggml's devices, after adding those of `rpc_servers` (`internvl-grpc
+/// devices`).
+pub fn devices(rpc_servers: &[String]) -> Result<Vec<Device>, EngineError> {
+    llama::init_backend(false)?;
+    llama::devices::add_rpc_servers(rpc_servers)?;
+    Ok(llama::devices::devices())
+}
+
+/// Serves this host's devices (those named, else every GPU, else the CPU)
+/// over ggml's RPC protocol at `endpoint`, as llama.cpp's `rpc-server`
+/// does, for a service elsewhere to list in `rpc_servers`. Returns only if
+/// it cannot serve.
+pub fn serve_rpc(endpoint: &str, devices: &[String], threads: usize) -> Result<(), EngineError> {
+    llama::init_backend(true)?;
+    llama::devices::serve_rpc(endpoint, devices, threads)
+}
 
 /// How long a drain waits for cut requests to stop (one decode step each).
 const CUT_WAIT: Duration = Duration::from_secs(30);
@@ -344,7 +363,11 @@ impl Engine {
             constraint,
         };
         self.submit(Job::Generate(Box::new(job)))?;
-        Ok(GenerateEvents::new(receiver, self.lifecycle.bell.clone()))
+        Ok(GenerateEvents::new(
+            receiver,
+            self.lifecycle.bell.clone(),
+            self.state.clone(),
+        ))
     }
 
     /// Pooled final hidden states of each input.
@@ -399,10 +422,13 @@ impl Engine {
             _in_flight: in_flight,
         }))?;
         // Every path that ends a job answers it; a dropped reply means the
-        // engine thread ended without doing so.
-        result
-            .await
-            .map_err(|_| EngineError::Fault("the engine ended without answering".into()))?
+        // engine thread ended without doing so. A fault answers for an
+        // engine thread that cannot (asleep after a ggml abort).
+        tokio::select! {
+            reply = result => reply
+                .map_err(|_| EngineError::Fault("the engine ended without answering".into()))?,
+            why = protocol::faulted(self.state.clone()) => Err(why),
+        }
     }
 
     /// Counts a request in flight, or refuses it while draining or full.

@@ -136,17 +136,46 @@ impl Doorbell {
     }
 }
 
+/// Resolves once the engine has faulted, with why; never otherwise.
+pub(crate) async fn faulted(mut state: watch::Receiver<EngineState>) -> EngineError {
+    loop {
+        if let EngineState::Faulted(e) = &*state.borrow_and_update() {
+            return match e.as_ref() {
+                EngineError::Fault(why) => EngineError::Fault(why.clone()),
+                other => EngineError::Fault(other.to_string()),
+            };
+        }
+        if state.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+type Faulted = Pin<Box<dyn std::future::Future<Output = EngineError> + Send>>;
+
 /// A Generate call's events, ending with `Done` or an error. Taking an event
 /// or dropping this (the client left) wakes the engine thread, which may be
-/// waiting for exactly that.
+/// waiting for exactly that. A fault ends it even when the engine thread
+/// cannot: a ggml abort leaves that thread (or one it waits on) asleep.
 pub struct GenerateEvents {
     events: mpsc::Receiver<EventResult>,
     bell: Arc<Doorbell>,
+    fault: Faulted,
+    ended: bool,
 }
 
 impl GenerateEvents {
-    pub(crate) fn new(events: mpsc::Receiver<EventResult>, bell: Arc<Doorbell>) -> Self {
-        Self { events, bell }
+    pub(crate) fn new(
+        events: mpsc::Receiver<EventResult>,
+        bell: Arc<Doorbell>,
+        state: watch::Receiver<EngineState>,
+    ) -> Self {
+        Self {
+            events,
+            bell,
+            fault: Box::pin(faulted(state)),
+            ended: false,
+        }
     }
 
     /// The next event; `None` once the stream is over.
@@ -155,11 +184,21 @@ impl GenerateEvents {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventResult>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
         let event = self.events.poll_recv(cx);
         if event.is_ready() {
             self.bell.ring();
+            return event;
         }
-        event
+        match self.fault.as_mut().poll(cx) {
+            Poll::Ready(why) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(why)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -280,7 +319,8 @@ mod tests {
     fn taking_an_event_or_leaving_rings() {
         let bell = Arc::new(Doorbell::default());
         let (tx, rx) = mpsc::channel(1);
-        let mut events = GenerateEvents::new(rx, bell.clone());
+        let (_state, watch) = watch::channel(EngineState::Loading);
+        let mut events = GenerateEvents::new(rx, bell.clone(), watch);
         tx.try_send(Err(EngineError::Stopped)).unwrap();
         assert!(!bell.wait(Duration::ZERO), "sending alone does not ring");
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -291,6 +331,31 @@ mod tests {
         drop(events);
         assert!(bell.wait(Duration::ZERO), "leaving rang");
         assert!(tx.is_closed());
+    }
+
+    #[test]
+    fn a_fault_ends_a_stream_the_engine_thread_cannot_answer() {
+        let bell = Arc::new(Doorbell::default());
+        // The engine thread holds the sender and never sends again.
+        let (_tx, rx) = mpsc::channel(1);
+        let (state, watch) = watch::channel(EngineState::Loading);
+        let mut events = GenerateEvents::new(rx, bell, watch);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let waiting = tokio::time::timeout(Duration::from_millis(50), events.recv()).await;
+            assert!(waiting.is_err(), "nothing to say before the fault");
+            state.send_replace(EngineState::Faulted(Arc::new(EngineError::Fault(
+                "RPC1 (127.0.0.1:50053) does not answer".into(),
+            ))));
+            match events.recv().await {
+                Some(Err(EngineError::Fault(why))) => assert!(why.contains("RPC1"), "{why}"),
+                other => panic!("expected the fault, got {:?}", other.map(|r| r.is_ok())),
+            }
+            assert!(events.recv().await.is_none(), "and then the stream is over");
+        });
     }
 
     #[test]

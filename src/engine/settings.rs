@@ -53,6 +53,11 @@ pub struct ModelParams {
     pub split_mode: SplitMode,
     /// Proportions per GPU; empty = llama.cpp's default.
     pub tensor_split: Vec<f32>,
+    /// ggml devices the model may use, by name (`Vulkan0`, `CUDA1`, `RPC0`);
+    /// empty = every GPU ggml found, and every RPC server's.
+    pub devices: Vec<String>,
+    /// `host:port` of ggml RPC servers whose devices are added.
+    pub rpc_servers: Vec<String>,
 }
 
 /// How the inference context is sized and run.
@@ -77,12 +82,15 @@ pub struct ContextParams {
 }
 
 impl ContextParams {
-    /// These parameters with `auto` cache types made concrete, for a language
-    /// model on a GPU (`on_gpu`) or on the CPU. K: f16. V: bf16 where flash
-    /// attention may run on the CPU, else f16. ggml's CPU flash-attention
-    /// kernel sums an f16 V in an f16 accumulator (and llama.cpp casts an f32
-    /// V to f16 for it), which moved a 13-tile prompt's logits by up to 0.56
-    /// from the reference; any other V type it sums in f32 (0.0023).
+    /// These parameters with `auto` cache types made concrete: `on_gpu` when
+    /// every layer is on a local GPU, so no attention runs on a CPU. K: f16.
+    /// V: bf16 where flash attention may run on a CPU, else f16. ggml's CPU
+    /// flash-attention kernel sums an f16 V in an f16 accumulator (and
+    /// llama.cpp casts an f32 V to f16 for it), which moved a 13-tile
+    /// prompt's logits by up to 0.56 from the reference; any other V type it
+    /// sums in f32 (0.0023). Layers left on the CPU by a partial offload run
+    /// that kernel, and so may an RPC device (0.56 again over two CPU-backed
+    /// RPC servers): the service cannot see what backend serves it.
     pub fn resolved(&self, on_gpu: bool) -> ContextParams {
         let flash_on_cpu = !on_gpu && self.flash_attn != FlashAttn::Off;
         let pick = |kind: KvCacheType, auto: KvCacheType| match kind {

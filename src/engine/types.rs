@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::constraint::ResponseFormat;
+use super::placement::Placement;
 use super::prompt::{ChatMessage, ImageGrid, Part};
 use super::sampling::SamplingParams;
 use super::vision::TileSpec;
@@ -41,8 +42,10 @@ pub struct ModelInfo {
     pub quantization: String,
     /// The chat template from the GGUF.
     pub chat_template: String,
-    /// Where the layers run.
+    /// Where the model runs, in one line ([`Placement::summary`]).
     pub offload: String,
+    /// Where the model runs, as llama.cpp reported it while loading.
+    pub placement: Placement,
     /// Sequences decoded together.
     pub parallel: u32,
     /// The CPU instruction sets llama.cpp's kernels use, and what this CPU

@@ -2,7 +2,7 @@
 //! the generated types and the engine's.
 
 use super::proto;
-use crate::engine::{self, Embedding, GenerateEvent, ModelInfo, TokenCount};
+use crate::engine::{self, Embedding, GenerateEvent, ModelInfo, Placement, TokenCount};
 
 fn finish_reason(reason: engine::FinishReason) -> proto::FinishReason {
     match reason {
@@ -116,5 +116,40 @@ pub(super) fn model_info(info: ModelInfo) -> proto::ModelInfo {
         training_context_size: info.training_context_size,
         parallel: info.parallel,
         cpu_kernels: info.cpu_kernels,
+        placement: Some(placement(info.placement)),
+    }
+}
+
+fn placement(p: Placement) -> proto::Placement {
+    proto::Placement {
+        devices: p
+            .devices
+            .into_iter()
+            .map(|d| proto::Device {
+                name: d.name,
+                description: d.description,
+                kind: d.kind.name().into(),
+                memory_total_bytes: d.memory_total,
+                memory_free_bytes: d.memory_free,
+            })
+            .collect(),
+        layers_offloaded: p.layers_offloaded,
+        layers_total: p.layers_total,
+        layers: p
+            .layers_per_device
+            .into_iter()
+            .map(|(device, layers)| proto::DeviceLayers { device, layers })
+            .collect(),
+        buffers: p
+            .buffers
+            .into_iter()
+            .map(|b| proto::Buffer {
+                kind: b.kind.name().into(),
+                location: b.location,
+                bytes: b.bytes,
+            })
+            .collect(),
+        vision_backend: p.vision_backend,
+        vision_model_bytes: p.vision_model_bytes,
     }
 }

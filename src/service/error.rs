@@ -38,9 +38,9 @@ impl From<EngineError> for Status {
                     .insert(RETRY_PUSHBACK, MetadataValue::from(*retry_after_ms));
                 return status;
             }
-            EngineError::ModelFile { .. } | EngineError::CacheDir { .. } => {
-                Code::FailedPrecondition
-            }
+            EngineError::ModelFile { .. }
+            | EngineError::CacheDir { .. }
+            | EngineError::Offload { .. } => Code::FailedPrecondition,
             EngineError::Inference(_) | EngineError::Fault(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

@@ -4,6 +4,7 @@
 
 pub mod hub;
 pub mod parity;
+pub mod rpc;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -166,7 +166,15 @@ pub async fn check_chat_case(
     assert_eq!(top.len(), 5, "{id}: top_logprobs");
     let want_top = &ids(&case["last_logits_top20"]["ids"])[..5];
     let got_top: Vec<i32> = top.iter().map(|t| t.id).collect();
-    if got_top != want_top {
+    // The reference's order, except where two of its values are a near-tie
+    // (as for greedy steps): InternVL3 `image_small_upscaled`'s 4th and 5th
+    // differ by 0.0003, and lavapipe's kernels swap them.
+    let tie_swap = |(got, want): (&i32, &i32)| {
+        got == want
+            || (ref_logprobs[*got as usize] - ref_logprobs[*want as usize]).abs()
+                < MARGIN_TIE as f32
+    };
+    if !got_top.iter().zip(want_top).all(tie_swap) {
         failures.push(format!("{id}: top-5 ids {got_top:?}, want {want_top:?}"));
     }
     for t in top {

@@ -11,6 +11,7 @@
 //! INFO lines cannot be lowered and which warns on every CONT that follows a
 //! finished line.
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -118,7 +119,28 @@ fn lines_of(module: Module) -> &'static Mutex<Lines> {
     }
 }
 
+thread_local! {
+    /// Lines this thread's llama.cpp calls logged, while [`capture`] runs.
+    static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, returning what it returns and every line llama.cpp, ggml and
+/// mtmd logged on this thread meanwhile, whatever their level: where loading
+/// put the model is only in those lines (`placement.rs`). Per thread, so two
+/// engines loading at once in one process each read their own.
+pub fn capture<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let outer = CAPTURED.with(|c| c.borrow_mut().replace(Vec::new()));
+    let result = f();
+    let lines = CAPTURED.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+    (result, lines.unwrap_or_default())
+}
+
 fn emit(module: Module, severity: Severity, line: &str) {
+    CAPTURED.with(|c| {
+        if let Some(lines) = c.borrow_mut().as_mut() {
+            lines.push(line.to_string());
+        }
+    });
     let module = module.name();
     match severity {
         Severity::Error => tracing::error!(target: "llama.cpp", module, "{line}"),

@@ -10,6 +10,7 @@
 //! because llama.cpp asserts abort the process.
 
 mod context;
+pub mod devices;
 mod ffi;
 mod log;
 mod model;
@@ -21,6 +22,7 @@ use super::error::EngineError;
 use super::settings::EngineSettings;
 pub use super::settings::{ContextParams, ModelParams, VisionParams};
 pub use context::{BatchToken, Context, Outputs};
+pub use log::capture as capture_logs;
 pub use model::{quantize, Model, Quantization};
 pub use mtmd::Vision;
 
@@ -33,6 +35,7 @@ pub fn init_backend(info_logs: bool) -> Result<(), EngineError> {
         OnceLock::new();
     let backend = BACKEND.get_or_init(|| {
         log::route_logs(info_logs);
+        vulkan_workarounds();
         #[cfg(feature = "dynamic-backends")]
         load_backend_plugins()?;
         llama_cpp_2::llama_backend::LlamaBackend::init().map_err(|e| e.to_string())
@@ -41,6 +44,28 @@ pub fn init_backend(info_logs: bool) -> Result<(), EngineError> {
         .as_ref()
         .map(|_| ())
         .map_err(|e| EngineError::Inference(format!("llama.cpp backend: {e}")))
+}
+
+/// ggml's Vulkan backend reorders each graph's nodes to run independent ones
+/// without barriers between them ("graph optimize"). With it, lavapipe
+/// crashed the whole process with a segmentation fault inside the driver
+/// while decoding an image prompt that followed a few text prompts: 9 runs
+/// of 10, and both parity runs (docs/OFFLOAD.md has the reproduction).
+/// Without it, 10 runs of 10 and a whole parity run passed; one parity run
+/// with ggml's f16 math also off still crashed, so this lowers the odds and
+/// is not the fix. Whether ggml or the driver is at fault is not known. Off
+/// for every Vulkan device unless the deployment sets the variable itself;
+/// `=0` lets ggml reorder again (ggml itself would read any value, "0" too,
+/// as "disable"). ggml reads it when it creates a device, after this.
+fn vulkan_workarounds() {
+    const KEY: &str = "GGML_VK_DISABLE_GRAPH_OPTIMIZE";
+    // Once, first in init_backend, before any llama.cpp code runs; no other
+    // thread of this process reads the environment meanwhile.
+    match std::env::var_os(KEY) {
+        None => std::env::set_var(KEY, "1"),
+        Some(value) if value == "0" => std::env::remove_var(KEY),
+        Some(_) => {}
+    }
 }
 
 /// The CPU backend plugin loaded at start, in a `dynamic-backends` build.
@@ -155,16 +180,9 @@ pub fn cpu_backend_file() -> Option<String> {
     None
 }
 
-/// Whether this build of llama.cpp can offload layers to a GPU.
-pub fn gpu_offload_supported() -> bool {
-    // SAFETY: plain capability query.
-    unsafe { sys::llama_supports_gpu_offload() }
-}
-
 /// The language model context's parameters, `auto` cache types resolved for
-/// where the model runs (any layer offloaded counts as on the GPU).
-pub fn context_params(settings: &EngineSettings) -> ContextParams {
-    let on_gpu = settings.model.n_gpu_layers != 0 && gpu_offload_supported();
+/// where the model runs (`on_gpu`: every layer is on a local GPU).
+pub fn context_params(settings: &EngineSettings, on_gpu: bool) -> ContextParams {
     settings.context.resolved(on_gpu)
 }
 

@@ -8,6 +8,7 @@ use llama_cpp_sys_2 as sys;
 
 use crate::engine::error::EngineError;
 
+use super::devices;
 use super::ffi::{path_cstring, split_mode};
 use crate::engine::settings::ModelParams;
 
@@ -47,6 +48,71 @@ pub fn quantize(src: &Path, dst: &Path, to: Quantization) -> Result<(), EngineEr
     Ok(())
 }
 
+/// Refuses device settings that cannot work with the devices the model
+/// would use (`used`), before llama.cpp sees them; `gpu_backends` are the
+/// GPU backends this build has (`Vulkan`, `CUDA`), whether or not they found
+/// a device.
+fn check_offload(
+    params: &ModelParams,
+    used: &[devices::Device],
+    gpu_backends: &[String],
+) -> Result<(), EngineError> {
+    let names = || {
+        used.iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if used.is_empty() {
+        if params.n_gpu_layers != 0 && !gpu_backends.is_empty() {
+            return Err(EngineError::offload(
+                "n_gpu_layers",
+                format!(
+                    "{} asks for offload and this build has {}, but ggml found no device to use. \
+                     A CPU-type device (lavapipe) is only used when named: GGML_VK_VISIBLE_DEVICES=0. \
+                     Set n_gpu_layers = 0 to run on the CPU",
+                    params.n_gpu_layers,
+                    gpu_backends.join(", ")
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    if !params.tensor_split.is_empty() && params.tensor_split.len() != used.len() {
+        return Err(EngineError::offload(
+            "tensor_split",
+            format!(
+                "{} entries for {} devices ({}); give one share per device",
+                params.tensor_split.len(),
+                used.len(),
+                names()
+            ),
+        ));
+    }
+    if !params.tensor_split.is_empty() && params.tensor_split.iter().all(|&s| s == 0.0) {
+        return Err(EngineError::offload(
+            "tensor_split",
+            "every share is 0; at least one device must hold layers",
+        ));
+    }
+    // With `none` main_gpu holds the model, with `row` its small tensors.
+    if params.split_mode != crate::engine::settings::SplitMode::Layer
+        && (params.main_gpu < 0 || params.main_gpu as usize >= used.len())
+    {
+        return Err(EngineError::offload(
+            "main_gpu",
+            format!(
+                "{} with split_mode {:?}, but the devices are {} ({}), numbered from 0",
+                params.main_gpu,
+                params.split_mode,
+                used.len(),
+                names()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A loaded language model. Read-only after loading, so it is shared between
 /// the engine thread (decoding) and request handlers (tokenization), as
 /// llama.cpp's own server does.
@@ -69,7 +135,9 @@ impl Drop for Model {
 }
 
 impl Model {
-    /// Loads a GGUF language model.
+    /// Loads a GGUF language model on the devices `params` asks for, after
+    /// checking that they exist: llama.cpp would otherwise fall back to the
+    /// CPU without a word, or abort.
     pub fn load(path: &Path, params: &ModelParams) -> Result<Self, EngineError> {
         let c_path = path_cstring(path)?;
         // SAFETY: plain constructor of a params struct.
@@ -77,23 +145,40 @@ impl Model {
         mp.n_gpu_layers = params.n_gpu_layers;
         mp.main_gpu = params.main_gpu;
         mp.split_mode = split_mode(params.split_mode);
+        devices::add_rpc_servers(&params.rpc_servers)?;
+        // The devices llama.cpp will use: those named, else every GPU.
+        let mut chosen = devices::by_names(&params.devices)?;
+        let used: Vec<devices::Device> = if chosen.is_empty() {
+            devices::devices()
+                .into_iter()
+                .filter(|d| d.kind.offloads())
+                .collect()
+        } else {
+            devices::describe_all(&chosen)
+        };
+        check_offload(params, &used, &devices::gpu_backends())?;
         // SAFETY: plain getter.
         let max_devices = unsafe { sys::llama_max_devices() };
         let mut split = params.tensor_split.clone();
         if !split.is_empty() {
             if split.len() > max_devices {
-                return Err(EngineError::ModelFile {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "tensor_split has {} entries, this build supports {max_devices} devices",
+                return Err(EngineError::offload(
+                    "tensor_split",
+                    format!(
+                        "{} entries, this build supports {max_devices} devices",
                         split.len()
                     ),
-                });
+                ));
             }
             split.resize(max_devices, 0.0);
             mp.tensor_split = split.as_ptr();
         }
-        // SAFETY: c_path is a valid C string and `split` outlives the call.
+        if !chosen.is_empty() {
+            // llama.cpp reads the list up to a null entry.
+            chosen.push(std::ptr::null_mut());
+            mp.devices = chosen.as_mut_ptr();
+        }
+        // SAFETY: c_path is a valid C string; `split` and `chosen` outlive the call.
         let raw = unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), mp) };
         let ptr = NonNull::new(raw).ok_or_else(|| EngineError::ModelFile {
             path: path.to_path_buf(),
@@ -254,5 +339,83 @@ impl Model {
             unsafe { sys::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         buf.truncate(n.clamp(0, 255) as usize);
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::llama::devices::{Device, DeviceKind};
+    use crate::engine::settings::SplitMode;
+
+    fn params(
+        n_gpu_layers: i32,
+        split_mode: SplitMode,
+        main_gpu: i32,
+        split: &[f32],
+    ) -> ModelParams {
+        ModelParams {
+            n_gpu_layers,
+            main_gpu,
+            split_mode,
+            tensor_split: split.to_vec(),
+            devices: vec![],
+            rpc_servers: vec![],
+        }
+    }
+
+    fn gpu(name: &str) -> Device {
+        Device {
+            name: name.into(),
+            description: format!("{name} card"),
+            kind: DeviceKind::Gpu,
+            memory_total: 1 << 30,
+            memory_free: 1 << 30,
+        }
+    }
+
+    fn setting(result: Result<(), EngineError>) -> String {
+        match result {
+            Err(EngineError::Offload { setting, .. }) => setting,
+            other => panic!("expected an offload error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn offload_without_a_device_fails_only_where_a_gpu_backend_was_built() {
+        let vulkan = ["Vulkan".to_string()];
+        let all = params(-1, SplitMode::Layer, 0, &[]);
+        assert_eq!(setting(check_offload(&all, &[], &vulkan)), "n_gpu_layers");
+        // The CPU build's default (-1) runs on the CPU, as it always has.
+        assert!(check_offload(&all, &[], &[]).is_ok());
+        // So does a GPU build told to.
+        assert!(check_offload(&params(0, SplitMode::Layer, 0, &[]), &[], &vulkan).is_ok());
+    }
+
+    #[test]
+    fn tensor_split_needs_one_share_per_device() {
+        let two = [gpu("RPC0"), gpu("RPC1")];
+        let ok = params(-1, SplitMode::Layer, 0, &[1.0, 1.0]);
+        assert!(check_offload(&ok, &two, &[]).is_ok());
+        let three = params(-1, SplitMode::Layer, 0, &[1.0, 1.0, 1.0]);
+        assert_eq!(setting(check_offload(&three, &two, &[])), "tensor_split");
+        let zeros = params(-1, SplitMode::Layer, 0, &[0.0, 0.0]);
+        assert_eq!(setting(check_offload(&zeros, &two, &[])), "tensor_split");
+    }
+
+    #[test]
+    fn main_gpu_must_name_a_device_when_one_holds_the_model() {
+        let one = [gpu("Vulkan0")];
+        assert!(check_offload(&params(-1, SplitMode::None, 0, &[]), &one, &[]).is_ok());
+        assert_eq!(
+            setting(check_offload(
+                &params(-1, SplitMode::None, 1, &[]),
+                &one,
+                &[]
+            )),
+            "main_gpu"
+        );
+        // Split by layer, main_gpu is not where the model lives.
+        assert!(check_offload(&params(-1, SplitMode::Layer, 3, &[]), &one, &[]).is_ok());
     }
 }

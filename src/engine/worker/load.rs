@@ -17,6 +17,7 @@ use crate::engine::encoder::TileEncoder;
 use crate::engine::error::EngineError;
 use crate::engine::gguf_meta::{check_language_model, read_tile_spec};
 use crate::engine::llama::{self, Context, Model};
+use crate::engine::placement::Placement;
 use crate::engine::position_rows::{self, VisionFile};
 use crate::engine::prompt::ChatTemplate;
 use crate::engine::protocol::{Lifecycle, Loaded};
@@ -70,7 +71,9 @@ impl Worker {
         let (spec, projector) = read_tile_spec(&paths.mmproj)?;
         llama::init_backend(settings.llama_info_logs)?;
         let started = Instant::now();
-        let model = Arc::new(Model::load(&paths.model, &settings.model)?);
+        let (model, mut load_log) =
+            llama::capture_logs(|| Model::load(&paths.model, &settings.model));
+        let model = Arc::new(model?);
         let file_error = |message: &str| EngineError::ModelFile {
             path: paths.model.clone(),
             message: message.to_string(),
@@ -121,21 +124,30 @@ impl Worker {
                 "vision position rows corrected: llama.cpp adds row i to patch i, this file keeps the class token's row first (converter layout)"
             );
         }
-        let encoder = TileEncoder::start(
+        let (encoder, vision_log) = TileEncoder::start(
             vision_file.path(),
             model.clone(),
             &settings.vision,
             spec.tile_size,
             lifecycle.bell.clone(),
         )?;
-        let context_params = llama::context_params(settings);
+        load_log.extend(vision_log);
+        let on_gpu = Placement::from_log(&load_log).all_layers_on_local_gpus();
+        let context_params = llama::context_params(settings, on_gpu);
         info!(
             flash_attn = ?context_params.flash_attn,
             cache_type_k = ?context_params.type_k,
             cache_type_v = ?context_params.type_v,
             "language model context"
         );
-        let context = Context::new(model.clone(), &context_params)?;
+        let (context, context_log) =
+            llama::capture_logs(|| Context::new(model.clone(), &context_params));
+        let context = context?;
+        load_log.extend(context_log);
+        let placement = Placement {
+            devices: llama::devices::devices(),
+            ..Placement::from_log(&load_log)
+        };
         let name = model.meta("general.name").unwrap_or_else(|| {
             paths
                 .model
@@ -156,15 +168,8 @@ impl Worker {
             projector,
             quantization: model.description(),
             chat_template: template_source,
-            offload: format!(
-                "n_gpu_layers={} split_mode={:?} main_gpu={} tensor_split={:?} mmproj_offload={} gpu_offload_supported={}",
-                settings.model.n_gpu_layers,
-                settings.model.split_mode,
-                settings.model.main_gpu,
-                settings.model.tensor_split,
-                settings.vision.use_gpu,
-                llama::gpu_offload_supported(),
-            ),
+            offload: placement.summary(),
+            placement: placement.clone(),
             parallel: parallel as u32,
             cpu_kernels: cpu_kernels::describe(
                 llama::system_info(),
@@ -209,7 +214,10 @@ impl Worker {
             prefixes: PrefixCache::new(settings.prefix_cache_bytes),
             prefill_chunk,
             clock: 0,
-            threads: DecodeThreads::new(settings),
+            threads: DecodeThreads::new(
+                settings,
+                matches!(placement.vision_backend.as_str(), "" | "CPU"),
+            ),
         };
         Ok((worker, loaded))
     }

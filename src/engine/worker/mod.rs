@@ -40,13 +40,14 @@ mod state;
 mod threads;
 mod vision_feed;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 
 use super::error::EngineError;
+use super::llama;
 use super::protocol::{EngineState, Job, Lifecycle};
 use super::settings::EngineSettings;
 use super::types::{FinishReason, ModelPaths};
@@ -75,6 +76,8 @@ pub(super) fn run<F>(
 ) where
     F: FnOnce() -> Result<ModelPaths, EngineError>,
 {
+    let state = Arc::new(state);
+    fault_on_ggml_abort(&state, settings.model.rpc_servers.clone());
     let mut worker = match Worker::load(&settings, resolve, lifecycle) {
         Ok((worker, loaded)) => {
             state.send_replace(EngineState::Ready(loaded));
@@ -102,6 +105,65 @@ pub(super) fn run<F>(
             ))));
             worker.fail_everything(&why, &mut jobs);
         }
+    }
+}
+
+/// An engine to fault when ggml aborts, and its RPC servers (to say which
+/// one is gone).
+struct AbortSink {
+    state: Weak<watch::Sender<EngineState>>,
+    rpc_servers: Vec<String>,
+}
+
+/// Every engine in this process (one, but for tests).
+static ABORT_SINKS: Mutex<Vec<AbortSink>> = Mutex::new(Vec::new());
+
+/// Makes a ggml abort fault this engine, instead of ending the process
+/// with SIGABRT and every client's stream with a reset connection: ggml's
+/// asserts (a Vulkan device lost, an RPC server gone) then reach each caller
+/// as INTERNAL with ggml's reason, health turns NOT_SERVING, and the server
+/// exits on its own terms (`lib.rs`).
+fn fault_on_ggml_abort(state: &Arc<watch::Sender<EngineState>>, rpc_servers: Vec<String>) {
+    let mut sinks = ABORT_SINKS.lock().unwrap_or_else(|e| e.into_inner());
+    sinks.retain(|sink| sink.state.strong_count() > 0);
+    sinks.push(AbortSink {
+        state: Arc::downgrade(state),
+        rpc_servers,
+    });
+    llama::devices::on_abort(|message| {
+        let sinks = ABORT_SINKS.lock().unwrap_or_else(|e| e.into_inner());
+        for sink in sinks.iter() {
+            if let Some(state) = sink.state.upgrade() {
+                let why = with_lost_devices(message, &sink.rpc_servers);
+                tracing::error!("the engine failed: {why}");
+                state.send_replace(EngineState::Faulted(Arc::new(EngineError::Fault(why))));
+            }
+        }
+    });
+}
+
+/// ggml's abort `message`, and which of `rpc_servers` no longer answers
+/// (ggml's own message does not say). Asks ggml only for names: a memory
+/// query would wait on the very connection that failed.
+fn with_lost_devices(message: &str, rpc_servers: &[String]) -> String {
+    let devices = llama::devices::names();
+    let lost: Vec<String> = rpc_servers
+        .iter()
+        .filter(|endpoint| llama::devices::check_reachable(endpoint).is_err())
+        .map(|endpoint| {
+            let names: Vec<&str> = devices
+                .iter()
+                .filter(|(_, description)| *description == *endpoint)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            format!("device {} at {endpoint}", names.join("+"))
+        })
+        .collect();
+    let message = message.trim();
+    if lost.is_empty() {
+        format!("ggml: {message}")
+    } else {
+        format!("ggml: {message}; RPC {} no longer answers", lost.join(", "))
     }
 }
 

@@ -1,6 +1,5 @@
 //! How many CPU threads decoding uses, fewer while the vision encoder runs.
 
-use crate::engine::llama;
 use crate::engine::settings::EngineSettings;
 
 /// CPU threads for decoding, fewer while the vision encoder runs beside it.
@@ -25,10 +24,10 @@ fn beside_encoder(alone: i32, cores: i32, encoder_threads: i32, encoder_on_cpu: 
 }
 
 impl DecodeThreads {
-    pub(super) fn new(settings: &EngineSettings) -> Self {
+    /// `encoder_on_cpu`: where loading put the vision encoder.
+    pub(super) fn new(settings: &EngineSettings, encoder_on_cpu: bool) -> Self {
         let alone = settings.context.threads.max(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as i32);
-        let encoder_on_cpu = !(settings.vision.use_gpu && llama::gpu_offload_supported());
         DecodeThreads {
             alone,
             beside_encoder: beside_encoder(alone, cores, settings.vision.threads, encoder_on_cpu),
