@@ -34,6 +34,8 @@ fn loaded() -> &'static Loaded {
                 main_gpu: 0,
                 split_mode: SplitMode::None,
                 tensor_split: vec![],
+                devices: vec![],
+                rpc_servers: vec![],
             },
         )
         .expect("the tiny model loads");
