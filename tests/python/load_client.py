@@ -98,6 +98,7 @@ async def main() -> None:
                 "first_errors": details,
                 "p50_ms": percentile(latencies, 0.50),
                 "p99_ms": percentile(latencies, 0.99),
+                "refused_p50_ms": percentile(refusals, 0.50),
                 "refused_p99_ms": percentile(refusals, 0.99),
                 "tokens": tokens,
                 "wall_s": wall,
