@@ -16,7 +16,6 @@ use internvl_grpc::engine::FAULT_SEED;
 use internvl_grpc::service::proto;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::HealthCheckRequest;
 
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -60,36 +59,7 @@ async fn an_engine_panic_ends_every_call_with_internal_and_the_process_non_zero(
         .spawn()
         .expect("the binary starts");
     let url = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    let mut health = loop {
-        if let Ok(channel) = tonic::transport::Channel::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let status = health
-                .check(HealthCheckRequest::default())
-                .await
-                .map(|r| r.into_inner().status)
-                .ok();
-            if status == Some(ServingStatus::Serving as i32) {
-                break health;
-            }
-        }
-        assert!(started.elapsed() < BOUND, "never SERVING");
-        assert!(server.try_wait().unwrap().is_none(), "exited while loading");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut watch = health
-        .watch(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.message().await.unwrap().unwrap().status,
-        ServingStatus::Serving as i32
-    );
+    let mut watch = serving_watch(&url, &mut server, &stderr, BOUND).await;
 
     let client = internvl_grpc::service::proto::intern_vl_client::InternVlClient::connect(url)
         .await

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::rpc::RpcServer;
@@ -82,23 +82,13 @@ async fn placement_reports_what_ggml_did() {
 
 /// `serve` of the tiny InternVL3 with `args`, which must fail within a
 /// minute; its stderr.
-fn serve_fails(args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"));
+fn serve_fails(args: &[&str]) -> String {
+    let mut command = tiny_serve_command();
     command
-        .arg("serve")
-        .arg("--model")
-        .arg(INTERNVL3.model_path())
-        .arg("--mmproj")
-        .arg(INTERNVL3.mmproj_path())
-        .arg("--cache-dir")
-        .arg(test_cache_dir())
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    for (key, value) in env {
-        command.env(key, value);
-    }
     let mut child = command.spawn().expect("binary runs");
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
@@ -138,7 +128,7 @@ fn device_settings_that_cannot_work_stop_start_up_naming_the_setting() {
         ),
     ];
     for (args, setting) in &cases {
-        let stderr = serve_fails(args, &[]);
+        let stderr = serve_fails(args);
         let error = stderr
             .lines()
             .find(|l| l.starts_with("error:"))
@@ -153,7 +143,7 @@ fn device_settings_that_cannot_work_stop_start_up_naming_the_setting() {
         // A Vulkan build with no device it may use (lavapipe is skipped
         // unless named) refuses to fall back to the CPU silently.
         if std::env::var_os("GGML_VK_VISIBLE_DEVICES").is_none() {
-            let stderr = serve_fails(&[], &[]);
+            let stderr = serve_fails(&[]);
             assert!(stderr.contains("n_gpu_layers"), "{stderr}");
         }
     }

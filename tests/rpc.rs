@@ -18,7 +18,6 @@ use common::*;
 use internvl_grpc::service::proto;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::HealthCheckRequest;
 
 const BOUND: Duration = Duration::from_secs(120);
 
@@ -112,40 +111,7 @@ async fn an_rpc_device_killed_mid_stream_fails_loudly() {
         .spawn()
         .expect("the binary starts");
     let url = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    let mut health = loop {
-        if let Ok(channel) = tonic::transport::Channel::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let status = health
-                .check(HealthCheckRequest::default())
-                .await
-                .map(|r| r.into_inner().status)
-                .ok();
-            if status == Some(ServingStatus::Serving as i32) {
-                break health;
-            }
-        }
-        let log = std::fs::read_to_string(&stderr).unwrap_or_default();
-        assert!(started.elapsed() < BOUND, "never SERVING:\n{log}");
-        assert!(
-            server.try_wait().unwrap().is_none(),
-            "exited while loading:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut watch = health
-        .watch(HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.message().await.unwrap().unwrap().status,
-        ServingStatus::Serving as i32
-    );
+    let mut watch = serving_watch(&url, &mut server, &stderr, BOUND).await;
     let mut client = proto::intern_vl_client::InternVlClient::connect(url)
         .await
         .unwrap();

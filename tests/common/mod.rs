@@ -557,9 +557,9 @@ pub async fn scrape_metrics(addr: SocketAddr) -> String {
 }
 
 /// `internvl-grpc serve` of the tiny InternVL3 (the real binary, its own
-/// process) on `listen` with its metrics on `metrics`, stdin closed; the
-/// caller adds its settings and spawns it.
-pub fn serve_tiny(listen: SocketAddr, metrics: SocketAddr) -> std::process::Command {
+/// process) with its cache, stdin closed; the caller adds where it listens
+/// and its settings, and spawns it.
+pub fn tiny_serve_command() -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_internvl-grpc"));
     command
         .arg("serve")
@@ -569,8 +569,61 @@ pub fn serve_tiny(listen: SocketAddr, metrics: SocketAddr) -> std::process::Comm
         .arg(INTERNVL3.mmproj_path())
         .arg("--cache-dir")
         .arg(test_cache_dir())
-        .args(["--listen", &listen.to_string()])
-        .args(["--metrics-listen", &metrics.to_string()])
         .stdin(std::process::Stdio::null());
     command
+}
+
+/// [`tiny_serve_command`] on `listen` with its metrics on `metrics`.
+pub fn serve_tiny(listen: SocketAddr, metrics: SocketAddr) -> std::process::Command {
+    let mut command = tiny_serve_command();
+    command
+        .args(["--listen", &listen.to_string()])
+        .args(["--metrics-listen", &metrics.to_string()]);
+    command
+}
+
+/// Waits until the server process at `url` answers SERVING (within
+/// `bound`, without exiting), then opens a health Watch and checks that its
+/// first status is SERVING too. Failures show the server's `stderr` file.
+pub async fn serving_watch(
+    url: &str,
+    server: &mut std::process::Child,
+    stderr: &Path,
+    bound: Duration,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let started = std::time::Instant::now();
+    let mut health = loop {
+        if let Ok(channel) = Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut health = HealthClient::new(channel);
+            let status = health
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|r| r.into_inner().status)
+                .ok();
+            if status == Some(ServingStatus::Serving as i32) {
+                break health;
+            }
+        }
+        let log = std::fs::read_to_string(stderr).unwrap_or_default();
+        assert!(started.elapsed() < bound, "never SERVING:\n{log}");
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "exited while loading:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    watch
 }

@@ -175,24 +175,19 @@ pub fn by_names(names: &[String]) -> Result<Vec<sys::ggml_backend_dev_t>, Engine
 
 /// The devices named in `names`; the CPU among them only when `allow_cpu`.
 fn find(names: &[String], allow_cpu: bool) -> Result<Vec<sys::ggml_backend_dev_t>, EngineError> {
-    let all = raw_devices();
+    // Described once: an RPC device's memory query is a round trip.
+    let all = described();
     names
         .iter()
         .enumerate()
         .map(|(i, name)| {
             all.iter()
-                .copied()
-                .find(|&dev| {
-                    let d = describe(dev);
-                    d.name == *name && (allow_cpu || d.kind.offloads())
-                })
+                .find(|(_, d)| d.name == *name && (allow_cpu || d.kind.offloads()))
+                .map(|&(dev, _)| dev)
                 .ok_or_else(|| {
                     let known: Vec<String> = all
                         .iter()
-                        .map(|&dev| {
-                            let d = describe(dev);
-                            format!("{} ({})", d.name, d.description)
-                        })
+                        .map(|(_, d)| format!("{} ({})", d.name, d.description))
                         .collect();
                     EngineError::offload(
                         format!("devices[{i}]"),
@@ -203,6 +198,14 @@ fn find(names: &[String], allow_cpu: bool) -> Result<Vec<sys::ggml_backend_dev_t
                     )
                 })
         })
+        .collect()
+}
+
+/// Every device with its description, each asked once.
+fn described() -> Vec<(sys::ggml_backend_dev_t, Device)> {
+    raw_devices()
+        .into_iter()
+        .map(|dev| (dev, describe(dev)))
         .collect()
 }
 
@@ -223,15 +226,17 @@ pub fn serve_rpc(endpoint: &str, names: &[String], threads: usize) -> Result<(),
         *mut sys::ggml_backend_dev_t,
     ) = unsafe { std::mem::transmute(start) };
     let mut chosen = if names.is_empty() {
-        let all = raw_devices();
-        let offloading: Vec<_> = all
-            .iter()
-            .copied()
-            .filter(|&dev| describe(dev).kind.offloads())
-            .collect();
+        let all = described();
+        let of_kind = |wanted: fn(DeviceKind) -> bool| -> Vec<sys::ggml_backend_dev_t> {
+            all.iter()
+                .filter(|(_, d)| wanted(d.kind))
+                .map(|&(dev, _)| dev)
+                .collect()
+        };
+        let offloading = of_kind(DeviceKind::offloads);
         if offloading.is_empty() {
-            all.into_iter()
-                .filter(|&dev| describe(dev).kind == DeviceKind::Cpu)
+            of_kind(|kind| kind == DeviceKind::Cpu)
+                .into_iter()
                 .take(1)
                 .collect()
         } else {
