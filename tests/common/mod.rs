@@ -19,6 +19,12 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
+/// HTTP/2 without tonic's channel: see [`TestServer::client_without_local_deadline`].
+pub type PlainHttp2 = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tonic::body::Body,
+>;
+
 /// A running server; shut down (and joined) on drop of the runtime.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -35,6 +41,21 @@ impl TestServer {
         InternVlClient::connect(self.url())
             .await
             .expect("connect")
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// A client that sends `grpc-timeout` without timing the call itself.
+    /// tonic's channel races every call against its own copy of that timer
+    /// and answers CANCELLED ("Timeout expired") when it wins, which hides
+    /// what the server answered; a proxy between caller and server would
+    /// have passed on the server's status, and this client does too.
+    pub fn client_without_local_deadline(&self) -> InternVlClient<PlainHttp2> {
+        let http2 =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        InternVlClient::with_origin(http2, self.url().parse().expect("url"))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
