@@ -173,7 +173,7 @@ fn bare_image_prompt(ctx: &mut Context, vision: &mut Vision, prompts: &Prompts, 
 
 fn bare(s: &Setup, prompts: &Prompts, tile: &[u8]) -> Figures {
     let prompt_tokens = &prompts.text;
-    llama::init_backend(false).unwrap();
+    llama::init_backend(false, &[]).unwrap();
     let cfg = config(s).engine_settings().unwrap();
     let (model, log) = llama::capture_logs(|| Model::load(&s.model, &cfg.model));
     let model = Arc::new(model.unwrap());
@@ -593,7 +593,7 @@ fn main() {
         s.tokens,
         s.repeats
     );
-    llama::init_backend(false).unwrap();
+    llama::init_backend(false, &[]).unwrap();
     println!(
         "llama.cpp: {} | CPU backend file: {}",
         llama::system_info(),

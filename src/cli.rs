@@ -52,6 +52,10 @@ pub struct DevicesArgs {
     /// Also list the devices of these RPC servers (host:port, comma separated).
     #[arg(long, value_delimiter = ',')]
     pub rpc_servers: Vec<String>,
+    /// Vulkan devices ggml may use, by index in Vulkan's list (printed
+    /// first), comma separated: the service's `vulkan_devices`.
+    #[arg(long, value_delimiter = ',')]
+    pub vulkan_devices: Vec<u32>,
 }
 
 /// Flags of `rpc-server`.
@@ -65,14 +69,26 @@ pub struct RpcServerArgs {
     /// Devices to serve, comma separated (default: every GPU, else the CPU).
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
+    /// Vulkan devices ggml may use, by index in Vulkan's list (see
+    /// `devices`), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub vulkan_devices: Vec<u32>,
     /// CPU threads, when the CPU is served (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
 }
 
-/// `devices`: prints each device ggml finds.
+/// `devices`: prints Vulkan's device list where the build has Vulkan, then
+/// each device ggml finds.
 pub fn devices(args: DevicesArgs) -> ClientResult {
-    let devices = crate::engine::devices(&args.rpc_servers)?;
+    if let Ok(listed) = crate::engine::vulkan_devices() {
+        println!("Vulkan's devices (vulkan_devices takes the index):");
+        for d in &listed {
+            println!("  {:<3} {:<10} {}", d.index, d.kind, d.name);
+        }
+        println!("ggml's devices:");
+    }
+    let devices = crate::engine::devices(&args.rpc_servers, &args.vulkan_devices)?;
     for d in devices {
         println!(
             "{:<10} {:<5} {} ({} MiB, {} MiB free)",
@@ -91,7 +107,7 @@ pub fn rpc_server(args: RpcServerArgs) -> ClientResult {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    crate::engine::serve_rpc(&args.listen, &args.devices, threads)?;
+    crate::engine::serve_rpc(&args.listen, &args.devices, &args.vulkan_devices, threads)?;
     Ok(())
 }
 
@@ -219,6 +235,11 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpc_servers: Option<Vec<String>>,
+    /// Vulkan devices ggml may use, by index in Vulkan's list, comma
+    /// separated (`internvl-grpc devices` lists them).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vulkan_devices: Option<Vec<u32>>,
     /// Run the vision encoder on the GPU.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -51,6 +51,7 @@ pub struct Config {
     #[serde(deserialize_with = "parse_choice")]
     pub split_mode: SplitMode,
     /// Share of the model per GPU, e.g. `[3, 1]`.
+    #[serde(deserialize_with = "one_or_many")]
     pub tensor_split: Vec<f32>,
     /// ggml devices the language model may use, by name (`Vulkan0`, `CUDA1`,
     /// `RPC0`), e.g. `["Vulkan0"]`; empty = every GPU ggml found and every RPC
@@ -60,6 +61,13 @@ pub struct Config {
     /// e.g. `["10.0.0.2:50052"]`. The protocol has no authentication: private
     /// networks only.
     pub rpc_servers: Vec<String>,
+    /// Vulkan devices ggml's Vulkan backend uses, by index in Vulkan's own
+    /// list (`internvl-grpc devices` prints it), e.g. `[0]`. ggml alone takes
+    /// only discrete and integrated GPUs: a software device (Mesa's
+    /// lavapipe) must be named here. Empty = `GGML_VK_VISIBLE_DEVICES`, else
+    /// ggml's choice.
+    #[serde(deserialize_with = "one_or_many")]
+    pub vulkan_devices: Vec<u32>,
     /// Run the vision encoder on the GPU.
     pub mmproj_offload: bool,
     /// `auto`, `on` or `off` (default auto: llama.cpp turns it on where the
@@ -160,6 +168,7 @@ impl Default for Config {
             tensor_split: Vec::new(),
             devices: Vec::new(),
             rpc_servers: Vec::new(),
+            vulkan_devices: Vec::new(),
             mmproj_offload: true,
             // On the CPU flash attention skips other sequences' cells in the
             // shared KV pool: a burst of 8 prompts finished in 22.8 s instead
@@ -297,6 +306,43 @@ pub enum ConfigError {
 }
 
 /// `host:port` with a port number, as ggml's RPC client parses an endpoint.
+/// A list key that also takes a single value: the `config` crate reads an
+/// environment variable holding one number (`INTERNVL_VULKAN_DEVICES=0`) as
+/// that number, and one holding several as a list of strings.
+fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item<T> {
+        Value(T),
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        Many(Vec<Item<T>>),
+        One(Item<T>),
+    }
+    let items = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::Many(items) => items,
+        OneOrMany::One(item) => vec![item],
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Item::Value(value) => Ok(value),
+            Item::Text(text) => text
+                .trim()
+                .parse()
+                .map_err(|e| serde::de::Error::custom(format!("\"{text}\": {e}"))),
+        })
+        .collect()
+}
+
 fn is_host_port(endpoint: &str) -> bool {
     endpoint
         .rsplit_once(':')
@@ -351,6 +397,7 @@ impl Config {
                     .with_list_parse_key("tensor_split")
                     .with_list_parse_key("devices")
                     .with_list_parse_key("rpc_servers")
+                    .with_list_parse_key("vulkan_devices")
                     .with_list_parse_key("api_keys"),
             )
             .add_source(config::Config::try_from(overrides)?)
@@ -441,6 +488,7 @@ impl Config {
                 tensor_split: self.tensor_split.clone(),
                 devices: self.devices.clone(),
                 rpc_servers: self.rpc_servers.clone(),
+                vulkan_devices: self.vulkan_devices.clone(),
             },
             context: ContextParams {
                 n_ctx: self.n_ctx,
@@ -504,6 +552,31 @@ mod tests {
         std::env::remove_var("INTERNVL_THREADS");
         assert_eq!((c.n_ctx, c.n_batch, c.threads), (1024, 600, 7));
         assert_eq!(c.n_ubatch, Config::default().n_ubatch);
+    }
+
+    #[test]
+    fn list_keys_from_the_environment_take_one_value_or_several() {
+        let load = |vars: &[(&str, &str)]| {
+            let env = vars.iter().map(|(k, v)| (k.into(), v.into()));
+            Config::load_with_env(None, &BTreeMap::<String, String>::new(), env)
+        };
+        let c = load(&[
+            ("INTERNVL_VULKAN_DEVICES", "0"),
+            ("INTERNVL_TENSOR_SPLIT", "2"),
+        ])
+        .unwrap();
+        assert_eq!((c.vulkan_devices, c.tensor_split), (vec![0], vec![2.0]));
+        let c = load(&[
+            ("INTERNVL_VULKAN_DEVICES", "1,0"),
+            ("INTERNVL_TENSOR_SPLIT", "3,1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.vulkan_devices, c.tensor_split),
+            (vec![1, 0], vec![3.0, 1.0])
+        );
+        let e = load(&[("INTERNVL_VULKAN_DEVICES", "gpu")]).unwrap_err();
+        assert!(e.to_string().contains("vulkan_devices"), "{e}");
     }
 
     #[test]

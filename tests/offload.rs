@@ -111,6 +111,9 @@ fn device_settings_that_cannot_work_stop_start_up_naming_the_setting() {
         (vec!["--devices", "NoSuchDevice0"], "devices[0]"),
         (vec!["--rpc-servers", &unreachable], "rpc_servers[0]"),
         (vec!["--rpc-servers", "no-port"], "rpc_servers"),
+        // Without Vulkan in the build, or past the end of Vulkan's list
+        // (where ggml would abort the process).
+        (vec!["--vulkan-devices", "7"], "vulkan_devices"),
         (
             vec!["--rpc-servers", &rpc.endpoint, "--tensor-split", "1,1,1"],
             "tensor_split",
@@ -142,9 +145,26 @@ fn device_settings_that_cannot_work_stop_start_up_naming_the_setting() {
     if cfg!(feature = "vulkan") {
         // A Vulkan build with no device it may use (lavapipe is skipped
         // unless named) refuses to fall back to the CPU silently.
-        if std::env::var_os("GGML_VK_VISIBLE_DEVICES").is_none() {
+        if std::env::var_os("GGML_VK_VISIBLE_DEVICES").is_none()
+            && std::env::var_os("INTERNVL_VULKAN_DEVICES").is_none()
+        {
             let stderr = serve_fails(&[]);
             assert!(stderr.contains("n_gpu_layers"), "{stderr}");
         }
+        // ggml's own variable is checked the same way.
+        let mut command = tiny_serve_command();
+        let output = command
+            .args(["--listen", "127.0.0.1:0"])
+            .env("GGML_VK_VISIBLE_DEVICES", "0,9")
+            .env_remove("INTERNVL_VULKAN_DEVICES")
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success()
+                && stderr.contains("GGML_VK_VISIBLE_DEVICES: no Vulkan device 9"),
+            "{stderr}"
+        );
     }
 }

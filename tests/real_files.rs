@@ -121,7 +121,7 @@ async fn an_untied_output_weight_gives_the_reference_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quantized_language_files_are_served() {
-    llama::init_backend(false).unwrap();
+    llama::init_backend(false, &[]).unwrap();
     for family in FAMILIES {
         // Largest top-5 |Δ| against the reference at the last prompt
         // position, per quantization: about twice the worst measured over
@@ -167,7 +167,7 @@ fn think_tokens_stream_as_text_and_stop_sequences_see_them() {
     use internvl_grpc::engine::llama::{Model, ModelParams};
     use internvl_grpc::engine::sampling::TextStream;
 
-    llama::init_backend(false).unwrap();
+    llama::init_backend(false, &[]).unwrap();
     let model = Model::load(
         &INTERNVL35.model_path(),
         &ModelParams {
@@ -177,6 +177,7 @@ fn think_tokens_stream_as_text_and_stop_sequences_see_them() {
             tensor_split: vec![],
             devices: vec![],
             rpc_servers: vec![],
+            vulkan_devices: vec![],
         },
     )
     .unwrap();

@@ -124,11 +124,11 @@ fn decoding_and_resizing_match_pillow_bit_for_bit() {
 /// Encodes every reference image's tiles with the vision encoder loaded from
 /// `mmproj`; the largest |Δ| per tile against the reference features, per image.
 fn encode_against_reference(family: &Family, mmproj: &Path) -> Vec<(String, Vec<f32>)> {
-    llama::init_backend(false).unwrap();
     // The devices the service would use: in a GPU build the encoder runs on
     // the GPU (`mmproj_offload`) and meets the same bound there (lavapipe,
     // with ggml's f16 math, does not: 0.051; docs/OFFLOAD.md).
     let settings = family.config().engine_settings().unwrap();
+    llama::init_backend(false, &settings.model.vulkan_devices).unwrap();
     let model = Arc::new(Model::load(&family.model_path(), &settings.model).unwrap());
     let mut vision = Vision::load(mmproj, model, &settings.vision).unwrap();
     let mut images = Vec::new();

@@ -68,19 +68,30 @@ use prompt::Prompt;
 use protocol::{EmbedJob, GenerateJob, InFlight, Job, Lifecycle};
 
 /// ggml's devices, after adding those of `rpc_servers` (`internvl-grpc
-/// devices`).
-pub fn devices(rpc_servers: &[String]) -> Result<Vec<Device>, EngineError> {
-    llama::init_backend(false)?;
+/// devices`), with its Vulkan backend on `vulkan_devices`.
+pub fn devices(rpc_servers: &[String], vulkan_devices: &[u32]) -> Result<Vec<Device>, EngineError> {
+    llama::init_backend(false, vulkan_devices)?;
     llama::devices::add_rpc_servers(rpc_servers)?;
     Ok(llama::devices::devices())
+}
+
+/// Vulkan's own device list (the indices `vulkan_devices` takes), or why
+/// there is none: no Vulkan in this build, or no loader on this host.
+pub fn vulkan_devices() -> Result<Vec<llama::VulkanDevice>, String> {
+    llama::vulkan_devices()
 }
 
 /// Serves this host's devices (those named, else every GPU, else the CPU)
 /// over ggml's RPC protocol at `endpoint`, as llama.cpp's `rpc-server`
 /// does, for a service elsewhere to list in `rpc_servers`. Returns only if
-/// it cannot serve.
-pub fn serve_rpc(endpoint: &str, devices: &[String], threads: usize) -> Result<(), EngineError> {
-    llama::init_backend(true)?;
+/// it cannot serve. `vulkan_devices` as in [`devices`].
+pub fn serve_rpc(
+    endpoint: &str,
+    devices: &[String],
+    vulkan_devices: &[u32],
+    threads: usize,
+) -> Result<(), EngineError> {
+    llama::init_backend(true, vulkan_devices)?;
     llama::devices::serve_rpc(endpoint, devices, threads)
 }
 

@@ -58,6 +58,10 @@ pub struct ModelParams {
     pub devices: Vec<String>,
     /// `host:port` of ggml RPC servers whose devices are added.
     pub rpc_servers: Vec<String>,
+    /// Indices of Vulkan's device list that ggml's Vulkan backend uses
+    /// (`GGML_VK_VISIBLE_DEVICES`); empty = that variable, else ggml's
+    /// choice (discrete and integrated GPUs only).
+    pub vulkan_devices: Vec<u32>,
 }
 
 /// How the inference context is sized and run.

@@ -15,6 +15,7 @@ mod ffi;
 mod log;
 mod model;
 mod mtmd;
+mod vulkan;
 
 use llama_cpp_sys_2 as sys;
 
@@ -25,14 +26,20 @@ pub use context::{BatchToken, Context, Outputs};
 pub use log::capture as capture_logs;
 pub use model::{quantize, Model, Quantization};
 pub use mtmd::Vision;
+pub use vulkan::{list as vulkan_devices, VulkanDevice};
 
 /// Starts llama.cpp's backends once and routes its logs to `tracing`
-/// (`info_logs`: its information lines at INFO, else DEBUG; the first call's
-/// choice holds for the process).
-pub fn init_backend(info_logs: bool) -> Result<(), EngineError> {
+/// (`info_logs`: its information lines at INFO, else DEBUG), with ggml's
+/// Vulkan backend on `vulkan_devices` (indices of Vulkan's device list;
+/// empty: `GGML_VK_VISIBLE_DEVICES`, else ggml's choice). The first call's
+/// choices hold for the process.
+pub fn init_backend(info_logs: bool, vulkan_devices: &[u32]) -> Result<(), EngineError> {
     use std::sync::OnceLock;
     static BACKEND: OnceLock<Result<llama_cpp_2::llama_backend::LlamaBackend, String>> =
         OnceLock::new();
+    if BACKEND.get().is_none() {
+        vulkan::choose(vulkan_devices)?;
+    }
     let backend = BACKEND.get_or_init(|| {
         log::route_logs(info_logs);
         vulkan_workarounds();

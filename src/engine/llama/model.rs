@@ -69,7 +69,7 @@ fn check_offload(
                 "n_gpu_layers",
                 format!(
                     "{} asks for offload and this build has {}, but ggml found no device to use. \
-                     A CPU-type device (lavapipe) is only used when named: GGML_VK_VISIBLE_DEVICES=0. \
+                     A CPU-type Vulkan device (lavapipe) is only used when named in vulkan_devices (`internvl-grpc devices` lists them). \
                      Set n_gpu_layers = 0 to run on the CPU",
                     params.n_gpu_layers,
                     gpu_backends.join(", ")
@@ -361,6 +361,7 @@ mod tests {
             tensor_split: split.to_vec(),
             devices: vec![],
             rpc_servers: vec![],
+            vulkan_devices: vec![],
         }
     }
 

@@ -69,7 +69,7 @@ impl Worker {
         let paths = resolve()?;
         check_language_model(&paths.model)?;
         let (spec, projector) = read_tile_spec(&paths.mmproj)?;
-        llama::init_backend(settings.llama_info_logs)?;
+        llama::init_backend(settings.llama_info_logs, &settings.model.vulkan_devices)?;
         let started = Instant::now();
         let (model, mut load_log) =
             llama::capture_logs(|| Model::load(&paths.model, &settings.model));
