@@ -37,6 +37,11 @@ pub struct Config {
     /// Most prompt positions decoded per scheduler step: smaller keeps running
     /// streams smoother while a long prompt is read, larger reads it faster.
     pub prefill_chunk: u32,
+    /// Tokens a `response_format` forces (a JSON Schema's keys and
+    /// punctuation) are decoded in one batch with the token before them
+    /// instead of one step each; the reply is the same. Not for requests that
+    /// ask for log-probabilities.
+    pub jump_forward: bool,
     /// Most positions per decode call.
     pub n_batch: u32,
     /// Physical micro-batch.
@@ -159,6 +164,7 @@ impl Default for Config {
             n_ctx: 8192,
             parallel: 8,
             prefill_chunk: 512,
+            jump_forward: true,
             n_batch: 2048,
             n_ubatch: 512,
             threads: 0,
@@ -512,6 +518,7 @@ impl Config {
             },
             queue_depth: self.queue_depth,
             prefill_chunk: self.prefill_chunk as usize,
+            jump_forward: self.jump_forward,
             stream_buffer: self.stream_buffer,
             image_cache_bytes: self.image_cache_mb.saturating_mul(1024 * 1024),
             prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1024 * 1024),

@@ -560,3 +560,46 @@ async fn constraints_work_with_the_other_generation_options() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     server.stop().await;
 }
+
+/// Jump-forward: the tokens a format forces (the only token its mask allows)
+/// are streamed and decoded with the token before them, without a step of
+/// their own; greedy replies are the ones step-by-step decoding gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tokens_skip_their_steps_and_change_no_reply() {
+    let cases = cases();
+    let mut runs = Vec::new();
+    for jump_forward in [true, false] {
+        let server = start(Config {
+            jump_forward,
+            ..with(1)
+        })
+        .await;
+        let mut client = server.client().await;
+        let mut replies = Vec::new();
+        for case in &cases {
+            let mut request = constrained(question(2), case.format.clone(), 0);
+            request.sampling = Some(proto::SamplingParams::default());
+            request.max_new_tokens = 120;
+            replies.push(generate_ok(&mut client, request).await);
+        }
+        server.stop().await;
+        runs.push(replies);
+    }
+    let forced = |reply: &Collected| reply.done.as_ref().unwrap().usage.unwrap().forced_tokens;
+    for ((case, jumping), stepping) in cases.iter().zip(&runs[0]).zip(&runs[1]) {
+        eprintln!(
+            "{}: {} of {} tokens forced: {:?}",
+            case.name,
+            forced(jumping),
+            jumping.ids.len(),
+            jumping.text
+        );
+        assert_eq!(jumping.ids, stepping.ids, "{}", case.name);
+        assert_eq!(jumping.text, stepping.text, "{}", case.name);
+        assert_eq!(forced(stepping), 0, "{}: jump_forward off", case.name);
+        if case.name.starts_with("json_schema") {
+            // Every schema here has keys to force.
+            assert!(forced(jumping) > 0, "{}: nothing forced", case.name);
+        }
+    }
+}

@@ -188,6 +188,34 @@ pub struct Vocabulary {
     pub tokens: Vec<Vec<u8>>,
     /// End-of-generation tokens, allowed once a format is complete.
     pub end_of_generation: Vec<u32>,
+    /// The model's own tokenizer (text as the model would have read it),
+    /// which lets a format's forced text become forced tokens
+    /// ([`Constraint::forced`]); without it nothing is forced.
+    pub tokenize: Option<Tokenize>,
+}
+
+/// Text bytes to the model's tokens, special-token text left as text.
+pub type Tokenize = Arc<dyn Fn(&[u8]) -> Vec<u32> + Send + Sync>;
+
+/// The vocabulary with the model's tokenizer: llguidance forces tokens only
+/// through a tokenizer that gives the model's own (canonical) tokenization.
+struct ModelTokEnv {
+    trie: TokTrie,
+    tokenize: Tokenize,
+}
+
+impl toktrie::TokenizerEnv for ModelTokEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        (self.tokenize)(s)
+    }
+
+    fn tokenize_is_canonical(&self) -> bool {
+        true
+    }
 }
 
 /// Where a [`FormatCompiler`] gets its vocabulary, when it first needs it.
@@ -308,7 +336,10 @@ fn build_factory(vocabulary: Vocabulary, limits: &FormatLimits) -> Result<Parser
     let info = TokRxInfo::new(vocabulary.tokens.len() as u32, eos);
     let trie =
         TokTrie::from(&info, &vocabulary.tokens).with_eos_tokens(&vocabulary.end_of_generation);
-    let env: toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+    let env: toktrie::TokEnv = match vocabulary.tokenize {
+        Some(tokenize) => Arc::new(ModelTokEnv { trie, tokenize }),
+        None => Arc::new(ApproximateTokEnv::new(trie)),
+    };
     let mut factory =
         ParserFactory::new_simple(&env).map_err(|e| format!("constraint engine: {e}"))?;
     factory.quiet();
@@ -432,6 +463,19 @@ impl Constraint {
         result
     }
 
+    /// The tokens the format forces next, whatever the model would say: a
+    /// JSON Schema's keys and punctuation, the rest of an enum value once
+    /// only one fits. The model's own tokenization of that text, less a
+    /// last token or two that the text after it could merge with
+    /// (llguidance's fast-forward tokens). Not yet accepted: feed each to
+    /// [`Constraint::accept`]. Empty without the model's tokenizer.
+    pub fn forced(&mut self) -> Vec<i32> {
+        let t = Instant::now();
+        let forced = self.matcher.compute_ff_tokens();
+        self.mask_time += t.elapsed();
+        forced.into_iter().map(|t| t as i32).collect()
+    }
+
     /// Whether the format is complete and allows nothing more.
     pub fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
@@ -490,9 +534,110 @@ mod tests {
             move || Vocabulary {
                 tokens: tokens.clone(),
                 end_of_generation: vec![eos],
+                tokenize: None,
             },
             limits,
         )
+    }
+
+    /// Single bytes, a few words and an end token, with a tokenizer (longest
+    /// word first) standing in for the model's.
+    fn canonical_compiler() -> (FormatCompiler, Vec<Vec<u8>>) {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for w in ["{\"", "name", "\": ", "colour", "\", \""] {
+            tokens.push(w.as_bytes().to_vec());
+        }
+        tokens.push(b"\xFF<|im_end|>".to_vec());
+        let eos = tokens.len() as u32 - 1;
+        let words = tokens.clone();
+        let tokenize: Tokenize = Arc::new(move |mut bytes: &[u8]| {
+            let mut ids = Vec::new();
+            while !bytes.is_empty() {
+                let (id, len) = (0..eos as usize)
+                    .filter(|&t| bytes.starts_with(&words[t]))
+                    .map(|t| (t as u32, words[t].len()))
+                    .max_by_key(|&(_, len)| len)
+                    .unwrap();
+                ids.push(id);
+                bytes = &bytes[len..];
+            }
+            ids
+        });
+        let vocabulary = tokens.clone();
+        let compiler = FormatCompiler::new(
+            move || Vocabulary {
+                tokens: vocabulary.clone(),
+                end_of_generation: vec![eos],
+                tokenize: Some(tokenize.clone()),
+            },
+            FormatLimits::default(),
+        );
+        (compiler, tokens)
+    }
+
+    #[test]
+    fn forced_text_is_the_tokenizers_tokens_and_the_only_ones_a_mask_allows() {
+        let (compiler, tokens) = canonical_compiler();
+        let schema = r#"{"type":"object","properties":{"name":{"type":"string"},"colour":{"enum":["red"]}},"required":["name","colour"],"additionalProperties":false}"#;
+        let format = ResponseFormat::JsonSchema(schema.into());
+        let text = |ids: &[i32]| -> String {
+            ids.iter()
+                .map(|&t| String::from_utf8_lossy(&tokens[t as usize]).into_owned())
+                .collect()
+        };
+        // Jump-forward: the forced runs, accepted as they come; the "model"
+        // opens the string (`"` could start `", "` too: not forced), writes
+        // `x` and closes it.
+        let mut jumping = compiler.compile(&format).unwrap();
+        let mut reply = Vec::new();
+        let mut runs = Vec::new();
+        let mut sampled = Vec::new();
+        let mut script = [b'"' as i32, b'x' as i32, b'"' as i32].into_iter();
+        while !jumping.is_complete() {
+            let forced = jumping.forced();
+            for &f in &forced {
+                jumping.accept(f).unwrap();
+            }
+            reply.extend(&forced);
+            runs.push(text(&forced));
+            if jumping.is_complete() {
+                break;
+            }
+            let allowed = allowed(&mut jumping, tokens.len());
+            let t = match allowed.as_slice() {
+                [only] => *only as i32,
+                _ => script.next().expect("the format ends after the script"),
+            };
+            if allowed.len() > 1 {
+                sampled.push(t);
+            }
+            jumping.accept(t).unwrap();
+            reply.push(t);
+        }
+        assert_eq!(runs, [r#"{"name": "#, "", "", r#", "colour": "red"}"#]);
+        assert_eq!(text(&reply), r#"{"name": "x", "colour": "red"}"#);
+        // Step by step, each forced token is the only one its mask allows,
+        // so a sampler picks it whatever the logits: the same reply.
+        let mut stepping = compiler.compile(&format).unwrap();
+        let mut sampled_at = Vec::new();
+        for &t in &reply {
+            let allowed = allowed(&mut stepping, tokens.len());
+            if allowed.len() > 1 {
+                sampled_at.push(t);
+            } else {
+                assert_eq!(allowed, [t as usize], "{:?}", text(&[t]));
+            }
+            stepping.accept(t).unwrap();
+        }
+        assert_eq!(sampled_at, sampled);
+        assert_eq!(sampled.len(), 3, "only the string was sampled");
+        // Without the model's tokenizer nothing is forced.
+        let mut plain = compiler_without_tokenizer().compile(&format).unwrap();
+        assert!(plain.forced().is_empty());
+    }
+
+    fn compiler_without_tokenizer() -> FormatCompiler {
+        compiler(FormatLimits::default())
     }
 
     /// Feeds `text` one byte token at a time; the logits of the next step.
@@ -563,6 +708,7 @@ mod tests {
                 Vocabulary {
                     tokens: (0..=255u8).map(|b| vec![b]).collect(),
                     end_of_generation: vec![0],
+                    tokenize: None,
                 }
             },
             FormatLimits::default(),
@@ -578,6 +724,7 @@ mod tests {
             || Vocabulary {
                 tokens: vec![b"a".to_vec()],
                 end_of_generation: Vec::new(),
+                tokenize: None,
             },
             FormatLimits::default(),
         );

@@ -113,10 +113,16 @@ impl TokenSampler {
 
     /// Tells the penalties about tokens already in the conversation.
     pub fn accept_prompt(&mut self, tokens: impl Iterator<Item = i32>) {
+        for t in tokens {
+            self.accept(t);
+        }
+    }
+
+    /// Records a token the reply got without sampling (one its format
+    /// forced), for the penalties, as [`TokenSampler::sample`] records its own.
+    pub fn accept(&mut self, token: i32) {
         if let Some(chain) = &mut self.chain {
-            for t in tokens {
-                chain.accept(LlamaToken(t));
-            }
+            chain.accept(LlamaToken(token));
         }
     }
 }

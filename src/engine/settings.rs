@@ -34,6 +34,9 @@ pub struct EngineSettings {
     pub prefix_cache_bytes: usize,
     /// Limits on `response_format`s.
     pub formats: FormatLimits,
+    /// Tokens a `response_format` forces are streamed and decoded together
+    /// with the sampled token before them, not one step each.
+    pub jump_forward: bool,
     /// Where files derived from the model files are kept (the corrected
     /// mmproj, see [`position_rows`]); `None` when no directory is known.
     pub cache_dir: Option<PathBuf>,

@@ -128,6 +128,9 @@ pub struct Usage {
     pub cached_tokens: u32,
     /// Tiles whose encoding came from the image cache (not encoded again).
     pub cached_image_tiles: u32,
+    /// Completion tokens the format forced, decoded without a step of their
+    /// own (jump-forward).
+    pub forced_tokens: u32,
 }
 
 /// Where a request's time went, in milliseconds.

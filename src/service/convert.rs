@@ -49,6 +49,7 @@ pub(super) fn response(event: GenerateEvent) -> proto::GenerateResponse {
                 completion_tokens: usage.completion_tokens,
                 cached_tokens: usage.cached_tokens,
                 cached_image_tiles: usage.cached_image_tiles,
+                forced_tokens: usage.forced_tokens,
             }),
             timings: Some(proto::Timings {
                 queue_ms: timings.queue_ms,

@@ -95,7 +95,14 @@ impl Worker {
                 let items = job.prompt.items();
                 let kv = kv_items(&job.prompt, &items);
                 let (reused, cached) = self.restore_prefix(index, &kv);
-                let seq = GenerateSeq::start(*job, items, reused, cached, self.model.n_vocab());
+                let seq = GenerateSeq::start(
+                    *job,
+                    items,
+                    reused,
+                    cached,
+                    self.model.n_vocab(),
+                    self.jump_forward,
+                );
                 self.slots[index].sequence = Some(Sequence::Generate(Box::new(seq)));
             }
             Job::Embed(job) => {

@@ -1,6 +1,7 @@
 //! The step's token batch: the next token of every generating slot whose
-//! client keeps up, then prompt text of waiting requests, oldest first,
-//! within the step's budget; decoded in one `llama_decode`.
+//! client keeps up (and the tokens its format forced after it, within the
+//! step's budget), then prompt text of waiting requests, oldest first,
+//! within what is left of it; decoded in one `llama_decode`.
 
 use std::time::Instant;
 
@@ -15,12 +16,12 @@ use crate::engine::error::EngineError;
 use crate::engine::llama::BatchToken;
 use crate::engine::prompt::PromptItem;
 
-/// A generating slot's next token, sampled and streamed, to decode.
-pub(super) struct Decoding {
+/// A generating slot's tokens sampled (or forced) and streamed, to decode.
+pub(super) struct Decoding<'a> {
     pub(super) slot: usize,
     pub(super) seq: i32,
     pub(super) pos: i32,
-    pub(super) token: i32,
+    pub(super) tokens: &'a [i32],
 }
 
 /// A slot reading its prompt: its items and the next one to decode.
@@ -35,24 +36,34 @@ pub(super) struct Reading<'a> {
 }
 
 /// The batch and its members (slots, in batch order; each member's
-/// positions are contiguous). Every decoding slot gets its one token; then
-/// prompts, oldest first, give text tokens until `budget` is spent or they
-/// reach a tile (tiles are decoded as embeddings, see `prefill.rs`). Only a
-/// prompt's last item asks for logits.
+/// positions are contiguous). Every decoding slot gets its first token, and
+/// its forced ones as far as `budget` goes; then prompts, oldest first, give
+/// text tokens until `budget` is spent or they reach a tile (tiles are
+/// decoded as embeddings, see `prefill.rs`). Only a slot's last token, if
+/// it is the last it has, asks for logits: one left for the next step
+/// waits its turn.
 pub(super) fn plan(
-    decoding: &[Decoding],
+    decoding: &[Decoding<'_>],
     mut reading: Vec<Reading<'_>>,
     mut budget: usize,
 ) -> (Vec<BatchToken>, Vec<usize>) {
-    let mut batch: Vec<BatchToken> = decoding
-        .iter()
-        .map(|d| BatchToken {
-            token: d.token,
-            pos: d.pos,
-            seq: d.seq,
-            output: true,
-        })
-        .collect();
+    let mut batch = Vec::new();
+    for d in decoding {
+        let extra = (d.tokens.len() - 1).min(budget);
+        budget -= extra;
+        let taken = 1 + extra;
+        batch.extend(
+            d.tokens[..taken]
+                .iter()
+                .enumerate()
+                .map(|(i, &token)| BatchToken {
+                    token,
+                    pos: d.pos + i as i32,
+                    seq: d.seq,
+                    output: i + 1 == d.tokens.len(),
+                }),
+        );
+    }
     let mut members: Vec<usize> = decoding.iter().map(|d| d.slot).collect();
     reading.sort_by_key(|r| r.stamp);
     for r in reading {
@@ -96,12 +107,12 @@ impl Worker {
                     items: &g.prefill.items,
                     next: g.prefill.next,
                 });
-            } else if let (Some(token), true) = (g.next_token, g.out.is_empty()) {
+            } else if !g.pending.is_empty() && g.out.is_empty() {
                 decoding.push(Decoding {
                     slot: index,
                     seq: slot.seq,
                     pos: slot.pos(),
-                    token,
+                    tokens: &g.pending,
                 });
             }
         }
@@ -132,15 +143,15 @@ impl Worker {
             };
             let seq = slot.seq;
             let generating = g.prefill.done();
-            if generating {
-                g.next_token = None;
-            } else {
+            if !generating {
                 g.prefill.prefill_ms += elapsed;
             }
             let mut outputs = Vec::new();
             while cursor < batch.len() && batch[cursor].seq == seq {
                 let entry = batch[cursor];
-                if !generating {
+                if generating {
+                    g.pending.remove(0);
+                } else {
                     g.prefill.next += 1;
                 }
                 slot.kv
@@ -208,7 +219,7 @@ mod tests {
             slot: 4,
             seq: 4,
             pos: 9,
-            token: 77,
+            tokens: &[77],
         }];
         let (batch, members) = plan(&decoding, vec![reading(0, 1, &prompt, 0)], 0);
         assert_eq!(
@@ -220,6 +231,56 @@ mod tests {
             (batch[0].token, batch[0].pos, batch[0].output),
             (77, 9, true)
         );
+    }
+
+    #[test]
+    fn a_forced_run_is_decoded_with_its_token_and_only_its_end_asks_for_logits() {
+        let prompt = tokens(&[1, 2, 3]);
+        let decoding = [
+            Decoding {
+                slot: 2,
+                seq: 2,
+                pos: 40,
+                tokens: &[10, 11, 12],
+            },
+            Decoding {
+                slot: 5,
+                seq: 5,
+                pos: 7,
+                tokens: &[20],
+            },
+        ];
+        let (batch, members) = plan(&decoding, vec![reading(0, 1, &prompt, 0)], 3);
+        let got: Vec<(i32, i32, i32, bool)> = batch
+            .iter()
+            .map(|b| (b.seq, b.token, b.pos, b.output))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, 10, 40, false),
+                (2, 11, 41, false),
+                (2, 12, 42, true),
+                (5, 20, 7, true),
+                // The forced run took two of the budget's three.
+                (0, 1, 100, false),
+            ]
+        );
+        assert_eq!(members, [2, 5, 0]);
+    }
+
+    #[test]
+    fn a_forced_run_past_the_budget_finishes_in_the_next_step() {
+        let decoding = [Decoding {
+            slot: 2,
+            seq: 2,
+            pos: 40,
+            tokens: &[10, 11, 12, 13],
+        }];
+        let (batch, _) = plan(&decoding, Vec::new(), 1);
+        let got: Vec<(i32, bool)> = batch.iter().map(|b| (b.token, b.output)).collect();
+        // No logits: the step after decodes 12 and 13, and samples after 13.
+        assert_eq!(got, [(10, false), (11, false)]);
     }
 
     #[test]

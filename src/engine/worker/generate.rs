@@ -30,8 +30,14 @@ pub(super) struct GenerateSeq {
     sampler: TokenSampler,
     stream: TextStream,
     pub(super) completion: u32,
-    /// Sampled and sent, not yet decoded into the KV cache.
-    pub(super) next_token: Option<i32>,
+    /// Of `completion`, the tokens jump-forward took from the format.
+    forced: u32,
+    /// Sampled (or forced by the format) and sent, not yet decoded into the
+    /// KV cache: one token, or a sampled one and the format's forced run.
+    pub(super) pending: Vec<i32>,
+    /// Whether the format's forced tokens skip their decode steps (see
+    /// [`next_token`]).
+    jump_forward: bool,
     decode_started: Option<Instant>,
     pub(super) out: Outbox,
     /// Where the reply stands in its `response_format`.
@@ -58,6 +64,7 @@ impl GenerateSeq {
         reused: usize,
         cached: usize,
         n_vocab: i32,
+        jump_forward: bool,
     ) -> Self {
         let GenerateJob {
             prompt,
@@ -70,6 +77,9 @@ impl GenerateSeq {
         } = job;
         let mut sampler = TokenSampler::new(&request.sampling, n_vocab);
         sampler.accept_prompt(prompt.text_tokens());
+        // A forced token's distribution is never computed: asked for
+        // log-probabilities, every token gets its own step.
+        let jump_forward = jump_forward && !request.logprobs && request.top_logprobs == 0;
         GenerateSeq {
             stream: TextStream::new(request.stop.clone()),
             prompt_tokens: prompt.prompt_tokens,
@@ -84,7 +94,9 @@ impl GenerateSeq {
             cached_positions: cached,
             sampler,
             completion: 0,
-            next_token: None,
+            forced: 0,
+            pending: Vec::new(),
+            jump_forward,
             decode_started: None,
             constraint,
             out: Outbox::new(events, in_flight),
@@ -117,6 +129,7 @@ pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineErro
                 completion_tokens: g.completion,
                 cached_tokens: g.cached_positions as u32,
                 cached_image_tiles: g.prefill.cached_tiles,
+                forced_tokens: g.forced,
             };
             g.timings.constraint_ms = g
                 .constraint
@@ -142,8 +155,12 @@ pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineErro
     g.out
 }
 
-/// Samples the next token from `logits` and streams it. `Some` ends the
-/// request (finished, or the client left).
+/// Samples the next token from `logits` and streams it; then, with
+/// jump-forward, the tokens the format forces after it (a JSON Schema's keys
+/// and punctuation), streamed at once and decoded with it in one batch
+/// instead of one step each. A forced token is the only one the format's mask
+/// allows at its step, so the reply is the one step-by-step decoding gives.
+/// `Some` ends the request (finished, or the client left).
 pub(super) fn next_token(
     model: &Model,
     g: &mut GenerateSeq,
@@ -167,6 +184,37 @@ pub(super) fn next_token(
     } else {
         (0.0, Vec::new())
     };
+    if let Some(end) = emit(model, g, token, logprob, top, pos, n_ctx) {
+        return Some(end);
+    }
+    if !g.jump_forward {
+        return None;
+    }
+    let forced = g.constraint.as_mut().map(Constraint::forced);
+    for (i, token) in forced.into_iter().flatten().enumerate() {
+        g.sampler.accept(token);
+        g.forced += 1;
+        // Its position: after the sampled token and the forced ones before it.
+        let at = pos + 1 + i as u32;
+        if let Some(end) = emit(model, g, token, 0.0, Vec::new(), at, n_ctx) {
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Streams `token` (at position `pos`) and queues it for decoding, unless
+/// it ends the request, as the end token, a stop sequence, a complete
+/// format or a length limit.
+fn emit(
+    model: &Model,
+    g: &mut GenerateSeq,
+    token: i32,
+    logprob: f32,
+    top: Vec<(i32, f32)>,
+    pos: u32,
+    n_ctx: u32,
+) -> Option<Result<FinishReason, EngineError>> {
     g.completion += 1;
     if g.completion == 1 {
         g.decode_started = Some(Instant::now());
@@ -218,6 +266,6 @@ pub(super) fn next_token(
     if g.completion >= g.request.max_new_tokens || pos >= n_ctx {
         return Some(Ok(FinishReason::Length));
     }
-    g.next_token = Some(token);
+    g.pending.push(token);
     None
 }

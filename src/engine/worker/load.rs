@@ -30,8 +30,9 @@ fn token_text(model: &Model, id: i32) -> String {
 
 /// The vocabulary as constraints see it: each token's text, special tokens
 /// marked with a leading 0xFF (as llama.cpp's llguidance sampler does), so
-/// no format's text can spell them.
-fn vocabulary(model: &Model) -> Vocabulary {
+/// no format's text can spell them; and the model's tokenizer, through which
+/// a format's forced text becomes the tokens the model would have read.
+fn vocabulary(model: &Arc<Model>) -> Vocabulary {
     let n = model.n_vocab();
     let mut tokens = Vec::with_capacity(n as usize);
     let mut end_of_generation = Vec::new();
@@ -51,9 +52,22 @@ fn vocabulary(model: &Model) -> Vocabulary {
             tokens.push(text);
         }
     }
+    let tokenizer = model.clone();
     Vocabulary {
         tokens,
         end_of_generation,
+        tokenize: Some(Arc::new(move |bytes: &[u8]| {
+            // Forced text may end inside a character: its whole characters
+            // are tokenized, and the rest is left to be sampled.
+            let text = match std::str::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+            };
+            tokenizer
+                .tokenize(text, false, false)
+                .map(|ids| ids.into_iter().map(|t| t as u32).collect())
+                .unwrap_or_default()
+        })),
     }
 }
 
@@ -213,6 +227,7 @@ impl Worker {
             waiting: None,
             prefixes: PrefixCache::new(settings.prefix_cache_bytes),
             prefill_chunk,
+            jump_forward: settings.jump_forward,
             clock: 0,
             threads: DecodeThreads::new(
                 settings,

@@ -33,6 +33,8 @@ pub(super) struct Worker {
     /// Finished sequences' cells, for prompts that start the same way.
     pub(super) prefixes: PrefixCache,
     pub(super) prefill_chunk: usize,
+    /// See [`crate::engine::settings::EngineSettings::jump_forward`].
+    pub(super) jump_forward: bool,
     /// Admission counter: a slot's stamp orders its prompt among the others.
     pub(super) clock: u64,
     pub(super) threads: DecodeThreads,
