@@ -1,6 +1,8 @@
 //! Structured output's cost: decode speed with a JSON Schema against the same
-//! run unconstrained (1 and 8 streams), time to first token for a new schema
-//! (compiled) and a cached one, and the constraint's time per token.
+//! run unconstrained (1 and 8 streams), with jump-forward and without (two
+//! servers, runs interleaved), for an order of eight lines and for a
+//! schema-heavy record (long keys, short values); time to first token for a
+//! new schema (compiled) and a cached one; the constraint's time per token.
 //!
 //! `cargo bench --bench structured` uses the bundled tiny model. Real shapes:
 //! `INTERNVL_BENCH_MODEL=DIR/…gguf INTERNVL_BENCH_MMPROJ=DIR/mmproj-…gguf cargo bench --bench structured`
@@ -47,6 +49,55 @@ fn schema(title: &str) -> String {
     .to_string()
 }
 
+/// A record whose keys are most of its text: long names, each value a few
+/// tokens (enums, booleans, small integers), as an extraction schema is.
+fn long_keys() -> String {
+    let keys = [
+        (
+            "customer_billing_address_country",
+            serde_json::json!({"enum": ["FR", "DE", "IT", "ES"]}),
+        ),
+        (
+            "customer_has_accepted_terms_and_conditions",
+            serde_json::json!({"type": "boolean"}),
+        ),
+        (
+            "number_of_items_in_the_shopping_basket",
+            serde_json::json!({"type": "integer", "minimum": 0, "maximum": 99}),
+        ),
+        (
+            "preferred_delivery_time_window",
+            serde_json::json!({"enum": ["morning", "afternoon", "evening"]}),
+        ),
+        (
+            "is_eligible_for_free_express_shipping",
+            serde_json::json!({"type": "boolean"}),
+        ),
+        (
+            "loyalty_programme_membership_level",
+            serde_json::json!({"enum": ["none", "silver", "gold"]}),
+        ),
+        (
+            "requires_signature_upon_delivery",
+            serde_json::json!({"type": "boolean"}),
+        ),
+        (
+            "number_of_previous_orders_this_year",
+            serde_json::json!({"type": "integer", "minimum": 0, "maximum": 99}),
+        ),
+    ];
+    let properties: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let required: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+    serde_json::json!({
+        "type": "object", "properties": properties, "required": required,
+        "additionalProperties": false
+    })
+    .to_string()
+}
+
 fn request(format: Option<String>, max_new_tokens: u32, seed: u64) -> proto::GenerateRequest {
     proto::GenerateRequest {
         messages: vec![proto::Message {
@@ -72,28 +123,43 @@ fn request(format: Option<String>, max_new_tokens: u32, seed: u64) -> proto::Gen
     }
 }
 
-/// One call: (completion tokens, its Done timings).
+/// One call: (completion tokens, its Done usage and timings).
 async fn call(
     client: &InternVlClient<Channel>,
     r: proto::GenerateRequest,
-) -> (u32, proto::Timings) {
+) -> (u32, proto::Usage, proto::Timings) {
     let mut stream = client.clone().generate(r).await.unwrap().into_inner();
     while let Some(m) = stream.message().await.unwrap() {
         if let Some(proto::generate_response::Event::Done(d)) = m.event {
-            return (d.usage.unwrap().completion_tokens, d.timings.unwrap());
+            let usage = d.usage.unwrap();
+            return (usage.completion_tokens, usage, d.timings.unwrap());
         }
     }
     panic!("stream without Done");
 }
 
-/// `streams` calls at once: (tokens per second over the wall time, tokens,
-/// constraint ms in all).
+/// What `streams` calls at once did.
+struct Burst {
+    /// Seconds until the last reply was complete.
+    wall: f64,
+    tokens: u32,
+    forced: u32,
+    constraint_ms: f64,
+}
+
+impl Burst {
+    fn rate(&self) -> f64 {
+        f64::from(self.tokens) / self.wall
+    }
+}
+
+/// `streams` calls at once, each with `format` (free: exactly `tokens`).
 async fn burst(
     client: &InternVlClient<Channel>,
     streams: usize,
     format: Option<String>,
     tokens: u32,
-) -> (f64, u32, f64) {
+) -> Burst {
     let start = Instant::now();
     let calls: Vec<_> = (0..streams)
         .map(|i| {
@@ -102,17 +168,49 @@ async fn burst(
             tokio::spawn(async move { call(&c, r).await })
         })
         .collect();
-    let (mut n, mut constraint_ms) = (0, 0.0);
+    let mut out = Burst {
+        wall: 0.0,
+        tokens: 0,
+        forced: 0,
+        constraint_ms: 0.0,
+    };
     for c in calls {
-        let (t, timings) = c.await.unwrap();
-        n += t;
-        constraint_ms += timings.constraint_ms;
+        let (t, usage, timings) = c.await.unwrap();
+        out.tokens += t;
+        out.forced += usage.forced_tokens;
+        out.constraint_ms += timings.constraint_ms;
     }
-    (
-        f64::from(n) / start.elapsed().as_secs_f64(),
-        n,
-        constraint_ms,
-    )
+    out.wall = start.elapsed().as_secs_f64();
+    out
+}
+
+/// A server on 127.0.0.1:0 with `config`: its client and its stop signal.
+async fn serve(
+    config: Config,
+) -> (
+    InternVlClient<Channel>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), internvl_grpc::ServeError>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(internvl_grpc::run(config, listener, async move {
+        stopped.await.ok();
+    }));
+    let client = loop {
+        if let Ok(c) = InternVlClient::connect(format!("http://{addr}")).await {
+            if c.clone()
+                .get_model_info(proto::GetModelInfoRequest {})
+                .await
+                .is_ok()
+            {
+                break c;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    (client, stop, server)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -143,32 +241,27 @@ fn main() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(internvl_grpc::run(config, listener, async move {
-            stopped.await.ok();
-        }));
-        let client = loop {
-            if let Ok(c) = InternVlClient::connect(format!("http://{addr}")).await {
-                if c.clone().get_model_info(proto::GetModelInfoRequest {}).await.is_ok() {
-                    break c;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        // Two servers, one with jump-forward and one without; only one works
+        // at a time.
+        let (client, stop, server) = serve(config.clone()).await;
+        let (stepping, stop_stepping, stepping_server) = serve(Config {
+            jump_forward: false,
+            ..config
+        })
+        .await;
         println!("model {} ({threads} threads), {repeats} repeats", model.display());
 
         // Time to first token: free, a schema never seen (compiled), the
         // same schema again (cached). The prompt is in the prefix cache after
         // the warm-up, so the differences are the constraint's.
         call(&client, request(None, 1, 0)).await;
+        call(&stepping, request(None, 1, 0)).await;
         let (mut free, mut fresh, mut cached) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..repeats.max(3) {
-            free.push(call(&client, request(None, 1, 0)).await.1.ttft_ms);
+            free.push(call(&client, request(None, 1, 0)).await.2.ttft_ms);
             let new = schema(&format!("order {r}"));
-            fresh.push(call(&client, request(Some(new.clone()), 1, 0)).await.1.ttft_ms);
-            cached.push(call(&client, request(Some(new), 1, 0)).await.1.ttft_ms);
+            fresh.push(call(&client, request(Some(new.clone()), 1, 0)).await.2.ttft_ms);
+            cached.push(call(&client, request(Some(new), 1, 0)).await.2.ttft_ms);
         }
         println!(
             "TTFT ms (median): free {:.1}, new schema {:.1}, cached schema {:.1}",
@@ -177,22 +270,37 @@ fn main() {
             median(cached)
         );
 
-        let format = Some(schema("order"));
-        for streams in [1usize, 8] {
-            for repeat in 0..repeats {
-                let (constrained_rate, tokens, constraint_ms) =
-                    burst(&client, streams, format.clone(), 400).await;
-                let per_stream = tokens / streams as u32;
-                let (free_rate, _, _) = burst(&client, streams, None, per_stream).await;
-                println!(
-                    "{streams} stream(s), run {}: constrained {constrained_rate:.1} tok/s, free {free_rate:.1} tok/s, ratio {:.3}; {tokens} tokens, constraint {:.3} ms/token",
-                    repeat + 1,
-                    constrained_rate / free_rate,
-                    constraint_ms / f64::from(tokens)
-                );
+        for (name, format) in [("order", schema("order")), ("long keys", long_keys())] {
+            // Compiled on both servers before anything is timed.
+            call(&client, request(Some(format.clone()), 1, 0)).await;
+            call(&stepping, request(Some(format.clone()), 1, 0)).await;
+            for streams in [1usize, 8] {
+                for repeat in 0..repeats {
+                    let jumping = burst(&client, streams, Some(format.clone()), 400).await;
+                    let stepped = burst(&stepping, streams, Some(format.clone()), 400).await;
+                    let per_stream = jumping.tokens / streams as u32;
+                    let free = burst(&client, streams, None, per_stream).await;
+                    println!(
+                        "{name}, {streams} stream(s), run {}: until complete {:.0} ms jump-forward, {:.0} ms step by step, {:.0} ms free ({} tokens, {} forced; step by step {} tokens); tok/s {:.1} / {:.1} / {:.1}; jump-forward / free {:.3}; constraint {:.3} ms/token",
+                        repeat + 1,
+                        jumping.wall * 1e3,
+                        stepped.wall * 1e3,
+                        free.wall * 1e3,
+                        jumping.tokens,
+                        jumping.forced,
+                        stepped.tokens,
+                        jumping.rate(),
+                        stepped.rate(),
+                        free.rate(),
+                        jumping.rate() / free.rate(),
+                        jumping.constraint_ms / f64::from(jumping.tokens)
+                    );
+                }
             }
         }
         stop.send(()).ok();
+        stop_stepping.send(()).ok();
         server.await.unwrap().unwrap();
+        stepping_server.await.unwrap().unwrap();
     });
 }
