@@ -24,7 +24,7 @@ struct Loaded {
 fn loaded() -> &'static Loaded {
     static LOADED: OnceLock<Loaded> = OnceLock::new();
     LOADED.get_or_init(|| {
-        llama::init_backend(false).expect("llama.cpp");
+        llama::init_backend(false, &[]).expect("llama.cpp");
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/tiny-internvl/tiny-internvl3-f32.gguf");
         let model = Model::load(
@@ -36,6 +36,7 @@ fn loaded() -> &'static Loaded {
                 tensor_split: vec![],
                 devices: vec![],
                 rpc_servers: vec![],
+                vulkan_devices: vec![],
             },
         )
         .expect("the tiny model loads");

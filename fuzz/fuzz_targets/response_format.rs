@@ -1,8 +1,10 @@
 //! Any bytes as a `response_format` (the first byte picks the kind: JSON
 //! Schema, regex, GBNF grammar or choice): compiling within the configured
 //! fuel refuses naming the field, or gives a constraint whose first masks
-//! compute; and a plain format still compiles afterwards (the compiler keeps
-//! serving after whatever it was sent). libFuzzer's -timeout bounds the time.
+//! compute and whose forced tokens (jump-forward) are each the only token
+//! the mask allows; and a plain format still compiles afterwards (the
+//! compiler keeps serving after whatever it was sent). libFuzzer's -timeout
+//! bounds the time.
 #![no_main]
 
 #[path = "shared/formats.rs"]
@@ -39,6 +41,19 @@ fuzz_target!(|data: &[u8]| {
                 };
                 if constraint.accept(token as i32).is_err() || constraint.is_complete() {
                     break;
+                }
+                // Jump-forward's run, checked against step-by-step masks.
+                for forced in constraint.forced() {
+                    let mut logits = vec![0.0f32; VOCAB];
+                    if constraint.mask(&mut logits).is_err() {
+                        break;
+                    }
+                    let allowed: Vec<usize> =
+                        (0..VOCAB).filter(|&t| logits[t].is_finite()).collect();
+                    assert_eq!(allowed, [forced as usize], "a forced token not forced by its mask");
+                    if constraint.accept(forced).is_err() || constraint.is_complete() {
+                        break;
+                    }
                 }
             }
         }

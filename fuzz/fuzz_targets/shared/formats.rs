@@ -1,9 +1,9 @@
 //! What several fuzz targets share: a format compiler over a byte
 //! vocabulary, as the engine's is over a model's.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use internvl_grpc::engine::{FormatCompiler, FormatLimits, Vocabulary};
+use internvl_grpc::engine::{FormatCompiler, FormatLimits, Tokenize, Vocabulary};
 
 /// Tokens: every byte, a few words, and an end token last.
 pub const VOCAB: usize = 256 + 8;
@@ -16,9 +16,25 @@ fn vocabulary() -> Vocabulary {
     tokens.push(b"\xFF<|im_end|>".to_vec());
     assert_eq!(tokens.len(), VOCAB);
     let eos = tokens.len() as u32 - 1;
+    // Longest word first, standing in for the model's tokenizer: it lets
+    // formats force tokens (`Constraint::forced`), as the engine's does.
+    let words = tokens.clone();
+    let tokenize: Tokenize = Arc::new(move |mut bytes: &[u8]| {
+        let mut ids = Vec::new();
+        while let Some((id, len)) = (0..eos as usize)
+            .filter(|&t| bytes.starts_with(&words[t]))
+            .map(|t| (t as u32, words[t].len()))
+            .max_by_key(|&(_, len)| len)
+        {
+            ids.push(id);
+            bytes = &bytes[len..];
+        }
+        ids
+    });
     Vocabulary {
         tokens,
         end_of_generation: vec![eos],
+        tokenize: Some(tokenize),
     }
 }
 
