@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use constraint::{FormatLimits, ResponseFormat};
 // For the fuzz targets, which compile formats without a model.
 #[doc(hidden)]
-pub use constraint::{FormatCompiler, Vocabulary};
+pub use constraint::{FormatCompiler, Tokenize, Vocabulary};
 pub use error::EngineError;
 pub use placement::{Buffer, BufferKind, Device, DeviceKind, Placement};
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
