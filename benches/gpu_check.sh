@@ -61,7 +61,11 @@ case $phase in
 setup)
     : >"$out/summary.txt"
     {
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+        if command -v nvidia-smi >/dev/null; then
+            nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+        else
+            echo "no nvidia-smi; GPU_BACKEND=$backend"
+        fi
         lscpu | grep -E '^(Model name|CPU\(s\))'
         echo "cpu flags: $(grep -o -w -E 'avx2|avx512f|avx512_vnni|avx512_bf16|avx512vbmi|avx_vnni|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     } | tee "$out/machine.txt"
