@@ -128,7 +128,9 @@ parity)
     serve=$!
     for _ in $(seq 120); do grep -q 'model loaded\|error' "$out/serve-gpu.log" && break; sleep 0.5; done
     kill $serve 2>/dev/null || true
-    offload=$(grep -o 'offload=[^=]*layers offloaded[^=]*' "$out/serve-gpu.log" | head -1 | cut -c1-600)
+    # The log line's next key (` load_ms=`) is cut off with the `=`.
+    offload=$(grep -o 'offload=[^=]*layers offloaded[^=]*' "$out/serve-gpu.log" | head -1 |
+        sed 's/ [a-z_]*$//' | cut -c1-600)
     [ -n "$offload" ] || { tail -20 "$out/serve-gpu.log"; die "the server did not load the model"; }
     note "placement: ${offload#offload=}"
     echo "$offload" | grep -q -E '(CUDA|Vulkan)[0-9]' || die "nothing is on a GPU"
