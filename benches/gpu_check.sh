@@ -136,7 +136,7 @@ parity)
     echo "$offload" | grep -q -E '(CUDA|Vulkan)[0-9]' || die "nothing is on a GPU"
     start=$SECONDS
     rc=0
-    (cd /work/main && timeout "${PARITY_TIMEOUT:-420}" "$(exe parity)" --test-threads 1 2>&1) >"$out/parity-gpu.log" || rc=$?
+    (cd /work/main && timeout "${PARITY_TIMEOUT:-420}" "$(exe parity)" --test-threads 1 --nocapture 2>&1) >"$out/parity-gpu.log" || rc=$?
     grep -E '^(test |InternVL)' "$out/parity-gpu.log" | cut -c1-200
     note "parity on the GPU: rc $rc in $((SECONDS - start)) s; worst top-5 $(grep -o 'max |Δ| [0-9.]*' "$out/parity-gpu.log" | awk '{print $3}' | sort -g | tail -1)"
     [ $rc = 0 ] || die "parity failed (log: parity-gpu.log); flash_attn=off is the next question: TEST_INTERNVL_FROM_ENV=1 INTERNVL_FLASH_ATTN=off"
