@@ -7,6 +7,9 @@
 //! - the service-link variables the kubelet adds for every Service the
 //!   overlay renders (whatever `enableServiceLinks` says: a namespace can
 //!   still have them, and the binary must start either way);
+//! - the image's `/opt/internvl-grpc`: the binary, ggml's libraries and CPU
+//!   plugins in one folder, as the Dockerfile copies them, and nothing of the
+//!   build folder (the binary must find them beside itself);
 //! - the pod's user and group, a read-only root and the `models` volume
 //!   writable (bubblewrap, where the machine allows user namespaces; else
 //!   `setpriv` to that user, root still writable).
@@ -209,8 +212,34 @@ fn bwrap_works() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The binary in the pod's sandbox: its user and group, a read-only root
-/// with the system's files and the binary, `models` writable at `/models`.
+/// `/opt/internvl-grpc` as `deploy/docker/Dockerfile` lays it out: the
+/// binary, ggml's shared libraries and its CPU plugins in one folder (the
+/// binary finds them beside itself). Returns the binary's path in `dir`.
+fn image_folder(dir: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let binary = dir.join("internvl-grpc");
+    std::fs::copy(env!("CARGO_BIN_EXE_internvl-grpc"), &binary).unwrap();
+    // A default build's libraries (`out/lib`) and plugins (`out/backends`);
+    // a `--no-default-features` build links them in and has neither.
+    if let Some(backends) = llama_cpp_sys_2::BACKENDS_DIR.map(Path::new) {
+        let lib = backends.with_file_name("lib");
+        for folder in [lib.as_path(), backends] {
+            for entry in std::fs::read_dir(folder).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if name.starts_with("lib") && name.contains(".so") {
+                    std::fs::copy(&path, dir.join(&name)).unwrap();
+                }
+            }
+        }
+    }
+    binary
+}
+
+/// The image's folder in the pod's sandbox at `/opt/internvl-grpc`: its user
+/// and group, a read-only root with the system's files and the image's,
+/// `models` writable at `/models`.
 fn in_pod(
     binary: &Path,
     uid: u64,
@@ -240,8 +269,8 @@ fn in_pod(
             }
         }
         c.arg("--ro-bind")
-            .arg(binary)
-            .arg("/opt/internvl-grpc/internvl-grpc");
+            .arg(binary.parent().unwrap())
+            .arg("/opt/internvl-grpc");
         c.args(["--dev", "/dev", "--proc", "/proc"]);
         c.arg("--bind").arg(models).arg("/models");
         if read_only_root {
@@ -355,7 +384,9 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
         security["runAsGroup"].as_u64().expect("runAsGroup"),
     );
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_internvl-grpc"));
+    let image = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kubelet-image-{overlay}-{}", std::process::id()));
+    let binary = image_folder(&image);
     let volume = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("kubelet-{overlay}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&volume);
