@@ -22,7 +22,9 @@
 //! cores), INTERNVL_BENCH_TOKENS (128), INTERNVL_BENCH_REPEATS (5),
 //! INTERNVL_BENCH_BANDWIDTH_MB (2048).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,17 +36,7 @@ use internvl_grpc::engine::sampling::argmax;
 use internvl_grpc::engine::settings::KvCacheType;
 use ndarray::{s, Array2};
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+use common::{env_or, fixtures, median, model_pair, threads};
 
 fn best(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
@@ -190,17 +182,8 @@ fn vision_flops_per_tile(mmproj: &Gguf) -> Result<f64, String> {
 }
 
 fn main() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-internvl");
-    let model_path = std::env::var("INTERNVL_BENCH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| fixtures.join("tiny-internvl3-f32.gguf"));
-    let mmproj_path = std::env::var("INTERNVL_BENCH_MMPROJ")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| fixtures.join("mmproj-tiny-internvl3-f32.gguf"));
-    let threads: usize = env_or(
-        "INTERNVL_BENCH_THREADS",
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-    );
+    let (model_path, mmproj_path) = model_pair();
+    let threads = threads() as usize;
     let tokens: u32 = env_or("INTERNVL_BENCH_TOKENS", 128);
     let repeats: usize = env_or("INTERNVL_BENCH_REPEATS", 5);
     let bandwidth_mb: usize = env_or("INTERNVL_BENCH_BANDWIDTH_MB", 2048);
@@ -278,7 +261,7 @@ fn main() {
 
     let served = position_rows::prepare(&mmproj_path, cfg.cache_dir.as_deref()).unwrap();
     let mut vision = Vision::load(served.path(), model.clone(), &cfg.vision).unwrap();
-    let png = std::fs::read(fixtures.join("images/square_448.png")).unwrap();
+    let png = std::fs::read(fixtures().join("images/square_448.png")).unwrap();
     let tile = image::load_from_memory(&png).unwrap().to_rgb8();
     let mut seconds = Vec::new();
     for _ in 0..repeats {

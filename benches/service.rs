@@ -6,6 +6,8 @@
 //! Other knobs: INTERNVL_BENCH_THREADS (default: all cores), INTERNVL_BENCH_TOKENS (128),
 //! INTERNVL_BENCH_REPEATS (3).
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +20,7 @@ use internvl_grpc::engine::vision::{decode_rgb, tile_image};
 use internvl_grpc::engine::{DecodeLimits, TileSpec};
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{env_or, fixtures, median, model_pair, threads};
 
 struct Setup {
     model: PathBuf,
@@ -34,18 +31,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-internvl");
+    let (model, mmproj) = model_pair();
     Setup {
-        model: std::env::var("INTERNVL_BENCH_MODEL")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| fixtures.join("tiny-internvl3-f32.gguf")),
-        mmproj: std::env::var("INTERNVL_BENCH_MMPROJ")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| fixtures.join("mmproj-tiny-internvl3-f32.gguf")),
-        threads: env_or(
-            "INTERNVL_BENCH_THREADS",
-            std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
-        ),
+        model,
+        mmproj,
+        threads: threads(),
         tokens: env_or("INTERNVL_BENCH_TOKENS", 128),
         repeats: env_or("INTERNVL_BENCH_REPEATS", 3),
     }
@@ -60,11 +50,6 @@ fn config(s: &Setup) -> Config {
         parallel: *STREAMS.iter().max().unwrap(),
         ..Config::default()
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Concurrent stream counts measured for aggregate decode.
@@ -144,11 +129,7 @@ fn bare_batched(ctx: &mut Context, prompt: &[i32], n: usize, tokens: u32) -> f64
 /// The 13-tile test image (800×600 → 4×3 grid plus thumbnail) with one pixel
 /// changed, so no cache has seen it.
 fn landscape13() -> Vec<u8> {
-    let jpg = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tiny-internvl/images/landscape_800x600.jpg"),
-    )
-    .unwrap();
+    let jpg = std::fs::read(fixtures().join("images/landscape_800x600.jpg")).unwrap();
     variant(&jpg, 7)
 }
 
@@ -599,11 +580,7 @@ fn main() {
         llama::system_info(),
         llama::cpu_backend_file().as_deref().unwrap_or("built in")
     );
-    let png = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tiny-internvl/images/square_448.png"),
-    )
-    .unwrap();
+    let png = std::fs::read(fixtures().join("images/square_448.png")).unwrap();
     let tile = image::load_from_memory(&png).unwrap().to_rgb8();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();

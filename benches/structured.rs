@@ -9,7 +9,8 @@
 //! (see `benches/README.md`). INTERNVL_BENCH_THREADS (default: all cores),
 //! INTERNVL_BENCH_REPEATS (2).
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use internvl_grpc::config::Config;
@@ -17,12 +18,7 @@ use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
 use proto::response_format::Format;
 use tonic::transport::Channel;
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{env_or, median, model_pair, threads};
 
 /// An order of exactly eight lines: a reply of about a hundred tokens
 /// whatever the weights, so both runs decode the same amount.
@@ -213,23 +209,9 @@ async fn serve(
     (client, stop, server)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-internvl");
-    let model = std::env::var("INTERNVL_BENCH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| fixtures.join("tiny-internvl3-f32.gguf"));
-    let mmproj = std::env::var("INTERNVL_BENCH_MMPROJ")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| fixtures.join("mmproj-tiny-internvl3-f32.gguf"));
-    let threads = env_or(
-        "INTERNVL_BENCH_THREADS",
-        std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
-    );
+    let (model, mmproj) = model_pair();
+    let threads = threads();
     let repeats: usize = env_or("INTERNVL_BENCH_REPEATS", 2);
     let config = Config {
         model: model.display().to_string(),
