@@ -311,7 +311,6 @@ pub enum ConfigError {
     },
 }
 
-/// `host:port` with a port number, as ggml's RPC client parses an endpoint.
 /// A list key that also takes a single value: the `config` crate reads an
 /// environment variable holding one number (`INTERNVL_VULKAN_DEVICES=0`) as
 /// that number, and one holding several as a list of strings.
@@ -349,6 +348,7 @@ where
         .collect()
 }
 
+/// `host:port` with a port number, as ggml's RPC client parses an endpoint.
 fn is_host_port(endpoint: &str) -> bool {
     endpoint
         .rsplit_once(':')
