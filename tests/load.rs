@@ -1,7 +1,7 @@
 //! Load from a separate client process (Python grpc.aio) on loopback, bounded
 //! in requests and time. At concurrency equal to capacity (slots plus queue)
 //! every call succeeds; at three times capacity the excess is refused with
-//! RESOURCE_EXHAUSTED at once and nothing else fails. Figures are printed
+//! RESOURCE_EXHAUSTED and nothing else fails. Figures are printed
 //! (`--nocapture`) and recorded in the README.
 
 mod common;
@@ -60,18 +60,12 @@ async fn capacity_is_served_and_overload_is_refused_cleanly() {
         "only OK and RESOURCE_EXHAUSTED: {codes:?}"
     );
     assert!(ok > 0 && refused > 0, "{codes:?}");
-    // Refused without waiting for a place: such a refusal would take about
-    // as long as a served call. Medians: on 2 cores shared by 96 client
-    // coroutines, the server and its decoding, refusals wait for the CPU
-    // before admission (the prompt is tokenized first), and their tail
-    // reached the served median (a cold CI run: p99 104 ms beside 97 ms).
-    let refused_p50 = overload["refused_p50_ms"].as_f64().unwrap();
-    let refused_p99 = overload["refused_p99_ms"].as_f64().unwrap();
-    let served_p50 = overload["p50_ms"].as_f64().unwrap();
-    assert!(
-        refused_p50 < served_p50,
-        "refusals took {refused_p50:.1} ms (p50, p99 {refused_p99:.1}), served calls {served_p50:.1} ms (p50)"
-    );
+    // How fast refusals come is a figure (printed above), not an assertion:
+    // on 2 cores shared by 96 client coroutines and the decoding, refusals
+    // wait for the CPU like everything else, and a cold CI run once measured
+    // them 1 ms slower than served calls. That a refusal does not wait for a
+    // place is asserted without a clock in
+    // `batching::a_full_queue_answers_resource_exhausted_with_a_retry_hint`.
 
     // Still serving normally afterwards.
     let mut client = server.client().await;
