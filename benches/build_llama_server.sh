@@ -2,8 +2,11 @@
 # Builds the llama-server that benches/peer.py compares with:
 #   benches/build_llama_server.sh DIR      → DIR/llama.cpp/build/bin/llama-server
 # From the llama.cpp that the llama-cpp-python 0.3.36 source package on PyPI
-# vendors, with the CPU flags this service's llama.cpp gets from
-# llama-cpp-sys-2 (GGML_NATIVE=OFF: AVX, AVX2, FMA, F16C, BMI2; no AVX-512).
+# vendors. By default with GGML_NATIVE=ON: the best kernels for this host, as
+# a user who builds llama-server for the machine it runs on gets them, and as
+# this service picks its CPU variant at run time (the `dynamic-backends`
+# default). NATIVE=OFF builds with the flags a static build of this service
+# gets from llama-cpp-sys-2 (AVX, AVX2, FMA, F16C, BMI2; no AVX-512).
 # Everything else is llama.cpp's default (OpenMP included), as a user builds it.
 # Takes 10-20 minutes on 2 cores.
 set -euo pipefail
@@ -16,7 +19,7 @@ rm -rf llama.cpp "llama_cpp_python-$version"
 tar xzf "llama_cpp_python-$version.tar.gz"
 mv "llama_cpp_python-$version/vendor/llama.cpp" llama.cpp
 rm -rf "llama_cpp_python-$version"
-cmake -S llama.cpp -B llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
+cmake -S llama.cpp -B llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="${NATIVE:-ON}" \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >/dev/null
 cmake --build llama.cpp/build --target llama-server -j"$(nproc)"

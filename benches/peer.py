@@ -4,16 +4,25 @@ same threads, one server at a time (benches/README.md, "Against llama-server").
 
     benches/peer.py --model M.gguf --mmproj MMPROJ.gguf \
         --service target/release/internvl-grpc --llama-server PATH/llama-server \
-        [--threads 2] [--runs 2] [--mixed-seconds 90] [--json out.json]
+        [--llama-server-args "-kvu" --llama-server-args "-ub 1024" ...] \
+        [--threads 2] [--runs 5] [--mixed-chats 5] [--json out.json]
 
 `benches/build_llama_server.sh DIR` builds the llama-server this compares with.
 Needs grpcio and grpcio-tools (scripts/setup puts them in .venv/).
 
-Each run starts llama-server, runs every workload, stops it, then does the same
-with the service. Times are taken by the client: request sent to the first
-streamed token (llama-server: the first chunk carrying a generated token) and
-to the last. Ratios are "service advantage": llama-server time / service time,
-service rate / llama-server rate; above 1 the service is ahead.
+Each run starts every contender in turn (llama-server once per flag set, then
+the service; the order rotates from run to run), warms it with a text prompt
+and an image, runs every workload, and stops it. Times are taken by the
+client: request sent to the first streamed token (llama-server: the first
+chunk carrying a generated token) and to the last.
+
+For each row the table gives every contender's median and range over the
+runs, then the service's ratio against the llama-server flag set with the best
+median on that row ("service advantage": llama-server time / service time,
+service rate / llama-server rate), per run, as median and range. A row counts
+as ahead only when the whole range is above 1.0, behind when it is below,
+otherwise a tie. Replies must have exactly the tokens asked for (greedy,
+`ignore_eos`), and both servers' prompt token counts are compared.
 """
 
 import argparse
@@ -21,6 +30,8 @@ import base64
 import http.client
 import json
 import os
+import re
+import statistics
 import random
 import signal
 import socket
@@ -114,10 +125,9 @@ class Reply:
 
 
 class LlamaServer:
-    name = "llama-server"
-
-    def __init__(self, binary, args, port):
-        self.binary, self.args, self.port = binary, args, port
+    def __init__(self, binary, args, port, flags):
+        self.binary, self.args, self.port, self.flags = binary, args, port, flags
+        self.name = contender_name("llama-server", flags)
 
     def command(self):
         a = self.args
@@ -125,7 +135,18 @@ class LlamaServer:
             self.binary, "-m", a.model, "--mmproj", a.mmproj, "-np", str(a.parallel),
             "-c", str(a.n_ctx), "-t", str(a.threads), "--host", "127.0.0.1",
             "--port", str(self.port), "--no-webui",
-        ]
+        ] + self.flags.split()
+
+    def version(self, log_path):
+        """`--version` and the CPU features its log reports."""
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True)
+        info = " ".join((out.stdout + out.stderr).split())
+        with open(log_path) as f:
+            for line in f:
+                if "system_info" in line:
+                    info += " | " + line.strip()
+                    break
+        return info
 
     def ready(self):
         try:
@@ -181,10 +202,9 @@ class LlamaServer:
 
 
 class Service:
-    name = "service"
-
-    def __init__(self, binary, args, port, stubs):
-        self.binary, self.args, self.port = binary, args, port
+    def __init__(self, binary, args, port, stubs, flags):
+        self.binary, self.args, self.port, self.flags = binary, args, port, flags
+        self.name = contender_name("service", flags)
         sys.path.insert(0, stubs)
         import grpc
         from internvl.v1 import internvl_pb2, internvl_pb2_grpc
@@ -199,7 +219,27 @@ class Service:
             self.binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--model", a.model,
             "--mmproj", a.mmproj, "--parallel", str(a.parallel), "--n-ctx", str(a.n_ctx),
             "--threads", str(a.threads), "--cache-dir", self.args.cache_dir,
-        ] + a.service_args.split()
+        ] + self.flags.split()
+
+    def version(self, _log_path):
+        """`--version`, the llama.cpp it links (Cargo.lock's llama-cpp-sys-2
+        and that crate's ggml version) and the CPU kernels it chose."""
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True)
+        info = " ".join(out.stdout.split())
+        with open(os.path.join(ROOT, "Cargo.lock")) as f:
+            lock = f.read()
+        m = re.search(r'name = "llama-cpp-sys-2"\nversion = "([^"]+)"', lock)
+        if m:
+            info += f" | llama-cpp-sys-2 {m.group(1)}"
+            cmake = os.path.expanduser(
+                f"~/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/llama-cpp-sys-2-{m.group(1)}"
+                "/llama.cpp/ggml/CMakeLists.txt")
+            if os.path.exists(cmake):
+                with open(cmake) as f:
+                    v = dict(re.findall(r"set\(GGML_VERSION_(MAJOR|MINOR|PATCH) (\d+)\)", f.read()))
+                info += f" (ggml {v.get('MAJOR')}.{v.get('MINOR')}.{v.get('PATCH')})"
+        model_info = self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=10)
+        return info + " | cpu_kernels: " + model_info.cpu_kernels
 
     def ready(self):
         try:
@@ -319,15 +359,34 @@ def concurrently(calls):
     return results
 
 
+def contender_name(kind, flags):
+    return f"{kind} {flags}".strip() if flags else kind
+
+
+class Mismatch(Exception):
+    pass
+
+
+def check_tokens(replies, wanted, what):
+    """Greedy with `ignore_eos`: every reply has exactly the tokens asked for,
+    or the comparison is not like for like."""
+    got = sorted({r.tokens for r in replies})
+    if got != [wanted]:
+        raise Mismatch(f"{what}: replies of {got} tokens, asked for {wanted}")
+
+
 def workloads(server, pid, args, run):
     out = {}
     chosen = args.workloads.split(",")
-    # Single stream: the prompt once to warm the cache, then timed.
+    # Warm-up: a text prompt (timed below, from the cache) and an image that
+    # no workload uses, so that both servers have run every path once.
     prompt = [("user", text_of(1000, 40), None)]
     server.chat(prompt, 4)
+    server.chat([("user", "Warm-up.", png(448, 448, seed=999_983))], 2)
     out["idle_rss_mib"] = rss_mib(pid)
     if "decode" in chosen:
         r = server.chat(prompt, args.decode_tokens)
+        check_tokens([r], args.decode_tokens, "decode")
         out["decode_tok_s"] = r.decode_rate()
         r = server.chat([("user", text_of(run * 100 + 99, 90), None)], 4)
         out["cold_ttft_s"] = r.ttft
@@ -336,7 +395,9 @@ def workloads(server, pid, args, run):
     if "image" in chosen:
         image(server, run, out)
     if "mixed" in chosen:
-        mixed(server, args, run, out)
+        mixed(server, args, run, out, own_images=False)
+    if "mixed-own" in chosen:
+        mixed(server, args, run, out, own_images=True)
     out["peak_rss_mib"] = rss_mib(pid, "VmHWM")
     return out
 
@@ -352,6 +413,7 @@ def burst(server, pid, args, run, out):
     out["burst_ttft_s"] = sum(r.ttft for r in replies) / len(replies)
     out["burst_prompt_tokens"] = sum(r.prompt_tokens for r in replies) / len(replies)
     out["burst_rss_mib"] = sampler.finish()
+    check_tokens(replies, 32, "burst")
 
 
 def image(server, run, out):
@@ -371,31 +433,58 @@ def image(server, run, out):
     out["image_again_ttft_s"] = sorted(again)[1]
 
 
-def mixed(server, args, run, out):
-    """8 users, three-turn chats, each chat about one of three recurring
-    images; completed requests per minute over a fixed time."""
-    images = [png(448, 448, seed=run * 31 + k) for k in range(3)]
-    done = [0] * args.parallel
-    deadline = time.monotonic() + args.mixed_seconds
+MIXED_TURNS = 3
+MIXED_TOKENS = 24
+
+
+def mixed(server, args, run, out, own_images):
+    """8 users, each through `--mixed-chats` three-turn chats (history resent,
+    24 tokens a reply), each chat about an image: one of 3 recurring images,
+    or (`own_images`) a fresh image per chat. Ends when every user has
+    finished: completed tokens per second, and the median time to first token
+    of each turn."""
+    key = "mixed_own" if own_images else "mixed"
+    shared = [png(448, 448, seed=run * 31 + k) for k in range(3)]
+    ttfts = [[] for _ in range(MIXED_TURNS)]
+    replies = []
 
     def user(u):
-        chat_no = 0
-        while time.monotonic() < deadline:
-            image = images[(u + chat_no) % len(images)]
+        for chat_no in range(args.mixed_chats):
+            image = (
+                png(448, 448, seed=run * 100_003 + u * 101 + chat_no)
+                if own_images
+                else shared[(u + chat_no) % len(shared)]
+            )
             chat = []
-            for turn in range(3):
+            for turn in range(MIXED_TURNS):
                 question = f"User {u}, question {turn}: " + text_of(u * 1000 + chat_no * 10 + turn, 12)
                 chat.append(("user", question, image if turn == 0 else None))
-                reply = server.chat(chat, 24)
-                if time.monotonic() > deadline:
-                    return
-                done[u] += 1
+                reply = server.chat(chat, MIXED_TOKENS)
+                replies.append(reply)
+                ttfts[turn].append(reply.ttft)
                 chat.append(("assistant", reply.text, None))
-            chat_no += 1
 
+    began = time.monotonic()
     concurrently([lambda u=u: user(u) for u in range(args.parallel)])
-    out["mixed_per_min"] = sum(done) * 60 / args.mixed_seconds
+    wall = time.monotonic() - began
+    check_tokens(replies, MIXED_TOKENS, key)
+    out[f"{key}_tok_s"] = sum(r.tokens for r in replies) / wall
+    out[f"{key}_s"] = wall
+    for turn in range(MIXED_TURNS):
+        out[f"{key}_ttft{turn + 1}_s"] = statistics.median(ttfts[turn])
+    out[f"{key}_prompt_tokens"] = sum(r.prompt_tokens for r in replies) / len(replies)
 
+
+MIXED_ROWS = []
+for _key, _what in (("mixed", "over 3 recurring images"), ("mixed_own", "each chat its own image")):
+    MIXED_ROWS += [
+        (f"{_key}_tok_s", f"8 users, 3-turn chats {_what}: completed tokens/s", "rate"),
+        (f"{_key}_ttft1_s", "  same: time to first token, turn 1 (median, s)", "time"),
+        (f"{_key}_ttft2_s", "  same: turn 2", "time"),
+        (f"{_key}_ttft3_s", "  same: turn 3", "time"),
+        (f"{_key}_s", "  same: until every chat is done (s)", "info"),
+        (f"{_key}_prompt_tokens", "  same: prompt tokens per request", "info"),
+    ]
 
 ROWS = [
     ("decode_tok_s", "single-stream decode, warm prompt (tok/s)", "rate"),
@@ -404,8 +493,8 @@ ROWS = [
     ("burst_ttft_s", "same burst: mean time to first token (s)", "time"),
     ("image_ttft_s", "a fresh 448x448 image: time to first token, median of 3 (s)", "time"),
     ("image_again_ttft_s", "the same image again, another question, median of 3 (s)", "time"),
-    ("mixed_per_min", "8 users, multi-turn chats over 3 images (requests/min)", "rate"),
-    ("idle_rss_mib", "RSS after load and one request (MiB)", "info"),
+] + MIXED_ROWS + [
+    ("idle_rss_mib", "RSS after load and warm-up (MiB)", "info"),
     ("burst_rss_mib", "largest RSS during the burst (MiB)", "info"),
     ("peak_rss_mib", "peak RSS, whole run (VmHWM, MiB)", "info"),
     ("burst_prompt_tokens", "burst prompt tokens per request", "info"),
@@ -422,24 +511,77 @@ def ratio(kind, peer, ours):
     return None
 
 
+def better(kind, a, b):
+    """Whether median `a` is better than `b` for a row of this kind."""
+    return a > b if kind == "rate" else a < b
+
+
+def spread(values):
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def verdict(ratios):
+    if min(ratios) > 1.0:
+        return "ahead"
+    if max(ratios) < 1.0:
+        return "behind"
+    return "tie"
+
+
+def report(results, names):
+    """The table: each contender's median [range], the best llama-server
+    flag set on the row, and the service's per-run ratios against it."""
+    service = next(n for n in names if n.startswith("service"))
+    peers = [n for n in names if n.startswith("llama-server")]
+    lines = [
+        "| workload | " + " | ".join(names) + " | best llama-server | ratio, median [range] | verdict |",
+        "|---" * (len(names) + 4) + "|",
+    ]
+    summary = {}
+    for key, label, kind in ROWS:
+        series = {n: [r[n][key] for r in results if key in r.get(n, {})] for n in names}
+        if not any(series.values()):
+            continue
+        cells = [spread(v) if v else "" for v in (series[n] for n in names)]
+        best, ratio_cell, word = "", "", ""
+        complete = [p for p in peers if len(series[p]) == len(results)]
+        if kind != "info" and complete and len(series[service]) == len(results):
+            best = complete[0]
+            for p in complete[1:]:
+                if better(kind, statistics.median(series[p]), statistics.median(series[best])):
+                    best = p
+            ratios = [ratio(kind, a, b) for a, b in zip(series[best], series[service])]
+            ratio_cell, word = spread(ratios), verdict(ratios)
+            summary[key] = {"best": best, "ratios": ratios, "verdict": word}
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best} | {ratio_cell} | {word} |")
+    return "\n".join(lines), summary
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--mmproj", required=True)
     p.add_argument("--service", default=os.path.join(ROOT, "target/release/internvl-grpc"))
     p.add_argument("--llama-server", required=True)
+    p.add_argument("--llama-server-args", action="append",
+                   help="a flag set for llama-server, space-separated; repeat to try several "
+                        "(each is its own contender; '' is its defaults). Default: only ''")
+    p.add_argument("--service-args", action="append",
+                   help="extra flags for the service, space-separated; repeat to try several "
+                        "(the ratio column is the first's). Default: only ''")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--n-ctx", type=int, default=8192)
-    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--mixed-seconds", type=int, default=90)
+    p.add_argument("--mixed-chats", type=int, default=5,
+                   help="three-turn chats each of the 8 users finishes in the mixed workloads")
     p.add_argument("--only", choices=["llama-server", "service"])
-    p.add_argument("--workloads", default="decode,burst,image,mixed",
-                   help="comma-separated subset of decode,burst,image,mixed")
-    p.add_argument("--service-args", default="", help="extra flags for the service, space-separated")
+    p.add_argument("--workloads", default="decode,burst,image,mixed,mixed-own",
+                   help="comma-separated subset of decode,burst,image,mixed,mixed-own")
     p.add_argument("--json")
     args = p.parse_args()
+    flag_sets = args.llama_server_args or [""]
 
     work = tempfile.mkdtemp(prefix="peer-bench-")
     args.cache_dir = os.path.join(work, "cache")
@@ -451,51 +593,57 @@ def main():
         check=True,
     )
 
+    contenders = [("llama-server", f) for f in flag_sets] + [
+        ("service", f) for f in args.service_args or [""]]
+    if args.only:
+        contenders = [c for c in contenders if c[0] == args.only]
+    names = [contender_name(kind, flags) for kind, flags in contenders]
+    versions = {}
     results = []
     for run in range(1, args.runs + 1):
         row = {}
-        for kind in ("llama-server", "service"):
-            if args.only and kind != args.only:
-                continue
+        # Rotated each run, so that no contender always goes first (or
+        # always right after a given other one).
+        shift = (run - 1) % len(contenders)
+        for kind, flags in contenders[shift:] + contenders[:shift]:
             port = free_port()
             server = (
-                LlamaServer(args.llama_server, args, port)
+                LlamaServer(args.llama_server, args, port, flags)
                 if kind == "llama-server"
-                else Service(args.service, args, port, stubs)
+                else Service(args.service, args, port, stubs, flags)
             )
-            with open(os.path.join(work, f"{kind}-{run}.log"), "w") as log:
+            log_path = os.path.join(work, f"{server.name.replace(' ', '_')}-{run}.log")
+            with open(log_path, "w") as log:
                 process, load_s = start(server, log)
                 try:
+                    if server.name not in versions:
+                        versions[server.name] = server.version(log_path)
                     figures = workloads(server, process.pid, args, run)
                 finally:
                     if isinstance(server, Service):
                         server.close()
                     stop(process)
             figures["load_s"] = load_s
-            row[kind] = figures
-            print(f"run {run} {kind}: " + json.dumps({k: round(v, 3) for k, v in figures.items()}), flush=True)
+            row[server.name] = figures
+            print(f"run {run} {server.name}: " + json.dumps({k: round(v, 3) for k, v in figures.items()}), flush=True)
         results.append(row)
 
-    print(f"\nthreads {args.threads}, parallel {args.parallel}, n_ctx {args.n_ctx}; logs in {work}")
-    header = "| workload | " + " | ".join(
-        f"run {i} llama-server | run {i} service | run {i} ratio" for i in range(1, len(results) + 1)
-    ) + " |"
-    print(header)
-    print("|---" * (1 + 3 * len(results)) + "|")
-    for key, label, kind in ROWS:
-        cells = []
-        for row in results:
-            peer, ours = row.get("llama-server", {}).get(key), row.get("service", {}).get(key)
-            r = ratio(kind, peer, ours) if peer and ours else None
-            cells += [
-                "" if peer is None else f"{peer:.2f}",
-                "" if ours is None else f"{ours:.2f}",
-                "" if r is None else f"{r:.2f}",
-            ]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nthreads {args.threads}, parallel {args.parallel}, n_ctx {args.n_ctx}, "
+          f"{args.runs} runs, mixed: {args.mixed_chats} chats per user; logs in {work}")
+    for name, info in versions.items():
+        print(f"- {name}: {info}")
+    table, summary = report(results, names)
+    print(table)
+    for key, tokens in (("burst_prompt_tokens", "burst"), ("image_prompt_tokens", "image"),
+                        ("mixed_prompt_tokens", "mixed"), ("mixed_own_prompt_tokens", "mixed, own images")):
+        counts = {n: statistics.median([r[n][key] for r in results if key in r.get(n, {})])
+                  for n in names if any(key in r.get(n, {}) for r in results)}
+        if counts and max(counts.values()) - min(counts.values()) > 2:
+            print(f"prompt tokens differ ({tokens}): {counts}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": results}, f, indent=1)
+            json.dump({"args": vars(args), "versions": versions, "runs": results,
+                       "summary": summary}, f, indent=1)
 
 
 if __name__ == "__main__":
