@@ -138,13 +138,26 @@ class LlamaServer:
         ] + self.flags.split()
 
     def version(self, log_path):
-        """`--version` and the CPU features its log reports."""
+        """`--version`, the ggml version and CPU flags of the tree it was
+        built in (benches/build_llama_server.sh's layout), and its KV layout
+        as its log reports it."""
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True)
         info = " ".join((out.stdout + out.stderr).split())
+        build = os.path.dirname(os.path.dirname(os.path.realpath(self.binary)))
+        try:
+            with open(os.path.join(os.path.dirname(build), "ggml", "CMakeLists.txt")) as f:
+                v = dict(re.findall(r"set\(GGML_VERSION_(MAJOR|MINOR|PATCH) (\d+)\)", f.read()))
+            info += f" | ggml {v.get('MAJOR')}.{v.get('MINOR')}.{v.get('PATCH')}"
+            with open(os.path.join(build, "CMakeCache.txt")) as f:
+                flags = re.findall(r"^(CMAKE_BUILD_TYPE|GGML_NATIVE|GGML_OPENMP|GGML_AVX\w*|GGML_BACKEND_DL|GGML_CPU_ALL_VARIANTS):\w+=(\S*)$",
+                                   f.read(), re.M)
+            info += " | " + " ".join(f"{k}={v}" for k, v in flags)
+        except OSError:
+            info += " | build tree not found"
         with open(log_path) as f:
             for line in f:
-                if "system_info" in line:
-                    info += " | " + line.strip()
+                if "kv_unified" in line:
+                    info += " | " + line.split("load_model: ")[-1].strip()
                     break
         return info
 
@@ -438,8 +451,9 @@ MIXED_TOKENS = 24
 
 
 def mixed(server, args, run, out, own_images):
-    """8 users, each through `--mixed-chats` three-turn chats (history resent,
-    24 tokens a reply), each chat about an image: one of 3 recurring images,
+    """8 users, each through `--mixed-chats` three-turn chats (history resent
+    with a fixed 20-word answer per turn, 24 tokens a reply), each chat about
+    an image: one of 3 recurring images,
     or (`own_images`) a fresh image per chat. Ends when every user has
     finished: completed tokens per second, and the median time to first token
     of each turn."""
@@ -462,7 +476,11 @@ def mixed(server, args, run, out, own_images):
                 reply = server.chat(chat, MIXED_TOKENS)
                 replies.append(reply)
                 ttfts[turn].append(reply.ttft)
-                chat.append(("assistant", reply.text, None))
+                # Not the reply itself: the bench model's random tokens are
+                # mostly padded-vocabulary ones whose text tokenizes again to
+                # ~14 tokens each, so a resent reply would grow the history
+                # by ~340 tokens a turn (past llama-server's 1,024 per slot).
+                chat.append(("assistant", text_of(u * 7919 + chat_no * 10 + turn, 20), None))
 
     began = time.monotonic()
     concurrently([lambda u=u: user(u) for u in range(args.parallel)])
