@@ -28,13 +28,14 @@ otherwise a tie. Replies must have exactly the tokens asked for (greedy,
 import argparse
 import base64
 import http.client
+import glob
 import json
 import os
-import re
-import statistics
 import random
+import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -94,6 +95,13 @@ def png(width, height, seed):
 # ---------------------------------------------------------------- clients
 
 
+def ggml_version(cmake_lists):
+    """ggml's version as its CMakeLists.txt sets it."""
+    with open(cmake_lists) as f:
+        v = dict(re.findall(r"set\(GGML_VERSION_(MAJOR|MINOR|PATCH) (\d+)\)", f.read()))
+    return f"{v.get('MAJOR')}.{v.get('MINOR')}.{v.get('PATCH')}"
+
+
 class Reply:
     def __init__(self):
         self.sent = time.monotonic()
@@ -145,9 +153,7 @@ class LlamaServer:
         info = " ".join((out.stdout + out.stderr).split())
         build = os.path.dirname(os.path.dirname(os.path.realpath(self.binary)))
         try:
-            with open(os.path.join(os.path.dirname(build), "ggml", "CMakeLists.txt")) as f:
-                v = dict(re.findall(r"set\(GGML_VERSION_(MAJOR|MINOR|PATCH) (\d+)\)", f.read()))
-            info += f" | ggml {v.get('MAJOR')}.{v.get('MINOR')}.{v.get('PATCH')}"
+            info += " | ggml " + ggml_version(os.path.join(os.path.dirname(build), "ggml", "CMakeLists.txt"))
             with open(os.path.join(build, "CMakeCache.txt")) as f:
                 flags = re.findall(r"^(CMAKE_BUILD_TYPE|GGML_NATIVE|GGML_OPENMP|GGML_AVX\w*|GGML_BACKEND_DL|GGML_CPU_ALL_VARIANTS):\w+=(\S*)$",
                                    f.read(), re.M)
@@ -244,13 +250,10 @@ class Service:
         m = re.search(r'name = "llama-cpp-sys-2"\nversion = "([^"]+)"', lock)
         if m:
             info += f" | llama-cpp-sys-2 {m.group(1)}"
-            cmake = os.path.expanduser(
-                f"~/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/llama-cpp-sys-2-{m.group(1)}"
-                "/llama.cpp/ggml/CMakeLists.txt")
-            if os.path.exists(cmake):
-                with open(cmake) as f:
-                    v = dict(re.findall(r"set\(GGML_VERSION_(MAJOR|MINOR|PATCH) (\d+)\)", f.read()))
-                info += f" (ggml {v.get('MAJOR')}.{v.get('MINOR')}.{v.get('PATCH')})"
+            sources = glob.glob(os.path.expanduser(
+                f"~/.cargo/registry/src/*/llama-cpp-sys-2-{m.group(1)}/llama.cpp/ggml/CMakeLists.txt"))
+            if sources:
+                info += f" (ggml {ggml_version(sources[0])})"
         model_info = self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=10)
         return info + " | cpu_kernels: " + model_info.cpu_kernels
 
@@ -549,7 +552,7 @@ def verdict(ratios):
 def report(results, names):
     """The table: each contender's median [range], the best llama-server
     flag set on the row, and the service's per-run ratios against it."""
-    service = next(n for n in names if n.startswith("service"))
+    service = next((n for n in names if n.startswith("service")), None)
     peers = [n for n in names if n.startswith("llama-server")]
     lines = [
         "| workload | " + " | ".join(names) + " | best llama-server | ratio, median [range] | verdict |",
@@ -563,7 +566,7 @@ def report(results, names):
         cells = [spread(v) if v else "" for v in (series[n] for n in names)]
         best, ratio_cell, word = "", "", ""
         complete = [p for p in peers if len(series[p]) == len(results)]
-        if kind != "info" and complete and len(series[service]) == len(results):
+        if kind != "info" and complete and service and len(series[service]) == len(results):
             best = complete[0]
             for p in complete[1:]:
                 if better(kind, statistics.median(series[p]), statistics.median(series[best])):
