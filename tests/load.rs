@@ -63,7 +63,7 @@ async fn capacity_is_served_and_overload_is_refused_cleanly() {
     // How fast refusals come is a figure (printed above), not an assertion:
     // on 2 cores shared by 96 client coroutines and the decoding, refusals
     // wait for the CPU like everything else, and a cold CI run once measured
-    // them 1 ms slower than served calls. That a refusal does not wait for a
+    // them 1.4 ms slower than served calls. That a refusal does not wait for a
     // place is asserted without a clock in
     // `batching::a_full_queue_answers_resource_exhausted_with_a_retry_hint`.
 
