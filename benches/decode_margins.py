@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import peer
 
@@ -60,12 +61,9 @@ def main():
     mmproj = next(f for f in ggufs if f.startswith("mmproj"))
     model = next(f for f in ggufs if not f.startswith("mmproj"))
 
-    class Args:
-        pass
-
-    a = Args()
-    a.model, a.mmproj = os.path.join(args.fixture, model), os.path.join(args.fixture, mmproj)
-    a.parallel, a.n_ctx, a.threads, a.cache_dir = 2, 8192, 2, os.path.join(work, "cache")
+    a = SimpleNamespace(
+        model=os.path.join(args.fixture, model), mmproj=os.path.join(args.fixture, mmproj),
+        parallel=2, n_ctx=8192, threads=2, cache_dir=os.path.join(work, "cache"))
     server = peer.Service(args.service, a, peer.free_port(), stubs, args.service_args)
     pb = server.pb
     with open(os.path.join(args.fixture, "reference.json")) as f:
