@@ -456,10 +456,9 @@ MIXED_TOKENS = 24
 def mixed(server, args, run, out, own_images):
     """8 users, each through `--mixed-chats` three-turn chats (history resent
     with a fixed 20-word answer per turn, 24 tokens a reply), each chat about
-    an image: one of 3 recurring images,
-    or (`own_images`) a fresh image per chat. Ends when every user has
-    finished: completed tokens per second, and the median time to first token
-    of each turn."""
+    an image: one of 3 recurring images, or (`own_images`) a fresh image per
+    chat. Ends when every user has finished: completed tokens per second, and
+    the median time to first token of each turn."""
     key = "mixed_own" if own_images else "mixed"
     shared = [png(448, 448, seed=run * 31 + k) for k in range(3)]
     ttfts = [[] for _ in range(MIXED_TURNS)]
@@ -623,8 +622,8 @@ def main():
     results = []
     for run in range(1, args.runs + 1):
         row = {}
-        # Rotated each run, so that no contender always goes first (or
-        # always right after a given other one).
+        # Rotated each run, so that no contender always goes first (drift
+        # over a run's minutes falls on each in turn).
         shift = (run - 1) % len(contenders)
         for kind, flags in contenders[shift:] + contenders[:shift]:
             port = free_port()
