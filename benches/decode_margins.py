@@ -17,8 +17,6 @@ cases are skipped.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from types import SimpleNamespace
 
@@ -50,13 +48,7 @@ def main():
     args = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="decode-margins-")
-    stubs = os.path.join(work, "stubs")
-    os.makedirs(stubs)
-    subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{peer.ROOT}/proto", f"--python_out={stubs}",
-         f"--grpc_python_out={stubs}", "internvl/v1/internvl.proto"],
-        check=True,
-    )
+    stubs = peer.make_stubs(work)
     ggufs = sorted(f for f in os.listdir(args.fixture) if f.endswith(".gguf"))
     mmproj = next(f for f in ggufs if f.startswith("mmproj"))
     model = next(f for f in ggufs if not f.startswith("mmproj"))

@@ -296,6 +296,18 @@ class Service:
 # ---------------------------------------------------------------- process
 
 
+def make_stubs(work):
+    """The service's Python stubs, generated from the proto into `work/stubs`."""
+    stubs = os.path.join(work, "stubs")
+    os.makedirs(stubs)
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}/proto", f"--python_out={stubs}",
+         f"--grpc_python_out={stubs}", "internvl/v1/internvl.proto"],
+        check=True,
+    )
+    return stubs
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -605,13 +617,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="peer-bench-")
     args.cache_dir = os.path.join(work, "cache")
-    stubs = os.path.join(work, "stubs")
-    os.makedirs(stubs)
-    subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}/proto", f"--python_out={stubs}",
-         f"--grpc_python_out={stubs}", "internvl/v1/internvl.proto"],
-        check=True,
-    )
+    stubs = make_stubs(work)
 
     contenders = [("llama-server", f) for f in flag_sets] + [
         ("service", f) for f in args.service_args or [""]]
