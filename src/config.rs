@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::settings::{parse_choice, ContextParams, ModelParams, VisionParams};
 use crate::engine::{
     DecodeLimits, EngineSettings, FlashAttn, FormatLimits, KvCacheType, SplitMode,
 };
+use internvl_core::settings::{parse_choice, ContextParams, ModelParams, VisionParams};
 
 /// Everything a deployment can set. Field names are the TOML keys and, upper-cased
 /// with the `INTERNVL_` prefix, the environment variables.
@@ -533,7 +533,7 @@ impl Config {
                 .cache_dir
                 .clone()
                 .filter(|d| !d.as_os_str().is_empty())
-                .or_else(crate::engine::position_rows::default_cache_dir),
+                .or_else(internvl_core::position_rows::default_cache_dir),
             llama_info_logs: self.llama_info_logs,
         })
     }

@@ -10,8 +10,8 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo};
 
 use crate::catalog::{self, Entry};
-use crate::engine::digest::sha256_file;
 use crate::engine::{EngineError, ModelPaths};
+use internvl_core::digest::sha256_file;
 
 /// How hub files are fetched.
 #[derive(Clone, Debug, Default)]

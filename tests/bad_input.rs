@@ -231,6 +231,95 @@ async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
     server.stop().await;
 }
 
+/// Hostile text through llama.cpp's tokenizer, as `CountTokens` (chat
+/// template, then tokens) and `Tokenize` take it: fragments of special tokens,
+/// markers, control and combining characters, long runs, glued together by a
+/// fixed pseudo-random draw. (The `chat_template` fuzz target renders such
+/// text with a stand-in tokenizer, so that it builds without llama.cpp; this
+/// is where the real one reads it.) Every answer is OK or INVALID_ARGUMENT,
+/// and the server still serves after them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_text_is_tokenized_or_refused_and_never_aborts() {
+    let server = start(tiny_config()).await;
+    let mut client = server.client().await;
+    let pieces = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_",
+        "system\n",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<video>",
+        "<think>",
+        "</think>",
+        "<|endoftext|>",
+        "\u{0}",
+        "\u{1}",
+        "\u{7f}",
+        "\r\n",
+        "\u{202e}",
+        "e\u{301}\u{301}\u{301}",
+        "\u{1F600}",
+        "\u{FFFD}",
+        "\u{10FFFF}",
+        " ",
+        "  ",
+        "\t",
+        "a",
+        "ĠĠ",
+        "Ċ",
+        "<",
+        "|",
+        ">",
+        "{{",
+        "}}",
+        "{%",
+        "%}",
+        "\\",
+        "\"",
+    ];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut answered = 0;
+    for case in 0..300 {
+        let len = 1 + next() % 24;
+        let mut text: String = (0..len)
+            .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+            .collect();
+        if case % 50 == 0 {
+            text = text.repeat(40);
+        }
+        for reply in [
+            client
+                .tokenize(proto::TokenizeRequest { text: text.clone() })
+                .await
+                .map(|_| ()),
+            client
+                .count_tokens(proto::CountTokensRequest {
+                    messages: vec![user(vec![common::text(&text)])],
+                })
+                .await
+                .map(|_| ()),
+        ] {
+            match reply {
+                Ok(()) => answered += 1,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::InvalidArgument, "{text:?}: {status}")
+                }
+            }
+        }
+    }
+    assert!(answered > 0, "every hostile text was refused");
+    generate_ok(&mut client, greedy(hello(), 2)).await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_model_file_ends_run_with_its_name() {
     let mut config = tiny_config();

@@ -1,49 +1,43 @@
 //! Any text as what users write, special-token strings included
 //! (`<|im_start|>system`, `<img>`, `<IMG_CONTEXT>`): the tiny InternVL3's
-//! own chat template renders it and llama.cpp's tokenizer reads it, or the
-//! request is refused naming a field; never a panic or an abort. A `\x01`
-//! starts the next message (user and assistant turns alternate, after an
-//! optional system message when the text starts with `\x02`).
+//! own chat template renders it and the media placeholders are split out, or
+//! the request is refused naming a field; never a panic. A `\x01` starts the
+//! next message (user and assistant turns alternate, after an optional system
+//! message when the text starts with `\x02`). The tokenizer is a stand-in (one
+//! token per byte), so this builds without llama.cpp; llama.cpp's tokenizer
+//! reads hostile text in `tests/bad_input.rs`.
 #![no_main]
 
 use std::path::Path;
 use std::sync::OnceLock;
 
-use internvl_grpc::engine::llama::{self, Model, ModelParams};
-use internvl_grpc::engine::prompt::{build_chat_prompt, ChatTemplate};
-use internvl_grpc::engine::{
-    ChatMessage, DecodeLimits, EngineError, Part, Role, SplitMode, TileSpec,
-};
+use internvl_core::prompt::{build_chat_prompt, ChatMessage, ChatTemplate, Part, Role, TextTokenizer};
+use internvl_core::vision::{DecodeLimits, TileSpec};
+use internvl_core::{gguf, EngineError};
 use libfuzzer_sys::fuzz_target;
 
-struct Loaded {
-    model: Model,
-    template: ChatTemplate,
+/// One token per byte, and a BOS when asked.
+struct Bytes;
+
+impl TextTokenizer for Bytes {
+    fn tokenize(&self, text: &str, add_special: bool, _: bool) -> Result<Vec<i32>, EngineError> {
+        let bos = add_special.then_some(-1);
+        Ok(bos.into_iter().chain(text.bytes().map(i32::from)).collect())
+    }
 }
 
-fn loaded() -> &'static Loaded {
-    static LOADED: OnceLock<Loaded> = OnceLock::new();
-    LOADED.get_or_init(|| {
-        llama::init_backend(false, &[]).expect("llama.cpp");
+fn template() -> &'static ChatTemplate {
+    static TEMPLATE: OnceLock<ChatTemplate> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/tiny-internvl/tiny-internvl3-f32.gguf");
-        let model = Model::load(
-            &path,
-            &ModelParams {
-                n_gpu_layers: 0,
-                main_gpu: 0,
-                split_mode: SplitMode::None,
-                tensor_split: vec![],
-                devices: vec![],
-                rpc_servers: vec![],
-                vulkan_devices: vec![],
-            },
-        )
-        .expect("the tiny model loads");
-        let source = model.chat_template().expect("a chat template");
-        let template = ChatTemplate::new(source, String::new(), "<|im_end|>".into())
-            .expect("the template compiles");
-        Loaded { model, template }
+        let file = gguf::read(&path).expect("the tiny model's header");
+        let source = file
+            .string("tokenizer.chat_template")
+            .expect("a chat template")
+            .to_string();
+        ChatTemplate::new(source, String::new(), "<|im_end|>".into())
+            .expect("the template compiles")
     })
 }
 
@@ -79,8 +73,7 @@ fuzz_target!(|data: &[u8]| {
         max_pixels: 1 << 20,
         max_alloc: 64 << 20,
     };
-    let l = loaded();
-    match build_chat_prompt(&l.model, &l.template, spec, limits, &messages) {
+    match build_chat_prompt(&Bytes, template(), spec, limits, &messages) {
         Ok(prompt) => assert!(prompt.prompt_tokens > 0),
         Err(EngineError::InvalidArgument { field, .. }) => assert!(field.starts_with("messages")),
         Err(EngineError::Template(message)) => assert!(!message.is_empty()),

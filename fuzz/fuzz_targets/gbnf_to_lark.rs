@@ -2,7 +2,7 @@
 //! refuse with a message or translate, never panic.
 #![no_main]
 
-use internvl_grpc::engine::gbnf;
+use internvl_core::gbnf;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

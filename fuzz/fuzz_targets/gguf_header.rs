@@ -2,7 +2,7 @@
 //! panic, and never accept a tensor table pointing outside the file.
 #![no_main]
 
-use internvl_grpc::engine::gguf;
+use internvl_core::gguf;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! refuse or produce whole 448×448 tiles, never panic.
 #![no_main]
 
-use internvl_grpc::engine::vision::{decode_rgb, tile_image, DecodeLimits, TileSpec};
+use internvl_core::vision::{decode_rgb, tile_image, DecodeLimits, TileSpec};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

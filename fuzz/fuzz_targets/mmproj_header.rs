@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use internvl_grpc::engine::gguf_meta::read_tile_spec;
-use internvl_grpc::engine::position_rows::{prepare, VisionFile};
-use internvl_grpc::engine::EngineError;
+use internvl_core::gguf_meta::read_tile_spec;
+use internvl_core::position_rows::{prepare, VisionFile};
+use internvl_core::EngineError;
 use libfuzzer_sys::fuzz_target;
 
 fn scratch() -> &'static PathBuf {

@@ -10,7 +10,7 @@
 #[path = "shared/formats.rs"]
 mod formats;
 
-use internvl_grpc::engine::vision::decode_rgb;
+use internvl_core::vision::decode_rgb;
 use internvl_grpc::engine::{DecodeLimits, Part};
 use internvl_grpc::service::proto;
 use internvl_grpc::service::validation::{embed, generate, Limits};

@@ -11,7 +11,7 @@
 mod formats;
 
 use formats::{compiler, VOCAB};
-use internvl_grpc::engine::ResponseFormat;
+use internvl_core::constraint::ResponseFormat;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

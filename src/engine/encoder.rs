@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::error::EngineError;
 use super::llama::{capture_logs, Model, Vision, VisionParams};
 use super::protocol::Doorbell;
-use super::vision::TileHash;
+use internvl_core::error::EngineError;
+use internvl_core::vision::TileHash;
 
 /// A tile's embeddings, or why it could not be encoded.
 pub(crate) type EncodeResult = Result<Arc<Vec<f32>>, String>;

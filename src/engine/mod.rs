@@ -8,41 +8,25 @@
 //! run on the caller's blocking threads.
 
 mod backend_plugins;
-mod cache;
-mod constraint;
 mod cpu_kernels;
 mod encoder;
-mod error;
-mod json_numbers;
-mod placement;
 mod protocol;
-pub mod settings;
-mod types;
+mod sampler;
 mod worker;
+
+// The domain without llama.cpp lives in the `internvl-core` crate.
+pub use internvl_core::settings;
+use internvl_core::{constraint, error, placement, types};
 
 // Internal: public only so that tests, benches and fuzz targets can reach
 // the parts they check; not the product API (that is `Engine` and the types
 // re-exported below).
 #[doc(hidden)]
-pub mod digest;
-#[doc(hidden)]
-pub mod gbnf;
-#[doc(hidden)]
-pub mod gguf;
-#[doc(hidden)]
-pub mod gguf_meta;
-#[doc(hidden)]
 pub mod llama;
 #[doc(hidden)]
-pub mod position_rows;
-#[doc(hidden)]
-pub mod prompt;
-#[doc(hidden)]
-pub mod resize;
-#[doc(hidden)]
-pub mod sampling;
-#[doc(hidden)]
-pub mod vision;
+pub use internvl_core::{
+    digest, gbnf, gguf, gguf_meta, position_rows, prompt, resize, sampling, vision,
+};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -253,7 +237,7 @@ impl Engine {
         }
         let l = loaded.clone();
         let prompt = tokio::task::spawn_blocking(move || {
-            prompt::build_chat_prompt(&l.model, &l.template, l.spec, l.limits, &messages)
+            prompt::build_chat_prompt(&*l.model, &l.template, l.spec, l.limits, &messages)
         })
         .await
         .map_err(|e| EngineError::Inference(format!("prompt preparation panicked: {e}")))??;
@@ -398,7 +382,7 @@ impl Engine {
                 .enumerate()
                 .map(|(i, parts)| {
                     let field = format!("inputs[{i}]");
-                    let p = prompt::build_embed_prompt(&l.model, l.spec, l.limits, parts, &field)?;
+                    let p = prompt::build_embed_prompt(&*l.model, l.spec, l.limits, parts, &field)?;
                     if p.prompt_tokens == 0 {
                         return Err(EngineError::invalid(field, "input is empty"));
                     }

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::constraint::{Constraint, FormatCompiler};
-use super::error::EngineError;
 use super::llama::Model;
-use super::prompt::{ChatTemplate, Prompt};
-use super::types::{Embedding, GenerateEvent, GenerateRequest, ModelInfo, Pooling};
-use super::vision::{DecodeLimits, TileSpec};
+use internvl_core::constraint::{Constraint, FormatCompiler};
+use internvl_core::error::EngineError;
+use internvl_core::prompt::{ChatTemplate, Prompt};
+use internvl_core::types::{Embedding, GenerateEvent, GenerateRequest, ModelInfo, Pooling};
+use internvl_core::vision::{DecodeLimits, TileSpec};
 
 /// Stream events carry either an event or the error that ended the stream.
 pub(crate) type EventResult = Result<GenerateEvent, EngineError>;

@@ -76,7 +76,7 @@ pub async fn within<T>(
     match deadline {
         Some(deadline) => tokio::time::timeout_at(deadline.into(), work)
             .await
-            .unwrap_or_else(|_| Err(EngineError::DeadlineBeforeResponse.into())),
+            .unwrap_or_else(|_| Err(super::error::status(EngineError::DeadlineBeforeResponse))),
         None => work.await,
     }
 }

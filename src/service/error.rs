@@ -12,8 +12,10 @@ use crate::engine::EngineError;
 /// this long before retrying.
 const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
-impl From<EngineError> for Status {
-    fn from(error: EngineError) -> Self {
+/// The status a client gets for `error`; every `EngineError` the service
+/// returns goes through here.
+pub fn status(error: EngineError) -> Status {
+    {
         let code = match &error {
             EngineError::InvalidArgument { .. }
             | EngineError::InvalidImage(_)

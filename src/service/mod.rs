@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::engine::{Engine, EngineError, GenerateEvent};
 use crate::metrics::Metrics;
+use error::status;
 
 /// Code generated from `proto/internvl/v1/internvl.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -71,7 +72,8 @@ impl InternVlService {
     where
         Fut: Future<Output = Result<T, Status>>,
     {
-        let deadline = deadline::of(request.metadata(), request.extensions(), &self.limits)?;
+        let deadline =
+            deadline::of(request.metadata(), request.extensions(), &self.limits).map_err(status)?;
         deadline::within(deadline, work(request.into_inner(), deadline)).await
     }
 
@@ -102,9 +104,9 @@ impl InternVl for InternVlService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = self
             .prepare(request, |message, deadline| async move {
-                let mut request = validation::generate(message, &self.limits)?;
+                let mut request = validation::generate(message, &self.limits).map_err(status)?;
                 request.deadline = deadline;
-                Ok(self.engine.generate(request).await?)
+                self.engine.generate(request).await.map_err(status)
             })
             .await;
         let events = match started {
@@ -118,7 +120,7 @@ impl InternVl for InternVlService {
         // Dropping this stream (client gone) drops the receiver, which the
         // engine notices before its next decode step.
         let stream = events.map(move |event| {
-            let event = event.map_err(Status::from);
+            let event = event.map_err(status);
             match &event {
                 Ok(GenerateEvent::Done { usage, timings, .. }) => {
                     saw_end.store(true, Ordering::Relaxed);
@@ -138,7 +140,7 @@ impl InternVl for InternVlService {
         let metrics = self.metrics.clone();
         let missing_end = std::iter::from_fn(move || {
             (!ended.swap(true, Ordering::Relaxed)).then(|| {
-                let status = Status::from(EngineError::Fault(
+                let status = status(EngineError::Fault(
                     "the reply stopped before its end".into(),
                 ));
                 metrics.request("Generate", status.code());
@@ -154,9 +156,11 @@ impl InternVl for InternVlService {
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
         self.unary("Embed", request, |message, deadline| async move {
-            let mut request = validation::embed(message, &self.limits)?;
+            let mut request = validation::embed(message, &self.limits).map_err(status)?;
             request.deadline = deadline;
-            Ok(convert::embed_response(self.engine.embed(request).await?))
+            Ok(convert::embed_response(
+                self.engine.embed(request).await.map_err(status)?,
+            ))
         })
         .await
     }
@@ -166,9 +170,9 @@ impl InternVl for InternVlService {
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
         self.unary("CountTokens", request, |message, _| async move {
-            let messages = validation::messages(message.messages, &self.limits)?;
+            let messages = validation::messages(message.messages, &self.limits).map_err(status)?;
             Ok(convert::count_response(
-                self.engine.count_tokens(messages).await?,
+                self.engine.count_tokens(messages).await.map_err(status)?,
             ))
         })
         .await
@@ -179,7 +183,7 @@ impl InternVl for InternVlService {
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         self.unary("Tokenize", request, |message, _| async move {
-            let ids = self.engine.tokenize(message.text).await?;
+            let ids = self.engine.tokenize(message.text).await.map_err(status)?;
             Ok(proto::TokenizeResponse { ids })
         })
         .await
@@ -190,7 +194,7 @@ impl InternVl for InternVlService {
         request: Request<proto::GetModelInfoRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         self.unary("GetModelInfo", request, |_, _| async move {
-            Ok(convert::model_info(self.engine.info()?))
+            Ok(convert::model_info(self.engine.info().map_err(status)?))
         })
         .await
     }

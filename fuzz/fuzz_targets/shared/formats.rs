@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use internvl_grpc::engine::{FormatCompiler, FormatLimits, Tokenize, Vocabulary};
+use internvl_core::constraint::{FormatCompiler, FormatLimits, Tokenize, Vocabulary};
 
 /// Tokens: every byte, a few words, and an end token last.
 pub const VOCAB: usize = 256 + 8;

@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::engine::error::EngineError;
-pub use crate::engine::placement::{Device, DeviceKind};
+use internvl_core::error::EngineError;
+pub use internvl_core::placement::{Device, DeviceKind};
 
 fn text(ptr: *const c_char) -> String {
     if ptr.is_null() {

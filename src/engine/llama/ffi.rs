@@ -7,8 +7,8 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::engine::error::EngineError;
-use crate::engine::settings::{FlashAttn, KvCacheType, SplitMode};
+use internvl_core::error::EngineError;
+use internvl_core::settings::{FlashAttn, KvCacheType, SplitMode};
 
 pub(super) fn split_mode(mode: SplitMode) -> u32 {
     match mode {

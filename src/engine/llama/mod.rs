@@ -19,10 +19,10 @@ mod vulkan;
 
 use llama_cpp_sys_2 as sys;
 
-use super::error::EngineError;
-use super::settings::EngineSettings;
-pub use super::settings::{ContextParams, ModelParams, VisionParams};
 pub use context::{BatchToken, Context, Outputs};
+use internvl_core::error::EngineError;
+use internvl_core::settings::EngineSettings;
+pub use internvl_core::settings::{ContextParams, ModelParams, VisionParams};
 pub use log::capture as capture_logs;
 pub use model::{quantize, Model, Quantization};
 pub use mtmd::Vision;
@@ -210,4 +210,27 @@ pub fn system_info() -> &'static str {
                 .to_string()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sys;
+
+    /// The Rust GGUF check sizes tensors with its own copy of ggml's type
+    /// table, so that it needs no llama.cpp; this keeps the copy true.
+    #[test]
+    fn ggml_types_match_the_linked_ggml() {
+        let table = &internvl_core::gguf::GGML_TYPES;
+        assert_eq!(table.len(), sys::GGML_TYPE_COUNT as usize, "type count");
+        for (id, &(block, size)) in table.iter().enumerate() {
+            // SAFETY: plain lookups in ggml's type table, `id` below its count.
+            let linked = unsafe {
+                (
+                    sys::ggml_blck_size(id as u32) as u64,
+                    sys::ggml_type_size(id as u32) as u64,
+                )
+            };
+            assert_eq!((block, size), linked, "ggml type {id}");
+        }
+    }
 }

@@ -6,11 +6,11 @@ use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::engine::error::EngineError;
+use internvl_core::error::EngineError;
 
 use super::devices;
 use super::ffi::{path_cstring, split_mode};
-use crate::engine::settings::ModelParams;
+use internvl_core::settings::ModelParams;
 
 /// Language-model quantizations [`quantize`] can write, as llama.cpp names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +96,7 @@ fn check_offload(
         ));
     }
     // With `none` main_gpu holds the model, with `row` its small tensors.
-    if params.split_mode != crate::engine::settings::SplitMode::Layer
+    if params.split_mode != internvl_core::settings::SplitMode::Layer
         && (params.main_gpu < 0 || params.main_gpu as usize >= used.len())
     {
         return Err(EngineError::offload(
@@ -342,11 +342,22 @@ impl Model {
     }
 }
 
+impl internvl_core::prompt::TextTokenizer for Model {
+    fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<i32>, EngineError> {
+        Model::tokenize(self, text, add_special, parse_special)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::engine::llama::devices::{Device, DeviceKind};
-    use crate::engine::settings::SplitMode;
+    use internvl_core::settings::SplitMode;
 
     fn params(
         n_gpu_layers: i32,

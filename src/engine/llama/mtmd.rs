@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::engine::error::EngineError;
-use crate::engine::settings::VisionParams;
+use internvl_core::error::EngineError;
+use internvl_core::settings::VisionParams;
 
 use super::ffi::{flash_attn, path_cstring, Owned};
 use super::model::Model;

@@ -7,7 +7,7 @@
 //! Vulkan's list (read through the Vulkan loader, `ash`) before ggml reads
 //! them, and start-up stops naming the entry.
 
-use crate::engine::error::EngineError;
+use internvl_core::error::EngineError;
 
 /// The environment variable ggml reads its Vulkan device indices from.
 const GGML_KEY: &str = "GGML_VK_VISIBLE_DEVICES";

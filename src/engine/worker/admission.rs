@@ -12,8 +12,8 @@ use super::embed::EmbedSeq;
 use super::generate::{self, GenerateSeq};
 use super::slots::{Sequence, Slot};
 use super::state::Worker;
-use crate::engine::cache::kv_items;
 use crate::engine::protocol::Job;
+use internvl_core::cache::kv_items;
 
 /// KV cells a job may come to hold: a generation its prompt plus every token
 /// it may generate; an embedding its longest input (inputs run one after

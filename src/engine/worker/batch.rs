@@ -11,10 +11,10 @@ use super::clock::ms;
 use super::generate::next_token;
 use super::slots::Sequence;
 use super::state::Worker;
-use crate::engine::cache::KvItem;
-use crate::engine::error::EngineError;
 use crate::engine::llama::BatchToken;
-use crate::engine::prompt::PromptItem;
+use internvl_core::cache::KvItem;
+use internvl_core::error::EngineError;
+use internvl_core::prompt::PromptItem;
 
 /// A generating slot's tokens sampled (or forced) and streamed, to decode.
 pub(super) struct Decoding<'a> {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::engine::error::EngineError;
+use internvl_core::error::EngineError;
 
 /// Why a request must stop now, if it must: checked before every step. A
 /// client that left wins over a drain, and a drain over a deadline.

@@ -4,9 +4,9 @@
 use tracing::info;
 
 use super::prefill::Prefill;
-use crate::engine::error::EngineError;
 use crate::engine::protocol::EmbedJob;
-use crate::engine::types::{Embedding, FinishReason, Pooling};
+use internvl_core::error::EngineError;
+use internvl_core::types::{Embedding, FinishReason, Pooling};
 
 /// Positions decoded per call when every position produces an output: llama.cpp
 /// reserves logits for each output (n_vocab floats), so large chunks would cost

@@ -5,11 +5,11 @@ use super::embed::EMBED_CHUNK;
 use super::prefill::Prefill;
 use super::slots::Sequence;
 use super::state::Worker;
-use crate::engine::cache::KvItem;
-use crate::engine::error::EngineError;
 use crate::engine::llama::Outputs;
-use crate::engine::prompt::PromptItem;
-use crate::engine::types::FinishReason;
+use internvl_core::cache::KvItem;
+use internvl_core::error::EngineError;
+use internvl_core::prompt::PromptItem;
+use internvl_core::types::FinishReason;
 
 impl Worker {
     /// Decodes one chunk of the Embed request that arrived first, unless it

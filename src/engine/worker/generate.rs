@@ -8,13 +8,14 @@ use tracing::{info, info_span, warn};
 use super::clock::ms;
 use super::outbox::Outbox;
 use super::prefill::Prefill;
-use crate::engine::constraint::Constraint;
-use crate::engine::error::EngineError;
 use crate::engine::llama::Model;
-use crate::engine::prompt::PromptItem;
 use crate::engine::protocol::GenerateJob;
-use crate::engine::sampling::{logprobs, TextStream, TokenSampler};
-use crate::engine::types::{
+use crate::engine::sampler::TokenSampler;
+use internvl_core::constraint::Constraint;
+use internvl_core::error::EngineError;
+use internvl_core::prompt::PromptItem;
+use internvl_core::sampling::{logprobs, TextStream};
+use internvl_core::types::{
     FinishReason, GenerateEvent, GenerateRequest, GeneratedToken, Timings, TopToken, Usage,
 };
 
@@ -220,7 +221,7 @@ fn emit(
         g.decode_started = Some(Instant::now());
     }
     #[cfg(feature = "fault-injection")]
-    if g.request.sampling.seed == Some(crate::engine::types::FAULT_SEED) && g.completion == 4 {
+    if g.request.sampling.seed == Some(internvl_core::types::FAULT_SEED) && g.completion == 4 {
         panic!("fault injected at the fourth token");
     }
     if !g.request.ignore_eos && model.is_eog(token) {

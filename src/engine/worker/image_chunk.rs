@@ -7,10 +7,10 @@ use super::clock::ms;
 use super::embed::EMBED_CHUNK;
 use super::slots::Sequence;
 use super::state::Worker;
-use crate::engine::cache::KvItem;
-use crate::engine::error::EngineError;
 use crate::engine::llama::Outputs;
-use crate::engine::prompt::PromptItem;
+use internvl_core::cache::KvItem;
+use internvl_core::error::EngineError;
+use internvl_core::prompt::PromptItem;
 
 impl Worker {
     /// Decodes one chunk of embeddings of the tile the oldest prefilling

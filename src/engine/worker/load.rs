@@ -10,19 +10,19 @@ use tracing::info;
 use super::slots::Slot;
 use super::state::Worker;
 use super::threads::DecodeThreads;
-use crate::engine::cache::{EmbeddingCache, PrefixCache};
-use crate::engine::constraint::{FormatCompiler, Vocabulary};
 use crate::engine::cpu_kernels;
 use crate::engine::encoder::TileEncoder;
-use crate::engine::error::EngineError;
-use crate::engine::gguf_meta::{check_language_model, read_tile_spec};
 use crate::engine::llama::{self, Context, Model};
-use crate::engine::placement::Placement;
-use crate::engine::position_rows::{self, VisionFile};
-use crate::engine::prompt::ChatTemplate;
 use crate::engine::protocol::{Lifecycle, Loaded};
-use crate::engine::settings::EngineSettings;
-use crate::engine::types::{ModelInfo, ModelPaths};
+use internvl_core::cache::{EmbeddingCache, PrefixCache};
+use internvl_core::constraint::{FormatCompiler, Vocabulary};
+use internvl_core::error::EngineError;
+use internvl_core::gguf_meta::{check_language_model, read_tile_spec};
+use internvl_core::placement::Placement;
+use internvl_core::position_rows::{self, VisionFile};
+use internvl_core::prompt::ChatTemplate;
+use internvl_core::settings::EngineSettings;
+use internvl_core::types::{ModelInfo, ModelPaths};
 
 fn token_text(model: &Model, id: i32) -> String {
     String::from_utf8_lossy(&model.token_bytes(id, true)).into_owned()
@@ -120,7 +120,7 @@ impl Worker {
             FormatCompiler::new(move || vocabulary(&model), settings.formats.clone())
         };
         let image_context_token = match model
-            .tokenize(crate::engine::prompt::IMAGE_PLACEHOLDER, false, true)?
+            .tokenize(internvl_core::prompt::IMAGE_PLACEHOLDER, false, true)?
             .as_slice()
         {
             [id] => *id,

@@ -46,11 +46,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 
-use super::error::EngineError;
 use super::llama;
 use super::protocol::{EngineState, Job, Lifecycle};
-use super::settings::EngineSettings;
-use super::types::{FinishReason, ModelPaths};
+use internvl_core::error::EngineError;
+use internvl_core::settings::EngineSettings;
+use internvl_core::types::{FinishReason, ModelPaths};
 
 use clock::interruption;
 use outbox::Outbox;

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 
 use tokio::sync::mpsc;
 
-use crate::engine::error::EngineError;
 use crate::engine::protocol::{EventResult, InFlight};
+use internvl_core::error::EngineError;
 
 /// Events a stream has produced but its client has not yet taken. The engine
 /// never waits on one client: a full channel keeps the events here and holds
@@ -76,7 +76,7 @@ impl Outbox {
 mod tests {
     use super::*;
     use crate::engine::protocol::Lifecycle;
-    use crate::engine::types::GenerateEvent;
+    use internvl_core::types::GenerateEvent;
     use std::sync::Arc;
 
     fn outbox(capacity: usize) -> (Outbox, mpsc::Receiver<EventResult>, Arc<Lifecycle>) {

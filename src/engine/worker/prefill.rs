@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::engine::prompt::{Prompt, PromptItem};
-use crate::engine::vision::{TileHash, TiledImage};
+use internvl_core::prompt::{Prompt, PromptItem};
+use internvl_core::vision::{TileHash, TiledImage};
 
 /// The prompt items of one input still to be decoded into a slot.
 pub(super) struct Prefill {

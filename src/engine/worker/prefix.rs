@@ -7,7 +7,7 @@ use tracing::warn;
 
 use super::slots::Sequence;
 use super::state::Worker;
-use crate::engine::cache::{reusable, KvContents, KvItem};
+use internvl_core::cache::{reusable, KvContents, KvItem};
 
 /// Which running sequence to share cells from, given the longest running
 /// prefix (slot, items) and how many items the prefix cache would restore:

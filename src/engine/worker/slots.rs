@@ -6,9 +6,9 @@ use std::time::Instant;
 use super::embed::EmbedSeq;
 use super::generate::GenerateSeq;
 use super::prefill::Prefill;
-use crate::engine::cache::KvContents;
 use crate::engine::protocol::PHASES;
-use crate::engine::vision::TileHash;
+use internvl_core::cache::KvContents;
+use internvl_core::vision::TileHash;
 
 /// What a slot is doing, derived from its state at each step; named in
 /// logs and in the `internvl_slots` metric.

@@ -9,11 +9,11 @@ use std::time::Duration;
 use super::outbox::Outbox;
 use super::slots::Slot;
 use super::threads::DecodeThreads;
-use crate::engine::cache::{EmbeddingCache, PrefixCache};
 use crate::engine::encoder::{EncodeResult, TileEncoder};
 use crate::engine::llama::{Context, Model};
 use crate::engine::protocol::{Job, Lifecycle};
-use crate::engine::vision::TileHash;
+use internvl_core::cache::{EmbeddingCache, PrefixCache};
+use internvl_core::vision::TileHash;
 
 /// Everything the engine thread owns.
 pub(super) struct Worker {
@@ -33,7 +33,7 @@ pub(super) struct Worker {
     /// Finished sequences' cells, for prompts that start the same way.
     pub(super) prefixes: PrefixCache,
     pub(super) prefill_chunk: usize,
-    /// See [`crate::engine::settings::EngineSettings::jump_forward`].
+    /// See [`internvl_core::settings::EngineSettings::jump_forward`].
     pub(super) jump_forward: bool,
     /// Admission counter: a slot's stamp orders its prompt among the others.
     pub(super) clock: u64,

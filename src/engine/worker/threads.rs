@@ -1,6 +1,6 @@
 //! How many CPU threads decoding uses, fewer while the vision encoder runs.
 
-use crate::engine::settings::EngineSettings;
+use internvl_core::settings::EngineSettings;
 
 /// CPU threads for decoding, fewer while the vision encoder runs beside it.
 /// ggml's threads wait for each other at every graph node by spinning, so a

@@ -6,7 +6,7 @@ use super::prefill::Prefill;
 use super::slots::Slot;
 use super::state::Worker;
 use crate::engine::encoder::Encoded;
-use crate::engine::vision::TileHash;
+use internvl_core::vision::TileHash;
 
 /// Whether a running request has yet to take this tile.
 pub(super) fn awaited(slots: &[Slot], hash: &TileHash) -> bool {

@@ -7,8 +7,6 @@ use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use llama_cpp_sys_2 as sys;
-
 /// Far beyond any real model; a larger count means a corrupt file.
 const MAX_TENSORS: u64 = 1 << 20;
 /// Far beyond any real model's metadata entries.
@@ -225,18 +223,63 @@ fn scalar_size(t: u32) -> Option<u64> {
     }
 }
 
+/// ggml's `(block size, bytes per block)` by type id, as `ggml_blck_size` and
+/// `ggml_type_size` give them in the llama.cpp this service links (ggml
+/// 0.26); `(0, 0)` for ids whose support was removed. The engine crate's
+/// `ggml_types_match_the_linked_ggml` test checks every entry and the count
+/// against that ggml, so a llama.cpp update that adds or changes a type fails
+/// there instead of letting a file through that llama.cpp then reads wrong.
+pub const GGML_TYPES: [(u64, u64); 43] = [
+    (1, 4),     // F32
+    (1, 2),     // F16
+    (32, 18),   // Q4_0
+    (32, 20),   // Q4_1
+    (0, 0),     // Q4_2, removed
+    (0, 0),     // Q4_3, removed
+    (32, 22),   // Q5_0
+    (32, 24),   // Q5_1
+    (32, 34),   // Q8_0
+    (32, 36),   // Q8_1
+    (256, 84),  // Q2_K
+    (256, 110), // Q3_K
+    (256, 144), // Q4_K
+    (256, 176), // Q5_K
+    (256, 210), // Q6_K
+    (256, 292), // Q8_K
+    (256, 66),  // IQ2_XXS
+    (256, 74),  // IQ2_XS
+    (256, 98),  // IQ3_XXS
+    (256, 50),  // IQ1_S
+    (32, 18),   // IQ4_NL
+    (256, 110), // IQ3_S
+    (256, 82),  // IQ2_S
+    (256, 136), // IQ4_XS
+    (1, 1),     // I8
+    (1, 2),     // I16
+    (1, 4),     // I32
+    (1, 8),     // I64
+    (1, 8),     // F64
+    (256, 56),  // IQ1_M
+    (1, 2),     // BF16
+    (0, 0),     // Q4_0_4_4, removed
+    (0, 0),     // Q4_0_4_8, removed
+    (0, 0),     // Q4_0_8_8, removed
+    (256, 54),  // TQ1_0
+    (256, 66),  // TQ2_0
+    (0, 0),     // IQ4_NL_4_4, removed
+    (0, 0),     // IQ4_NL_4_8, removed
+    (0, 0),     // IQ4_NL_8_8, removed
+    (32, 17),   // MXFP4
+    (64, 36),   // NVFP4
+    (128, 18),  // Q1_0
+    (64, 18),   // Q2_0
+];
+
 /// Bytes of a tensor of `ggml_type` and shape `dims`, if the type is one this
 /// llama.cpp knows and the shape fits its blocks.
 fn tensor_bytes(ggml_type: u32, dims: &[u64]) -> Result<u64, String> {
-    if ggml_type >= sys::GGML_TYPE_COUNT {
+    let Some(&(block, size)) = GGML_TYPES.get(ggml_type as usize) else {
         return Err(format!("unknown tensor type {ggml_type}"));
-    }
-    // SAFETY: plain lookups in ggml's type table with an index checked above.
-    let (block, size) = unsafe {
-        (
-            sys::ggml_blck_size(ggml_type) as u64,
-            sys::ggml_type_size(ggml_type) as u64,
-        )
     };
     if block == 0 || size == 0 {
         return Err(format!("tensor type {ggml_type} is no longer supported"));
@@ -469,7 +512,6 @@ mod tests {
             .unwrap_err()
             .contains("unknown tensor type"));
         // Q8_0 blocks hold 32 elements; a row of 4 is not a whole block.
-        let q8_0 = llama_cpp_sys_2::GGML_TYPE_Q8_0;
-        assert!(check(&file(q8_0)).unwrap_err().contains("blocks"));
+        assert!(check(&file(8)).unwrap_err().contains("blocks"));
     }
 }

@@ -8,7 +8,6 @@ use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
 use super::error::EngineError;
-use super::llama::Model;
 use super::vision::{self, DecodeLimits, TileSpec, TiledImage};
 
 /// What the template renders for an image part, replaced by the image block.
@@ -349,10 +348,23 @@ fn split_placeholders(rendered: &str) -> Vec<Segment> {
     }
 }
 
+/// Text to the model's token ids. The engine's llama.cpp model is the one that
+/// serves; tests and fuzz targets give a stand-in.
+pub trait TextTokenizer {
+    /// The tokens of `text`: `add_special` adds the model's BOS where it takes
+    /// one, `parse_special` reads special-token text as those tokens.
+    fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<i32>, EngineError>;
+}
+
 /// Turns messages or embed inputs into a [`Prompt`]: decodes and tiles media,
 /// tokenizes text runs. Runs on a blocking thread, never on the engine thread.
 pub struct PromptBuilder<'a> {
-    model: &'a Model,
+    model: &'a dyn TextTokenizer,
     spec: TileSpec,
     limits: DecodeLimits,
     text: String,
@@ -363,7 +375,7 @@ pub struct PromptBuilder<'a> {
 
 impl<'a> PromptBuilder<'a> {
     /// A builder for `model` with the encoder's tiling and the decode limits.
-    pub fn new(model: &'a Model, spec: TileSpec, limits: DecodeLimits) -> Self {
+    pub fn new(model: &'a dyn TextTokenizer, spec: TileSpec, limits: DecodeLimits) -> Self {
         Self {
             model,
             spec,
@@ -471,7 +483,7 @@ impl<'a> PromptBuilder<'a> {
 
 /// Renders a conversation with the chat template and expands its media.
 pub fn build_chat_prompt(
-    model: &Model,
+    model: &dyn TextTokenizer,
     template: &ChatTemplate,
     spec: TileSpec,
     limits: DecodeLimits,
@@ -520,7 +532,7 @@ pub fn build_chat_prompt(
 /// Renders an embed input without chat template: parts in order, text as is,
 /// each image as its block followed by a newline.
 pub fn build_embed_prompt(
-    model: &Model,
+    model: &dyn TextTokenizer,
     spec: TileSpec,
     limits: DecodeLimits,
     parts: &[Part],

@@ -3,9 +3,6 @@
 
 use std::path::Path;
 
-use llama_cpp_2::gguf::GgufContext;
-use llama_cpp_sys_2 as sys;
-
 use super::error::EngineError;
 use super::gguf::{self, Gguf};
 use super::vision::TileSpec;
@@ -31,40 +28,29 @@ pub fn check_language_model(path: &Path) -> Result<(), EngineError> {
     gguf::check_language_model(&file).map_err(|message| file_error(path, message))
 }
 
-/// Typed, assert-free access to GGUF metadata.
+/// Typed access to the metadata of a checked GGUF.
 struct Meta<'a> {
-    ctx: GgufContext,
+    file: &'a Gguf,
     path: &'a Path,
 }
 
 impl Meta<'_> {
     fn uint(&self, key: &str) -> Result<Option<u64>, EngineError> {
-        let idx = self.ctx.find_key(key);
-        if idx < 0 {
-            return Ok(None);
-        }
-        match self.ctx.kv_type(idx) {
-            sys::GGUF_TYPE_UINT32 => Ok(Some(u64::from(self.ctx.val_u32(idx)))),
-            sys::GGUF_TYPE_INT32 => u64::try_from(self.ctx.val_i32(idx))
+        match self.file.meta.get(key) {
+            None => Ok(None),
+            Some(gguf::Value::Int(i)) => u64::try_from(*i)
                 .map(Some)
-                .map_err(|_| file_error(self.path, format!("{key} is negative"))),
-            sys::GGUF_TYPE_UINT64 => Ok(Some(self.ctx.val_u64(idx))),
-            other => Err(file_error(
-                self.path,
-                format!("{key} has type {other}, expected an integer"),
-            )),
+                .map_err(|_| file_error(self.path, format!("{key} is negative or too large"))),
+            Some(_) => Err(file_error(self.path, format!("{key} is not an integer"))),
         }
     }
 
     fn string(&self, key: &str) -> Result<Option<String>, EngineError> {
-        let idx = self.ctx.find_key(key);
-        if idx < 0 {
-            return Ok(None);
+        match self.file.meta.get(key) {
+            None => Ok(None),
+            Some(gguf::Value::Str(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(file_error(self.path, format!("{key} is not a string"))),
         }
-        if self.ctx.kv_type(idx) != sys::GGUF_TYPE_STRING {
-            return Err(file_error(self.path, format!("{key} is not a string")));
-        }
-        Ok(self.ctx.val_str(idx).map(str::to_string))
     }
 }
 
@@ -74,10 +60,8 @@ const MAX_TILES_LIMIT: u64 = 64;
 /// Reads and checks the mmproj's tiling: an InternVL projector, a tile size the
 /// patch size and pixel shuffle divide, and sane tile limits.
 pub fn read_tile_spec(path: &Path) -> Result<(TileSpec, String), EngineError> {
-    check_file(path)?;
-    let ctx =
-        GgufContext::from_file(path).ok_or_else(|| file_error(path, "GGUF metadata is corrupt"))?;
-    let meta = Meta { ctx, path };
+    let file = check_file(path)?;
+    let meta = Meta { file: &file, path };
     let projector = meta
         .string("clip.projector_type")?
         .ok_or_else(|| file_error(path, "missing clip.projector_type: is this an mmproj file?"))?;

@@ -335,7 +335,7 @@ fn write_to(source: &Path, file: &Gguf, rows: Rows, temp: &Path) -> Result<(), E
 mod tests {
     use super::*;
 
-    use crate::engine::gguf::push_string as string;
+    use crate::gguf::push_string as string;
 
     /// A minimal InternVL-shaped mmproj: 28 px tiles of 14 px patches (4
     /// patches, so 5 position rows of width 2), F32 rows holding their own

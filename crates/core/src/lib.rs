@@ -1,0 +1,29 @@
+//! internvl-grpc's domain without llama.cpp: what the service checks and
+//! prepares before anything reaches the model, and the types requests are
+//! made of. Media decoding and tiling ([`vision`], [`resize`]), GGUF checks
+//! and the position-row correction ([`gguf`], [`gguf_meta`],
+//! [`position_rows`]), chat prompts ([`prompt`]), response formats
+//! ([`constraint`], [`gbnf`]), sampling settings and text streaming
+//! ([`sampling`]), the image and prefix caches' keys ([`cache`]), where
+//! weights go ([`placement`]) and the engine's settings ([`settings`]).
+//!
+//! Nothing here links llama.cpp, so the fuzz targets build without it.
+
+pub mod cache;
+pub mod constraint;
+pub mod digest;
+pub mod error;
+pub mod gbnf;
+pub mod gguf;
+pub mod gguf_meta;
+mod json_numbers;
+pub mod placement;
+pub mod position_rows;
+pub mod prompt;
+pub mod resize;
+pub mod sampling;
+pub mod settings;
+pub mod types;
+pub mod vision;
+
+pub use error::EngineError;
