@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use tokio_stream::StreamExt;
 
-use crate::service::proto::{self, intern_vl_client::InternVlClient};
+use internvl_api::proto::{self, intern_vl_client::InternVlClient};
 
 /// InternVL3 vision-language models over gRPC.
 #[derive(Debug, Parser)]
@@ -546,9 +546,10 @@ pub fn models(args: HubArgs) -> ClientResult {
         "{:<18} {:<12} {:<8} QUANTIZATIONS (RAM GB, what pull checks; * = downloaded, default first)  [REPOSITORY; MMPROJ CHECK]",
         "NAME", "FAMILY", "SIZE"
     )?;
-    for entry in crate::catalog::entries() {
+    for entry in internvl_api::catalog::entries() {
         let mmproj = crate::models::cached(entry, &entry.mmproj, &hub).is_some();
-        let mut quants: Vec<(&String, &crate::catalog::Quant)> = entry.quants.iter().collect();
+        let mut quants: Vec<(&String, &internvl_api::catalog::Quant)> =
+            entry.quants.iter().collect();
         quants.sort_by_key(|(name, _)| **name != entry.default_quant);
         let shown: Vec<String> = quants
             .iter()

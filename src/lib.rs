@@ -9,13 +9,13 @@
 //! [`engine`] (domain, scheduling) → llama.cpp. `docs/ARCHITECTURE.md` walks
 //! one request through them, file by file.
 
-pub mod catalog;
 pub mod cli;
-pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod models;
 pub mod service;
+
+pub use internvl_api::{catalog, config};
 
 use std::future::Future;
 
@@ -26,12 +26,12 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
-use crate::config::Config;
 use crate::engine::Engine;
 use crate::models::HubOptions;
 use crate::service::auth::ApiKeys;
-use crate::service::proto::intern_vl_server::InternVlServer;
 use crate::service::{proto, InternVlService};
+use internvl_api::config::Config;
+use internvl_api::proto::intern_vl_server::InternVlServer;
 
 /// Why the server stopped other than by a requested shutdown.
 #[derive(Debug, thiserror::Error)]

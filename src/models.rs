@@ -1,5 +1,5 @@
 //! Where model files come from: catalog names (`internvl3.5-2b:q4_k_m`, see
-//! [`crate::catalog`]), `hf://owner/repo/file.gguf` references, or local
+//! [`internvl_api::catalog`]), `hf://owner/repo/file.gguf` references, or local
 //! paths. Hub files are resolved through the Hugging Face cache, downloaded
 //! with a progress bar (resuming an interrupted download), and checked
 //! against their size and SHA-256 before use.
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo};
 
-use crate::catalog::{self, Entry};
 use crate::engine::{EngineError, ModelPaths};
+use internvl_api::catalog::{self, Entry};
 use internvl_core::digest::sha256_file;
 
 /// How hub files are fetched.

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use internvl_grpc::catalog;
-use internvl_grpc::config::Config;
+use internvl_api::catalog;
+use internvl_api::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fn file() -> &'static PathBuf {

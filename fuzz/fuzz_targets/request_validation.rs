@@ -11,9 +11,9 @@
 mod formats;
 
 use internvl_core::vision::decode_rgb;
-use internvl_grpc::engine::{DecodeLimits, Part};
-use internvl_grpc::service::proto;
-use internvl_grpc::service::validation::{embed, generate, Limits};
+use internvl_core::{DecodeLimits, Part};
+use internvl_api::proto;
+use internvl_api::validation::{embed, generate, Limits};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 

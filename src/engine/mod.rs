@@ -11,7 +11,6 @@ mod backend_plugins;
 mod cpu_kernels;
 mod encoder;
 mod protocol;
-mod sampler;
 mod worker;
 
 // The domain without llama.cpp lives in the `internvl-core` crate.

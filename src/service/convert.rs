@@ -1,8 +1,8 @@
 //! Proto ⇄ engine conversions for responses: the one place that knows both
 //! the generated types and the engine's.
 
-use super::proto;
 use crate::engine::{self, Embedding, GenerateEvent, ModelInfo, Placement, TokenCount};
+use internvl_api::proto;
 
 fn finish_reason(reason: engine::FinishReason) -> proto::FinishReason {
     match reason {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
 use tonic::{Extensions, Request, Status};
 
-use super::validation::Limits;
 use crate::engine::EngineError;
+use internvl_api::validation::Limits;
 
 /// When the call's headers arrived: stamped by [`stamp_arrival`] before the
 /// request body is read, so a slow upload counts against the deadline as it

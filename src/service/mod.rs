@@ -2,11 +2,9 @@
 //! convert. No llama.cpp types here.
 
 pub mod auth;
-pub mod codec;
 mod convert;
 pub mod deadline;
 mod error;
-pub mod validation;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,15 +20,8 @@ use crate::engine::{Engine, EngineError, GenerateEvent};
 use crate::metrics::Metrics;
 use error::status;
 
-/// Code generated from `proto/internvl/v1/internvl.proto`.
-#[allow(missing_docs, clippy::all)]
-pub mod proto {
-    tonic::include_proto!("internvl.v1");
-
-    /// Encoded descriptors of the API, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("internvl_descriptor");
-}
+// The contract (proto, codec, validation) is the `internvl-api` crate's.
+pub use internvl_api::{codec, proto, validation};
 
 use proto::intern_vl_server::InternVl;
 

@@ -26,4 +26,11 @@ pub mod settings;
 pub mod types;
 pub mod vision;
 
+pub use constraint::{FormatLimits, ResponseFormat};
 pub use error::EngineError;
+pub use placement::{Buffer, BufferKind, Device, DeviceKind, Placement};
+pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
+pub use sampling::SamplingParams;
+pub use settings::{EngineSettings, FlashAttn, KvCacheType, SplitMode};
+pub use types::*;
+pub use vision::{DecodeLimits, TileSpec};

@@ -1,7 +1,7 @@
 //! A request's sampling settings, the reference's greedy choice, log-probabilities,
 //! and turning token bytes into streamable text (whole UTF-8 characters, stop
 //! sequences held back). The sampler chain itself is llama.cpp's (the engine's
-//! `sampler.rs`).
+//! `llama/sampler.rs`).
 
 /// Sampling settings of one request, already validated.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -15,6 +15,7 @@ mod ffi;
 mod log;
 mod model;
 mod mtmd;
+mod sampler;
 mod vulkan;
 
 use llama_cpp_sys_2 as sys;
@@ -26,6 +27,7 @@ pub use internvl_core::settings::{ContextParams, ModelParams, VisionParams};
 pub use log::capture as capture_logs;
 pub use model::{quantize, Model, Quantization};
 pub use mtmd::Vision;
+pub use sampler::TokenSampler;
 pub use vulkan::{list as vulkan_devices, VulkanDevice};
 
 /// Starts llama.cpp's backends once and routes its logs to `tracing`

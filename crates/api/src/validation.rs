@@ -1,12 +1,12 @@
 //! Proto requests to engine requests. Every refusal names the field as the
 //! client wrote it, e.g. `messages[1].content[0].image.data`.
 
-use crate::engine::{
+use internvl_core::{
     ChatMessage, EmbedRequest, EngineError, GenerateRequest, ImageInput, Part, Pooling,
     ResponseFormat, Role, SamplingParams, VideoInput,
 };
 
-use super::proto;
+use crate::proto;
 
 /// Per-request limits a deployment sets (see `Config`), checked before any
 /// image is decoded or anything reaches the engine.

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{
+use internvl_core::settings::{parse_choice, ContextParams, ModelParams, VisionParams};
+use internvl_core::{
     DecodeLimits, EngineSettings, FlashAttn, FormatLimits, KvCacheType, SplitMode,
 };
-use internvl_core::settings::{parse_choice, ContextParams, ModelParams, VisionParams};
 
 /// Everything a deployment can set. Field names are the TOML keys and, upper-cased
 /// with the `INTERNVL_` prefix, the environment variables.
@@ -364,8 +364,8 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 
 impl Config {
     /// The per-request limits the service enforces.
-    pub fn request_limits(&self) -> crate::service::validation::Limits {
-        crate::service::validation::Limits {
+    pub fn request_limits(&self) -> crate::validation::Limits {
+        crate::validation::Limits {
             max_images: self.max_images_per_request,
             max_top_logprobs: self.max_top_logprobs,
             max_stop_sequences: self.max_stop_sequences,
