@@ -1,7 +1,7 @@
 //! Service vs bare llama.cpp, same model, threads and batch sizes, one run.
 //!
 //! `cargo bench` uses the bundled tiny model. Real shapes:
-//! `python3 ../shared/tools/make_bench_model.py DIR --shape internvl3-1b --type q8_0`, then
+//! `python3 benches/make_bench_model.py DIR --shape internvl3-1b --type q8_0`, then
 //! `INTERNVL_BENCH_MODEL=DIR/…gguf INTERNVL_BENCH_MMPROJ=DIR/mmproj-…gguf cargo bench`.
 //! Other knobs: INTERNVL_BENCH_THREADS (default: all cores), INTERNVL_BENCH_TOKENS (128),
 //! INTERNVL_BENCH_REPEATS (3).

@@ -122,16 +122,6 @@ impl Engine {
         *self.lifecycle.in_flight.borrow()
     }
 
-    /// Sequences being prefilled or decoded now (the rest of
-    /// [`Engine::in_flight`] waits for a slot or for its client).
-    pub fn active_sequences(&self) -> usize {
-        self.slot_phases()
-            .iter()
-            .filter(|(phase, _)| *phase != SlotPhase::Idle)
-            .map(|(_, n)| n)
-            .sum()
-    }
-
     /// How many slots are in each phase now.
     pub fn slot_phases(&self) -> Vec<(SlotPhase, usize)> {
         SlotPhase::ALL
@@ -169,11 +159,6 @@ impl Engine {
                 tracing::error!("requests still in flight after cutting; stopping anyway");
             }
         }
-    }
-
-    /// Watches the engine's state (loading, ready, failed, stopped).
-    pub fn state(&self) -> watch::Receiver<EngineState> {
-        self.state.clone()
     }
 
     /// Waits until the model is loaded, or returns why it never will be.

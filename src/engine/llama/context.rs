@@ -302,12 +302,6 @@ impl Context {
         unsafe { sys::llama_set_embeddings(self.ptr.as_ptr(), on) }
     }
 
-    /// Whether the next decodes use a causal mask.
-    pub fn set_causal(&mut self, causal: bool) {
-        // SAFETY: live context.
-        unsafe { sys::llama_set_causal_attn(self.ptr.as_ptr(), causal) }
-    }
-
     fn check_span(&self, n: usize, pos: i32, seq: i32) -> Result<(), EngineError> {
         if !(0..self.n_seq_max).contains(&seq) {
             return Err(EngineError::Inference(format!(

@@ -63,12 +63,6 @@ impl Vision {
         })
     }
 
-    /// Whether image positions must be decoded without a causal mask.
-    pub fn non_causal(&self) -> bool {
-        // SAFETY: null chunk means "an image chunk" per the API.
-        unsafe { sys::mtmd_decode_use_non_causal(self.ptr.as_ptr(), std::ptr::null()) }
-    }
-
     /// Encodes one tile (RGB, `side` × `side`, already the encoder's native
     /// size so mtmd neither resizes nor slices it) into `tokens_per_tile` embeddings.
     pub fn encode_tile(&mut self, rgb: &[u8], side: u32) -> Result<Vec<f32>, EngineError> {
