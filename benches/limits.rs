@@ -28,12 +28,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use internvl_core::gguf::{self, Gguf};
+use internvl_core::position_rows;
+use internvl_core::sampling::argmax;
+use internvl_core::settings::KvCacheType;
 use internvl_grpc::config::Config;
-use internvl_grpc::engine::gguf::{self, Gguf};
-use internvl_grpc::engine::llama::{self, Context, Model, Outputs, Vision};
-use internvl_grpc::engine::position_rows;
-use internvl_grpc::engine::sampling::argmax;
-use internvl_grpc::engine::settings::KvCacheType;
+use internvl_llama::{self as llama, Context, Model, Outputs, Vision};
 use ndarray::{s, Array2};
 
 use common::{env_or, fixtures, median, model_pair, threads};

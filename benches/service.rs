@@ -12,13 +12,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use internvl_core::position_rows;
+use internvl_core::sampling::argmax;
+use internvl_core::vision::{decode_rgb, tile_image};
 use internvl_grpc::config::Config;
-use internvl_grpc::engine::llama::{self, BatchToken, Context, Model, Outputs, Vision};
-use internvl_grpc::engine::position_rows;
-use internvl_grpc::engine::sampling::argmax;
-use internvl_grpc::engine::vision::{decode_rgb, tile_image};
 use internvl_grpc::engine::{DecodeLimits, TileSpec};
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
+use internvl_llama::{self as llama, BatchToken, Context, Model, Outputs, Vision};
 
 use common::{env_or, fixtures, median, model_pair, threads};
 

@@ -5,12 +5,13 @@
 //! configuration, so tests start exactly what production runs),
 //! [`config::Config`], the [`engine::Engine`] handle and its domain types,
 //! the generated [`service::proto`] client and server, and the model
-//! [`catalog`]. Layers run one way: [`service`] (tonic handlers) →
-//! [`engine`] (domain, scheduling) → llama.cpp. `docs/ARCHITECTURE.md` walks
-//! one request through them, file by file.
+//! [`catalog`]. Layers run one way, as crates: this one ([`service`], tonic
+//! handlers) → `internvl-engine` ([`engine`], scheduling) → `internvl-llama`
+//! (llama.cpp), all on `internvl-core`. `docs/ARCHITECTURE.md` walks one
+//! request through them, file by file.
 
 pub mod cli;
-pub mod engine;
+pub use internvl_engine as engine;
 pub mod metrics;
 pub mod models;
 pub mod service;

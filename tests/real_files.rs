@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use common::parity::*;
 use common::*;
+use internvl_core::gguf;
 use internvl_grpc::config::Config;
-use internvl_grpc::engine::gguf;
-use internvl_grpc::engine::llama::{self, Quantization};
 use internvl_grpc::service::proto;
+use internvl_llama::{self as llama, Quantization};
 
 fn scratch() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("real-files");
@@ -164,8 +164,8 @@ async fn quantized_language_files_are_served() {
 /// `</think>` ends the reply there (README: "InternVL3.5 and `<think>`").
 #[test]
 fn think_tokens_stream_as_text_and_stop_sequences_see_them() {
-    use internvl_grpc::engine::llama::{Model, ModelParams};
-    use internvl_grpc::engine::sampling::TextStream;
+    use internvl_core::sampling::TextStream;
+    use internvl_llama::{Model, ModelParams};
 
     llama::init_backend(false, &[]).unwrap();
     let model = Model::load(

@@ -166,9 +166,9 @@ fn sigterm_drains_and_exits_cleanly() {
 /// rather than at the first refusal.
 #[test]
 fn the_fuzz_seeds_pass_the_checks_they_start_from() {
-    use internvl_grpc::engine::gguf;
-    use internvl_grpc::engine::gguf_meta::read_tile_spec;
-    use internvl_grpc::engine::position_rows::{prepare, VisionFile};
+    use internvl_core::gguf;
+    use internvl_core::gguf_meta::read_tile_spec;
+    use internvl_core::position_rows::{prepare, VisionFile};
 
     let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
     let language = gguf::read(&seeds.join("gguf_header/minimal-language-model.gguf")).unwrap();

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
-use internvl_grpc::engine::llama::{self, Model, Vision};
-use internvl_grpc::engine::position_rows;
-use internvl_grpc::engine::vision::{decode_rgb, tile_image, DecodeLimits, TileSpec};
+use internvl_core::position_rows;
+use internvl_core::vision::{decode_rgb, tile_image, DecodeLimits, TileSpec};
+use internvl_llama::{self as llama, Model, Vision};
 use sha2::{Digest, Sha256};
 
 const SPEC: TileSpec = TileSpec {
@@ -111,7 +111,7 @@ fn decoding_and_resizing_match_pillow_bit_for_bit() {
     }
     for (name, w, h, want) in PILLOW {
         let rgb = decode_rgb(&image_bytes(name), &DecodeLimits::default()).unwrap();
-        let out = internvl_grpc::engine::resize::resize_bicubic(&rgb, *w, *h);
+        let out = internvl_core::resize::resize_bicubic(&rgb, *w, *h);
         if sha(out.as_raw()) != *want {
             failures.push(format!(
                 "{name} -> {w}x{h}: resized pixels differ from Pillow's"

@@ -4,7 +4,7 @@
 use tracing::info;
 
 use super::prefill::Prefill;
-use crate::engine::protocol::EmbedJob;
+use crate::protocol::EmbedJob;
 use internvl_core::error::EngineError;
 use internvl_core::types::{Embedding, FinishReason, Pooling};
 

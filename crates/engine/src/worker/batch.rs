@@ -11,7 +11,7 @@ use super::clock::ms;
 use super::generate::next_token;
 use super::slots::Sequence;
 use super::state::Worker;
-use crate::engine::llama::BatchToken;
+use crate::llama::BatchToken;
 use internvl_core::cache::KvItem;
 use internvl_core::error::EngineError;
 use internvl_core::prompt::PromptItem;

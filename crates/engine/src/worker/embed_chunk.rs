@@ -5,7 +5,7 @@ use super::embed::EMBED_CHUNK;
 use super::prefill::Prefill;
 use super::slots::Sequence;
 use super::state::Worker;
-use crate::engine::llama::Outputs;
+use crate::llama::Outputs;
 use internvl_core::cache::KvItem;
 use internvl_core::error::EngineError;
 use internvl_core::prompt::PromptItem;

@@ -1,5 +1,5 @@
-//! The only place that talks to llama.cpp, and the only unsafe code: each
-//! block says why it is sound in a `SAFETY:` comment.
+//! `internvl-llama`: the only crate that talks to llama.cpp, and the only
+//! unsafe code: each block says why it is sound in a `SAFETY:` comment.
 //!
 //! The safe `llama-cpp-2` API cannot feed embeddings into a batch nor read the
 //! vision encoder's output embeddings, both of which exact InternVL tiling needs
@@ -9,7 +9,9 @@
 //! Every caller-controlled size is checked before it reaches a C function,
 //! because llama.cpp asserts abort the process.
 
+mod backend_plugins;
 mod context;
+pub mod cpu_kernels;
 pub mod devices;
 mod ffi;
 mod log;
@@ -88,7 +90,7 @@ static CPU_BACKEND_FILE: std::sync::OnceLock<String> = std::sync::OnceLock::new(
 /// the working directory, and picks the CPU variant from CPUID alone.
 #[cfg(feature = "dynamic-backends")]
 fn load_backend_plugins() -> Result<(), String> {
-    use super::backend_plugins;
+    use crate::backend_plugins;
     use std::path::{Path, PathBuf};
     let beside_binary = std::env::current_exe()
         .ok()
@@ -140,7 +142,7 @@ fn chosen_cpu_variant<'a>(
     cpu: &[&'a str],
 ) -> Result<Option<&'a str>, String> {
     #[cfg(target_arch = "x86_64")]
-    use super::backend_plugins;
+    use crate::backend_plugins;
     #[cfg(target_arch = "x86_64")]
     return backend_plugins::choose_x86_variant(cpu, backend_plugins::x86_supported)
         .map(Some)

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use tokio::sync::mpsc;
 
-use crate::engine::protocol::{EventResult, InFlight};
+use crate::protocol::{EventResult, InFlight};
 use internvl_core::error::EngineError;
 
 /// Events a stream has produced but its client has not yet taken. The engine
@@ -75,7 +75,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::protocol::Lifecycle;
+    use crate::protocol::Lifecycle;
     use internvl_core::types::GenerateEvent;
     use std::sync::Arc;
 

@@ -356,7 +356,7 @@ impl internvl_core::prompt::TextTokenizer for Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::llama::devices::{Device, DeviceKind};
+    use crate::devices::{Device, DeviceKind};
     use internvl_core::settings::SplitMode;
 
     fn params(

@@ -71,7 +71,7 @@ fn host_features() -> Vec<&'static str> {
         ("AVX_VNNI", "avxvnni"),
     ]
     .into_iter()
-    .filter(|(_, feature)| super::backend_plugins::x86_supported(feature))
+    .filter(|(_, feature)| crate::backend_plugins::x86_supported(feature))
     .map(|(name, _)| name)
     .collect();
     #[cfg(not(target_arch = "x86_64"))]

@@ -17,6 +17,7 @@ const GGML_KEY: &str = "GGML_VK_VISIBLE_DEVICES";
 pub struct VulkanDevice {
     /// Its index in Vulkan's list: what `vulkan_devices` takes.
     pub index: u32,
+    /// The name the driver gives it.
     pub name: String,
     /// `discrete`, `integrated`, `virtual`, `cpu` or `other`.
     pub kind: &'static str,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::embed::EmbedSeq;
 use super::generate::GenerateSeq;
 use super::prefill::Prefill;
-use crate::engine::protocol::PHASES;
+use crate::protocol::PHASES;
 use internvl_core::cache::KvContents;
 use internvl_core::vision::TileHash;
 

@@ -5,7 +5,7 @@
 use super::prefill::Prefill;
 use super::slots::Slot;
 use super::state::Worker;
-use crate::engine::encoder::Encoded;
+use crate::encoder::Encoded;
 use internvl_core::vision::TileHash;
 
 /// Whether a running request has yet to take this tile.

@@ -12,7 +12,7 @@ use super::embed::EmbedSeq;
 use super::generate::{self, GenerateSeq};
 use super::slots::{Sequence, Slot};
 use super::state::Worker;
-use crate::engine::protocol::Job;
+use crate::protocol::Job;
 use internvl_core::cache::kv_items;
 
 /// KV cells a job may come to hold: a generation its prompt plus every token

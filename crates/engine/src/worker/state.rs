@@ -9,9 +9,9 @@ use std::time::Duration;
 use super::outbox::Outbox;
 use super::slots::Slot;
 use super::threads::DecodeThreads;
-use crate::engine::encoder::{EncodeResult, TileEncoder};
-use crate::engine::llama::{Context, Model};
-use crate::engine::protocol::{Job, Lifecycle};
+use crate::encoder::{EncodeResult, TileEncoder};
+use crate::llama::{Context, Model};
+use crate::protocol::{Job, Lifecycle};
 use internvl_core::cache::{EmbeddingCache, PrefixCache};
 use internvl_core::vision::TileHash;
 

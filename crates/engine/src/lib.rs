@@ -1,4 +1,5 @@
-//! The inference engine: domain types, prompt preparation and the engine thread.
+//! The inference engine: prompt preparation, admission and the engine thread,
+//! over `internvl-llama`; its domain types are `internvl-core`'s, re-exported.
 //!
 //! No transport types here. One thread owns the context and takes work from a
 //! bounded command channel; callers get results back on channels. The vision
@@ -7,25 +8,12 @@
 //! read-only after loading and is shared so that tokenization and image tiling
 //! run on the caller's blocking threads.
 
-mod backend_plugins;
-mod cpu_kernels;
 mod encoder;
 mod protocol;
 mod worker;
 
-// The domain without llama.cpp lives in the `internvl-core` crate.
-pub use internvl_core::settings;
-use internvl_core::{constraint, error, placement, types};
-
-// Internal: public only so that tests, benches and fuzz targets can reach
-// the parts they check; not the product API (that is `Engine` and the types
-// re-exported below).
-#[doc(hidden)]
-pub mod llama;
-#[doc(hidden)]
-pub use internvl_core::{
-    digest, gbnf, gguf, gguf_meta, position_rows, prompt, resize, sampling, vision,
-};
+use internvl_core::{constraint, error, placement, prompt, sampling, settings, types, vision};
+use internvl_llama as llama;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,9 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use constraint::{FormatLimits, ResponseFormat};
-// For the fuzz targets, which compile formats without a model.
-#[doc(hidden)]
-pub use constraint::{FormatCompiler, Tokenize, Vocabulary};
 pub use error::EngineError;
 pub use placement::{Buffer, BufferKind, Device, DeviceKind, Placement};
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
