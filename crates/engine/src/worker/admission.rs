@@ -10,7 +10,7 @@ use tracing::info;
 use super::clock::interruption;
 use super::embed::EmbedSeq;
 use super::generate::{self, GenerateSeq};
-use super::slots::{Sequence, Slot};
+use super::slots::Sequence;
 use super::state::Worker;
 use crate::protocol::Job;
 use internvl_core::cache::kv_items;
@@ -76,8 +76,10 @@ impl Worker {
             Job::Embed(e) => kv_need(e.prompts.iter().map(|p| p.prompt_tokens), 0),
         };
         let busy = self.slots.iter().map(|s| s.sequence.is_some());
-        let reserved: usize = self.slots.iter().map(Slot::reserved).sum();
-        let Ok(index) = place(busy, reserved, need, self.context.n_ctx() as usize) else {
+        let reserved: usize = (self.slots.iter().enumerate())
+            .map(|(i, s)| s.reserved(self.pool.positions(i)))
+            .sum();
+        let Ok(index) = place(busy, reserved, need, self.pool.n_ctx()) else {
             return Err(job);
         };
         self.clock += 1;

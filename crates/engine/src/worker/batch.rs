@@ -12,7 +12,6 @@ use super::generate::next_token;
 use super::slots::Sequence;
 use super::state::Worker;
 use crate::llama::BatchToken;
-use internvl_core::cache::KvItem;
 use internvl_core::error::EngineError;
 use internvl_core::prompt::PromptItem;
 
@@ -101,8 +100,8 @@ impl Worker {
             if !g.prefill.done() {
                 reading.push(Reading {
                     slot: index,
-                    seq: slot.seq,
-                    pos: slot.pos(),
+                    seq: self.pool.seq(index),
+                    pos: self.pool.pos(index),
                     stamp: slot.stamp,
                     items: &g.prefill.items,
                     next: g.prefill.next,
@@ -110,8 +109,8 @@ impl Worker {
             } else if !g.pending.is_empty() && g.out.is_empty() {
                 decoding.push(Decoding {
                     slot: index,
-                    seq: slot.seq,
-                    pos: slot.pos(),
+                    seq: self.pool.seq(index),
+                    pos: self.pool.pos(index),
                     tokens: &g.pending,
                 });
             }
@@ -121,7 +120,7 @@ impl Worker {
             return false;
         }
         let started = Instant::now();
-        let result = self.context.decode_batch(&batch);
+        let result = self.pool.memory_mut().decode_batch(&batch);
         let elapsed = ms(started);
         if let Err(e) = result {
             warn!("batch decode failed: {e}");
@@ -141,12 +140,13 @@ impl Worker {
             let Some(Sequence::Generate(g)) = &mut slot.sequence else {
                 continue;
             };
-            let seq = slot.seq;
+            let seq = self.pool.seq(index);
             let generating = g.prefill.done();
             if !generating {
                 g.prefill.prefill_ms += elapsed;
             }
             let mut outputs = Vec::new();
+            let first = cursor;
             while cursor < batch.len() && batch[cursor].seq == seq {
                 let entry = batch[cursor];
                 if generating {
@@ -154,13 +154,12 @@ impl Worker {
                 } else {
                     g.prefill.next += 1;
                 }
-                slot.kv
-                    .push(KvItem::Token(entry.token), self.tokens_per_tile);
                 if entry.output {
                     outputs.push(cursor);
                 }
                 cursor += 1;
             }
+            (self.pool).record_tokens(index, batch[first..cursor].iter().map(|e| e.token));
             for i in outputs {
                 self.sample(index, i as i32);
             }
@@ -177,12 +176,12 @@ impl Worker {
             self.publish_phases();
         }
         let outcome = {
-            let pos = self.slots[index].kv.positions() as u32;
+            let pos = self.pool.positions(index) as u32;
             let Some(Sequence::Generate(g)) = &mut self.slots[index].sequence else {
                 return;
             };
-            let n_ctx = self.context.n_ctx();
-            match self.context.logits_mut(output) {
+            let n_ctx = self.pool.memory().n_ctx();
+            match self.pool.memory_mut().logits_mut(output) {
                 Err(e) => Some(Err(e)),
                 Ok(logits) => next_token(&self.model, g, logits, pos, n_ctx),
             }

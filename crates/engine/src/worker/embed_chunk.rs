@@ -6,7 +6,6 @@ use super::prefill::Prefill;
 use super::slots::Sequence;
 use super::state::Worker;
 use crate::llama::Outputs;
-use internvl_core::cache::KvItem;
 use internvl_core::error::EngineError;
 use internvl_core::prompt::PromptItem;
 use internvl_core::types::FinishReason;
@@ -33,9 +32,9 @@ impl Worker {
                 return false;
             }
         }
-        self.context.set_embeddings(true);
+        self.pool.memory_mut().set_embeddings(true);
         let result = self.embed_chunk(index);
-        self.context.set_embeddings(false);
+        self.pool.memory_mut().set_embeddings(false);
         match result {
             Ok(true) => self.finish(index, Ok(FinishReason::Stop)),
             Ok(false) => {}
@@ -78,13 +77,10 @@ impl Worker {
                     })
                     .take(EMBED_CHUNK)
                     .collect();
-                let pos = slot.kv.positions() as i32;
-                self.context
-                    .decode_tokens(&tokens, pos, slot.seq, Outputs::All)?;
+                let (pos, seq) = (self.pool.pos(index), self.pool.seq(index));
+                (self.pool.memory_mut()).decode_tokens(&tokens, pos, seq, Outputs::All)?;
                 p.next += tokens.len();
-                for &t in &tokens {
-                    slot.kv.push(KvItem::Token(t), self.tokens_per_tile);
-                }
+                self.pool.record_tokens(index, tokens.iter().copied());
                 tokens.len()
             }
             None => 0,
@@ -94,7 +90,7 @@ impl Worker {
             return Ok(true);
         };
         for i in 0..outputs {
-            e.accumulate(self.context.embeddings(i as i32)?);
+            e.accumulate(self.pool.memory_mut().embeddings(i as i32)?);
         }
         e.end_input_if_decoded()
     }

@@ -8,7 +8,6 @@ use super::embed::EMBED_CHUNK;
 use super::slots::Sequence;
 use super::state::Worker;
 use crate::llama::Outputs;
-use internvl_core::cache::KvItem;
 use internvl_core::error::EngineError;
 use internvl_core::prompt::PromptItem;
 
@@ -97,16 +96,19 @@ impl Worker {
             _ => Outputs::None,
         };
         let t = Instant::now();
-        let pos = (slot.kv.positions() + slot.partial) as i32;
-        self.context.decode_embeddings(part, pos, slot.seq, want)?;
+        let (pos, seq) = (self.pool.pos(index), self.pool.seq(index));
+        (self.pool.memory_mut()).decode_embeddings(part, pos, seq, want)?;
         prefill.prefill_ms += ms(t);
         *done += n;
-        slot.partial += n;
+        let whole = self.pool.record_tile_part(index, hash, n);
+        debug_assert_eq!(
+            whole,
+            *done == total,
+            "a tile's embeddings are one tile's positions"
+        );
         if *done == total {
             prefill.tile = None;
             prefill.next += 1;
-            slot.partial = 0;
-            slot.kv.push(KvItem::Tile(hash), self.tokens_per_tile);
         }
         Ok(Some((n, want)))
     }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tracing::info;
 
+use super::kv_pool::KvPool;
 use super::slots::Slot;
 use super::state::Worker;
 use super::threads::DecodeThreads;
@@ -216,16 +217,19 @@ impl Worker {
             .clamp(1, context.n_batch().saturating_sub(parallel).max(1));
         let worker = Worker {
             model,
-            slots: (0..parallel).map(|seq| Slot::new(seq as i32)).collect(),
-            context,
+            slots: (0..parallel).map(|_| Slot::new()).collect(),
+            pool: KvPool::new(
+                context,
+                parallel,
+                spec.tokens_per_tile as usize,
+                PrefixCache::new(settings.prefix_cache_bytes),
+            ),
             encoder,
             encoded: HashMap::new(),
-            tokens_per_tile: spec.tokens_per_tile as usize,
             lifecycle,
             embeddings: EmbeddingCache::new(settings.image_cache_bytes),
             outboxes: Vec::new(),
             waiting: None,
-            prefixes: PrefixCache::new(settings.prefix_cache_bytes),
             prefill_chunk,
             jump_forward: settings.jump_forward,
             clock: 0,

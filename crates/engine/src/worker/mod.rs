@@ -31,6 +31,7 @@ mod embed;
 mod embed_chunk;
 mod generate;
 mod image_chunk;
+mod kv_pool;
 mod load;
 mod outbox;
 mod prefill;
@@ -294,7 +295,7 @@ impl Worker {
         progress |= self.collect_encoded();
         self.feed_encoder();
         if let Some(threads) = self.threads.for_encoder_idle(self.encoder.is_idle()) {
-            self.context.set_threads(threads);
+            self.pool.memory_mut().set_threads(threads);
         }
         for index in 0..self.slots.len() {
             if let Err(e) = self.deliver_and_check(index) {
@@ -334,13 +335,7 @@ impl Worker {
         };
         self.lifecycle.record_service_time(slot.admitted.elapsed());
         // A tile decoded in part is not a reusable prefix.
-        if slot.partial > 0 {
-            let keep = slot.kv.positions();
-            slot.partial = 0;
-            if !self.context.remove_from(slot.seq, keep) {
-                self.clear_slot(index);
-            }
-        }
+        self.pool.drop_partial(index);
         self.publish_phases();
         // A tile encoded for this request alone is not needed any more.
         if !self.encoded.is_empty() {

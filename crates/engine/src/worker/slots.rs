@@ -7,7 +7,6 @@ use super::embed::EmbedSeq;
 use super::generate::GenerateSeq;
 use super::prefill::Prefill;
 use crate::protocol::PHASES;
-use internvl_core::cache::KvContents;
 use internvl_core::vision::TileHash;
 
 /// What a slot is doing, derived from its state at each step; named in
@@ -73,13 +72,9 @@ impl Sequence {
     }
 }
 
-/// One sequence of the context and what it holds.
+/// The request in one sequence of the context (what its cells hold is the
+/// KV pool's record, `kv_pool.rs`).
 pub(super) struct Slot {
-    /// llama.cpp's sequence id.
-    pub(super) seq: i32,
-    pub(super) kv: KvContents,
-    /// Positions of a tile decoded in part, beyond `kv`.
-    pub(super) partial: usize,
     /// Admission order of its sequence: prompts are read oldest first.
     pub(super) stamp: u64,
     /// When the running sequence was admitted.
@@ -88,28 +83,20 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    /// An empty slot for llama.cpp sequence `seq`.
-    pub(super) fn new(seq: i32) -> Self {
+    /// An empty slot.
+    pub(super) fn new() -> Self {
         Slot {
-            seq,
-            kv: KvContents::default(),
-            partial: 0,
             stamp: 0,
             admitted: Instant::now(),
             sequence: None,
         }
     }
 
-    /// The next position to decode.
-    pub(super) fn pos(&self) -> i32 {
-        (self.kv.positions() + self.partial) as i32
-    }
-
-    /// KV cells this slot may come to hold (an idle slot holds none: its
-    /// cells went to the prefix cache).
-    pub(super) fn reserved(&self) -> usize {
+    /// KV cells this slot may come to hold, `held` the positions it holds
+    /// now (an idle slot holds none: its cells went to the prefix cache).
+    pub(super) fn reserved(&self, held: usize) -> usize {
         match &self.sequence {
-            None => self.kv.positions(),
+            None => held,
             Some(Sequence::Generate(g)) => (g.prompt_tokens + g.request.max_new_tokens) as usize,
             Some(Sequence::Embed(e)) => e
                 .job
@@ -185,9 +172,9 @@ mod tests {
 
     #[test]
     fn an_idle_slot_reserves_what_it_still_holds() {
-        let slot = Slot::new(3);
-        assert_eq!(slot.reserved(), 0);
-        assert_eq!(slot.pos(), 0);
+        let slot = Slot::new();
+        assert_eq!(slot.reserved(0), 0);
+        assert_eq!(slot.reserved(5), 5);
         assert_eq!(slot.phase(|_| true), Phase::Idle);
     }
 }
