@@ -183,3 +183,84 @@ fn the_fuzz_seeds_pass_the_checks_they_start_from() {
         "{prepared:?}"
     );
 }
+
+/// A request is one span in the JSON log: the engine's line about it (the
+/// generation's end) carries the call's method, its `request_id` and the
+/// trace id of the `traceparent` a mesh sent; a malformed `traceparent` is
+/// ignored and the call still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_one_span_carrying_its_id_and_the_meshs_trace_id() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    use internvl_grpc::service::proto;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (port, metrics) = (common::free_port(), common::free_port());
+    let mut child = common::serve_tiny(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        format!("127.0.0.1:{metrics}").parse().unwrap(),
+    )
+    .args(["--log-json", "true"])
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("binary runs");
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |what: &str| {
+        lines
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no log line while waiting for {what}"))
+    };
+    while !next_line("ready").contains("\"ready\"") {}
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = proto::intern_vl_client::InternVlClient::new(channel);
+    let finished = |id: &str, traceparent: &str| {
+        let mut request = common::greedy(vec![common::user(vec![common::text("Hello!")])], 3);
+        request.request_id = id.into();
+        let mut request = tonic::Request::new(request);
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        request
+    };
+    for (id, traceparent, trace) in [
+        (
+            "span-test-1",
+            format!("00-{TRACE}-00f067aa0ba902b7-01"),
+            Some(TRACE),
+        ),
+        ("span-test-2", "00-not-a-trace-01".to_string(), None),
+    ] {
+        let stream = client.generate(finished(id, &traceparent)).await.unwrap();
+        common::collect(stream.into_inner()).await.unwrap();
+        let line = loop {
+            let line = next_line("the generation's end");
+            if line.contains("generation finished") {
+                break line;
+            }
+        };
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let request = line["spans"]
+            .as_array()
+            .and_then(|spans| spans.iter().find(|s| s["name"] == "request"))
+            .unwrap_or_else(|| panic!("the engine's line is inside the request span: {line}"));
+        assert_eq!(request["method"], "Generate", "{line}");
+        assert_eq!(request["request_id"], id, "{line}");
+        assert_eq!(request["trace_id"].as_str(), trace, "{line}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -5,6 +5,7 @@ pub mod auth;
 mod convert;
 pub mod deadline;
 mod error;
+pub mod trace;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use std::time::Instant;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tracing::{Instrument, Span};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,11 +54,12 @@ impl InternVlService {
         result
     }
 
-    /// What every call does before its response begins: its deadline from
-    /// the call's arrival and `grpc-timeout`, then `work` (validation and
-    /// the engine's part) within that deadline.
+    /// What every call does before its response begins, inside its `span`:
+    /// its deadline from the call's arrival and `grpc-timeout`, then `work`
+    /// (validation and the engine's part) within that deadline.
     async fn prepare<M, T, Fut>(
         &self,
+        span: &Span,
         request: Request<M>,
         work: impl FnOnce(M, Option<Instant>) -> Fut,
     ) -> Result<T, Status>
@@ -65,20 +68,27 @@ impl InternVlService {
     {
         let deadline =
             deadline::of(request.metadata(), request.extensions(), &self.limits).map_err(status)?;
-        deadline::within(deadline, work(request.into_inner(), deadline)).await
+        deadline::within(deadline, work(request.into_inner(), deadline))
+            .instrument(span.clone())
+            .await
     }
 
     /// A unary call: [`InternVlService::prepare`], the answer, its outcome counted.
     async fn unary<M, T, Fut>(
         &self,
-        method: &str,
+        method: &'static str,
         request: Request<M>,
         work: impl FnOnce(M, Option<Instant>) -> Fut,
     ) -> Result<Response<T>, Status>
     where
         Fut: Future<Output = Result<T, Status>>,
     {
-        let result = self.prepare(request, work).await.map(Response::new);
+        let span = trace::request_span(method, request.metadata());
+        let result = self.prepare(&span, request, work).await.map(Response::new);
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        span.record("outcome", format!("{code:?}"));
         self.counted(method, result)
     }
 }
@@ -93,16 +103,21 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let span = trace::request_span("Generate", request.metadata());
         let started = self
-            .prepare(request, |message, deadline| async move {
+            .prepare(&span, request, |message, deadline| async move {
                 let mut request = validation::generate(message, &self.limits).map_err(status)?;
+                Span::current().record("request_id", request.request_id.as_str());
                 request.deadline = deadline;
                 self.engine.generate(request).await.map_err(status)
             })
             .await;
         let events = match started {
             Ok(events) => events,
-            Err(status) => return self.counted("Generate", Err(status)),
+            Err(status) => {
+                span.record("outcome", format!("{:?}", status.code()));
+                return self.counted("Generate", Err(status));
+            }
         };
         let metrics = self.metrics.clone();
         // Whether the stream carried its end (`Done` or an error).
@@ -117,10 +132,14 @@ impl InternVl for InternVlService {
                     saw_end.store(true, Ordering::Relaxed);
                     metrics.generation(usage, timings);
                     metrics.request("Generate", tonic::Code::Ok);
+                    span.record("outcome", "Ok");
+                    span.record("prompt_tokens", usage.prompt_tokens);
+                    span.record("completion_tokens", usage.completion_tokens);
                 }
                 Err(status) => {
                     saw_end.store(true, Ordering::Relaxed);
                     metrics.request("Generate", status.code());
+                    span.record("outcome", format!("{:?}", status.code()));
                 }
                 Ok(GenerateEvent::Delta { .. }) => {}
             }
@@ -148,6 +167,7 @@ impl InternVl for InternVlService {
     ) -> Result<Response<proto::EmbedResponse>, Status> {
         self.unary("Embed", request, |message, deadline| async move {
             let mut request = validation::embed(message, &self.limits).map_err(status)?;
+            Span::current().record("request_id", request.request_id.as_str());
             request.deadline = deadline;
             Ok(convert::embed_response(
                 self.engine.embed(request).await.map_err(status)?,

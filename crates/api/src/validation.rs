@@ -262,12 +262,7 @@ pub fn generate(request: proto::GenerateRequest, limits: &Limits) -> Result<Gene
             ));
         }
     }
-    if request.request_id.len() > MAX_REQUEST_ID_BYTES {
-        return Err(invalid(
-            "request_id",
-            format!("longer than {MAX_REQUEST_ID_BYTES} bytes"),
-        ));
-    }
+    check_request_id(&request.request_id)?;
     Ok(GenerateRequest {
         sampling: sampling(request.sampling)?,
         messages: messages(request.messages, limits)?,
@@ -300,6 +295,17 @@ fn response_format(format: proto::ResponseFormat) -> Result<ResponseFormat> {
     })
 }
 
+/// A `request_id` goes into every log line of its request: bounded.
+fn check_request_id(id: &str) -> Result<()> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(invalid(
+            "request_id",
+            format!("longer than {MAX_REQUEST_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// An Embed request (the engine refuses an empty list of inputs).
 pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedRequest> {
     let pooling = match proto::Pooling::try_from(request.pooling) {
@@ -326,10 +332,12 @@ pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedReque
             Ok(parts)
         })
         .collect::<Result<Vec<_>>>()?;
+    check_request_id(&request.request_id)?;
     Ok(EmbedRequest {
         inputs,
         pooling,
         normalize: request.normalize,
         deadline: None,
+        request_id: request.request_id,
     })
 }

@@ -191,6 +191,8 @@ pub struct EmbedRequest {
     pub normalize: bool,
     /// When the caller stops waiting (gRPC deadline).
     pub deadline: Option<Instant>,
+    /// The caller's id for this request, for logs.
+    pub request_id: String,
 }
 
 /// One pooled vector.

@@ -325,6 +325,7 @@ impl Engine {
             events,
             in_flight,
             constraint,
+            span: tracing::Span::current(),
         };
         self.submit(Job::Generate(Box::new(job)))?;
         Ok(GenerateEvents::new(
@@ -384,6 +385,7 @@ impl Engine {
             deadline: request.deadline,
             reply,
             _in_flight: in_flight,
+            span: tracing::Span::current(),
         }))?;
         // Every path that ends a job answers it; a dropped reply means the
         // engine thread ended without doing so. A fault answers for an

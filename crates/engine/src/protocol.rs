@@ -61,6 +61,9 @@ pub(crate) struct GenerateJob {
     pub(crate) in_flight: InFlight,
     /// The compiled `response_format`, if any.
     pub(crate) constraint: Option<Constraint>,
+    /// The caller's span (the service's per-request span): the engine's log
+    /// lines about this request are written inside it.
+    pub(crate) span: tracing::Span,
 }
 
 /// An Embed call on its way to a slot.
@@ -72,6 +75,8 @@ pub(crate) struct EmbedJob {
     pub(crate) reply: oneshot::Sender<Result<Vec<Embedding>, EngineError>>,
     /// Held until the reply is about to be sent (or the job dropped).
     pub(crate) _in_flight: InFlight,
+    /// The caller's span, as [`GenerateJob::span`].
+    pub(crate) span: tracing::Span,
 }
 
 /// A request from the moment the handle accepts it until it is over: queued

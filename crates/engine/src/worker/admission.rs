@@ -110,6 +110,7 @@ impl Worker {
             Job::Embed(job) => {
                 let gone = job.reply.is_closed();
                 if let Err(e) = interruption(self.lifecycle.aborting(), gone, job.deadline, 0) {
+                    let _request = job.span.clone().entered();
                     // Dropping the job ends the request.
                     if job.reply.send(Err(e)).is_err() {
                         info!("embed client left while queued");

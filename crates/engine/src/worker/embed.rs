@@ -76,6 +76,7 @@ impl EmbedSeq {
 
 /// Answers a finished Embed request: its vectors, or the error.
 pub(super) fn close(e: EmbedSeq, outcome: Result<FinishReason, EngineError>) {
+    let _request = e.job.span.clone().entered();
     let result = outcome.map(|_| e.done);
     // The request stops counting before its caller can see the reply (see
     // `Outbox::flush`).

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
 use super::clock::ms;
 use super::outbox::Outbox;
@@ -43,6 +43,8 @@ pub(super) struct GenerateSeq {
     pub(super) out: Outbox,
     /// Where the reply stands in its `response_format`.
     constraint: Option<Constraint>,
+    /// The caller's span ([`GenerateJob::span`]).
+    span: tracing::Span,
 }
 
 /// The outbox of a job refused at admission (drain, deadline): it carries
@@ -75,6 +77,7 @@ impl GenerateSeq {
             events,
             in_flight,
             constraint,
+            span,
         } = job;
         let mut sampler = TokenSampler::new(&request.sampling, n_vocab);
         sampler.accept_prompt(prompt.text_tokens());
@@ -101,6 +104,7 @@ impl GenerateSeq {
             decode_started: None,
             constraint,
             out: Outbox::new(events, in_flight),
+            span,
         }
     }
 }
@@ -108,8 +112,7 @@ impl GenerateSeq {
 /// A finished generation's last events: the held-back text and `Done`, or
 /// the error; nothing when the client left.
 pub(super) fn close(mut g: GenerateSeq, outcome: Result<FinishReason, EngineError>) -> Outbox {
-    let span = info_span!("generate", request_id = %g.request.request_id);
-    let _enter = span.enter();
+    let _request = g.span.clone().entered();
     match outcome {
         Ok(finish) => {
             g.timings.vision_ms = g.prefill.vision_ms;
