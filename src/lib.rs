@@ -10,6 +10,9 @@
 //! (llama.cpp), all on `internvl-core`. `docs/ARCHITECTURE.md` walks one
 //! request through them, file by file.
 
+// llama.cpp's unsafe code lives in `internvl-llama` alone.
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub use internvl_engine as engine;
 pub mod metrics;

@@ -1,6 +1,8 @@
 //! `internvl-grpc`: parses the command line and configuration, sets up
 //! tracing, and hands over to the library.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -5,6 +5,9 @@
 //! model catalog ([`catalog`]). The fuzz targets build on this and
 //! `internvl-core` alone.
 
+// llama.cpp's unsafe code lives in `internvl-llama` alone.
+#![forbid(unsafe_code)]
+
 pub mod catalog;
 pub mod codec;
 pub mod config;

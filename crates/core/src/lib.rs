@@ -9,6 +9,9 @@
 //!
 //! Nothing here links llama.cpp, so the fuzz targets build without it.
 
+// llama.cpp's unsafe code lives in `internvl-llama` alone.
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod constraint;
 pub mod digest;

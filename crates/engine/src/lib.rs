@@ -8,6 +8,9 @@
 //! read-only after loading and is shared so that tokenization and image tiling
 //! run on the caller's blocking threads.
 
+// llama.cpp's unsafe code lives in `internvl-llama` alone.
+#![forbid(unsafe_code)]
+
 mod encoder;
 mod protocol;
 mod worker;
