@@ -45,12 +45,18 @@ impl InternVlService {
         }
     }
 
-    /// Counts the outcome of a call.
-    fn counted<T>(&self, method: &str, result: Result<T, Status>) -> Result<T, Status> {
+    /// Counts the outcome of a call and records it on the call's span.
+    fn counted<T>(
+        &self,
+        span: &Span,
+        method: &str,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
         let code = result
             .as_ref()
             .map_or_else(Status::code, |_| tonic::Code::Ok);
         self.metrics.request(method, code);
+        span.record("outcome", format!("{code:?}"));
         result
     }
 
@@ -85,11 +91,7 @@ impl InternVlService {
     {
         let span = trace::request_span(method, request.metadata());
         let result = self.prepare(&span, request, work).await.map(Response::new);
-        let code = result
-            .as_ref()
-            .map_or_else(Status::code, |_| tonic::Code::Ok);
-        span.record("outcome", format!("{code:?}"));
-        self.counted(method, result)
+        self.counted(&span, method, result)
     }
 }
 
@@ -114,10 +116,7 @@ impl InternVl for InternVlService {
             .await;
         let events = match started {
             Ok(events) => events,
-            Err(status) => {
-                span.record("outcome", format!("{:?}", status.code()));
-                return self.counted("Generate", Err(status));
-            }
+            Err(status) => return self.counted(&span, "Generate", Err(status)),
         };
         let metrics = self.metrics.clone();
         // Whether the stream carried its end (`Done` or an error).
