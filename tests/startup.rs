@@ -227,7 +227,7 @@ async fn a_request_is_one_span_carrying_its_id_and_the_meshs_trace_id() {
         .await
         .unwrap();
     let mut client = proto::intern_vl_client::InternVlClient::new(channel);
-    let finished = |id: &str, traceparent: &str| {
+    let traced_request = |id: &str, traceparent: &str| {
         let mut request = common::greedy(vec![common::user(vec![common::text("Hello!")])], 3);
         request.request_id = id.into();
         let mut request = tonic::Request::new(request);
@@ -244,7 +244,10 @@ async fn a_request_is_one_span_carrying_its_id_and_the_meshs_trace_id() {
         ),
         ("span-test-2", "00-not-a-trace-01".to_string(), None),
     ] {
-        let stream = client.generate(finished(id, &traceparent)).await.unwrap();
+        let stream = client
+            .generate(traced_request(id, &traceparent))
+            .await
+            .unwrap();
         common::collect(stream.into_inner()).await.unwrap();
         let line = loop {
             let line = next_line("the generation's end");

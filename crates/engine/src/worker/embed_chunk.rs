@@ -53,7 +53,7 @@ impl Worker {
                 return Ok(true);
             }
             // Each input starts from an empty sequence.
-            self.clear_slot(index);
+            self.pool.clear(index);
         }
         let front = match &self.slots[index].sequence {
             Some(Sequence::Embed(e)) => e.prefill.as_ref().and_then(Prefill::front),

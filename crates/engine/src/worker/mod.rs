@@ -346,7 +346,7 @@ impl Worker {
         // else is a prefix worth keeping, out of the pool.
         let keep = matches!(sequence, Sequence::Generate(_))
             && !matches!(outcome, Err(EngineError::Inference(_)));
-        self.save_prefix(index, keep);
+        self.pool.save(index, keep);
         match sequence {
             Sequence::Generate(g) => {
                 let out = generate::close(*g, outcome);

@@ -46,17 +46,6 @@ impl Worker {
             kv,
         )
     }
-
-    /// Moves slot `index`'s cells to the prefix cache (when `keep`) and
-    /// empties the slot.
-    pub(super) fn save_prefix(&mut self, index: usize, keep: bool) {
-        self.pool.save(index, keep);
-    }
-
-    /// Empties a slot's KV cells.
-    pub(super) fn clear_slot(&mut self, index: usize) {
-        self.pool.clear(index);
-    }
 }
 
 #[cfg(test)]
