@@ -6,9 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 use tokio_stream::StreamExt;
 
+use internvl_api::config;
 use internvl_api::proto::{self, intern_vl_client::InternVlClient};
 
 /// InternVL3 vision-language models over gRPC.
@@ -25,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve a model over gRPC.
     Serve(Box<ServeArgs>),
+    /// Print the configuration's keys and defaults, or check a configuration.
+    Config(Box<ConfigArgs>),
     /// Stream a reply from a running server.
     Generate(GenerateArgs),
     /// Embed text and images with a running server.
@@ -155,119 +157,154 @@ pub struct PullArgs {
     pub hub: HubArgs,
 }
 
-/// Flags of `serve`; each one overrides the file and the environment. Unset
-/// flags are left out of the overrides.
-#[derive(Debug, Args, Serialize)]
+/// Flags of `serve` and `config --check`: `--config FILE`, then every
+/// configuration key as a flag (`--n-ctx 4096`) and `--set key=value`. Each
+/// overrides the file and the environment. The key flags are made from the
+/// configuration's schema ([`internvl_api::config::keys`]), so no list of
+/// keys is written here.
+#[derive(Debug, Default, Clone)]
 pub struct ServeArgs {
     /// TOML configuration file.
-    #[arg(long)]
-    #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Language model: catalog name (`internvl-grpc models`; NAME or NAME:QUANT), path, or hf://owner/repo/file.gguf.
+    /// `(key, value)` as the command line wrote them.
+    pub settings: Vec<(String, String)>,
+}
+
+/// `--set`'s `key=value`, with a key the schema has.
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not key=value"))?;
+    let key = key.trim();
+    match config::key(key) {
+        Some(_) => Ok((key.to_string(), value.to_string())),
+        None => Err(format!(
+            "{key:?} is no configuration key (`internvl-grpc config --print` lists them)"
+        )),
+    }
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = Self::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        if let Some(file) = matches.get_one::<PathBuf>("config") {
+            self.config = Some(file.clone());
+        }
+        let mut settings: Vec<(String, String)> = config::keys()
+            .iter()
+            .filter_map(|key| {
+                let value = matches.get_one::<String>(key.name.as_str())?;
+                Some((key.name.clone(), value.clone()))
+            })
+            .collect();
+        settings.extend(
+            matches
+                .get_many::<(String, String)>("set")
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
+        let mut seen = std::collections::HashSet::new();
+        if let Some((key, _)) = settings.iter().find(|(key, _)| !seen.insert(key)) {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("the key {key} is set twice on the command line\n"),
+            ));
+        }
+        self.settings = settings;
+        Ok(())
+    }
+}
+
+impl clap::Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, ArgAction};
+        let mut cmd = cmd
+            .arg(
+                Arg::new("config")
+                    .long("config")
+                    .value_name("FILE")
+                    .value_parser(clap::value_parser!(PathBuf))
+                    .help("TOML configuration file (`internvl-grpc config --print` writes one)"),
+            )
+            .arg(
+                Arg::new("set")
+                    .long("set")
+                    .value_name("KEY=VALUE")
+                    .action(ArgAction::Append)
+                    .value_parser(parse_setting)
+                    .help("Sets any configuration key, as its flag does"),
+            );
+        for key in config::keys() {
+            let mut help = key.summary().to_string();
+            if let config::ValueKind::Choice(choices) = &key.kind {
+                help.push_str(&format!(" [{}]", choices.join(", ")));
+            }
+            let mut arg = Arg::new(key.name.clone())
+                .long(key.flag())
+                .help(help)
+                .long_help(key.description.clone());
+            // A flag alone turns a boolean on; other values may be negative
+            // (`--n-gpu-layers -1`), which only a required value can take
+            // without eating the next flag.
+            arg = match key.kind {
+                config::ValueKind::Bool => arg
+                    .value_name("BOOL")
+                    .num_args(0..=1)
+                    .default_missing_value("true"),
+                config::ValueKind::List => arg.value_name("A,B,…").allow_hyphen_values(true),
+                _ => arg.value_name("VALUE").allow_hyphen_values(true),
+            };
+            cmd = cmd.arg(arg);
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// Flags of `config`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Write every key with its description and default, as TOML that
+    /// loads as the defaults.
+    #[arg(long, conflicts_with = "check")]
+    pub print: bool,
+    /// With --print: the README's Markdown table instead.
+    #[arg(long, requires = "print")]
+    pub markdown: bool,
+    /// Merge the file, the environment and the flags as `serve` does, check
+    /// every value, and write the result (exit 1 naming each wrong key).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    /// Vision encoder (mmproj): path or hf://owner/repo/file.gguf; defaults to the catalog entry's.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mmproj: Option<String>,
-    /// Address to listen on, e.g. 0.0.0.0:50051.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<String>,
-    /// Hugging Face cache directory.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hf_cache: Option<PathBuf>,
-    /// Directory for files derived from the model (the corrected mmproj).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache_dir: Option<PathBuf>,
-    /// Only use cached hub files.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub offline: Option<bool>,
-    /// KV cells shared by all sequences (0 = the model's training context).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub n_ctx: Option<u32>,
-    /// Sequences decoded together (they share the n_ctx KV cells).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parallel: Option<u32>,
-    /// Most prompt positions decoded per scheduler step.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefill_chunk: Option<u32>,
-    /// Most positions per decode.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub n_batch: Option<u32>,
-    /// Physical micro-batch.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub n_ubatch: Option<u32>,
-    /// CPU threads (0 = all cores).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub threads: Option<u32>,
-    /// Layers on the GPU (-1 = all).
-    #[arg(long, allow_hyphen_values = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub n_gpu_layers: Option<i32>,
-    /// GPU for the whole model with split_mode none.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub main_gpu: Option<i32>,
-    /// none, layer or row.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub split_mode: Option<String>,
-    /// Share per GPU, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tensor_split: Option<Vec<f32>>,
-    /// ggml devices the model may use, comma separated (Vulkan0,CUDA1,RPC0).
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub devices: Option<Vec<String>>,
-    /// ggml RPC servers whose devices are added, comma separated host:port.
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rpc_servers: Option<Vec<String>>,
-    /// Vulkan devices ggml may use, by index in Vulkan's list, comma
-    /// separated (`internvl-grpc devices` lists them).
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub vulkan_devices: Option<Vec<u32>>,
-    /// Run the vision encoder on the GPU.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mmproj_offload: Option<bool>,
-    /// auto, on or off.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub flash_attn: Option<String>,
-    /// Flash attention in the vision encoder: auto, on or off.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mmproj_flash_attn: Option<String>,
-    /// KV cache type for K (f16, q8_0, …).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache_type_k: Option<String>,
-    /// KV cache type for V.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache_type_v: Option<String>,
-    /// Log as JSON lines.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_json: Option<bool>,
-    /// Prometheus endpoint address, e.g. 0.0.0.0:9090.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics_listen: Option<String>,
+    pub check: bool,
+    /// What `serve` would be given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// `config`: the defaults, or a check of what `serve` would run with.
+pub fn config(args: ConfigArgs) -> ClientResult {
+    if args.print {
+        if args.markdown {
+            print!("{}", config::markdown_table());
+        } else {
+            print!("{}", config::defaults_toml());
+        }
+        return Ok(());
+    }
+    if !args.check {
+        return Err("say --print (the defaults) or --check (what serve would run with)".into());
+    }
+    let loaded = config::Config::load(args.serve.config.as_deref(), &args.serve.settings)?;
+    print!("{}", loaded.to_toml());
+    Ok(())
 }
 
 /// Where the server is.

@@ -44,7 +44,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: cli::ServeArgs) -> Result<(), String> {
-    let config = Config::load(args.config.as_deref(), &args).map_err(|e| e.to_string())?;
+    let config = Config::load(args.config.as_deref(), &args.settings).map_err(|e| e.to_string())?;
     init_tracing(config.log_json);
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -64,6 +64,7 @@ async fn main() -> ExitCode {
         Command::Embed(args) => cli::embed(args).await.map_err(|e| e.to_string()),
         Command::Info(args) => cli::info(args).await.map_err(|e| e.to_string()),
         Command::Health(args) => cli::health(args).await.map_err(|e| e.to_string()),
+        Command::Config(args) => cli::config(*args).map_err(|e| e.to_string()),
         Command::Models(args) => cli::models(args).map_err(|e| e.to_string()),
         Command::Devices(args) => cli::devices(args).map_err(|e| e.to_string()),
         // Serves until the process ends, on a thread of ggml's own.

@@ -267,3 +267,75 @@ async fn a_request_is_one_span_carrying_its_id_and_the_meshs_trace_id() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Every configuration key is a flag of `serve`, made from the schema; a
+/// flag, `--set` and the environment all reach the configuration; and a
+/// wrong value stops the start naming its key, every wrong key at once,
+/// before any model is read.
+#[test]
+fn every_key_is_a_flag_and_wrong_values_are_named() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_internvl-grpc"))
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("binary runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, help, _) = run(&["serve", "--help"], &[]);
+    assert!(ok);
+    for key in internvl_grpc::config::keys() {
+        let flag = format!("--{} ", key.flag());
+        assert!(help.contains(&flag), "serve --help lacks {flag}");
+    }
+    let (ok, merged, err) = run(
+        &[
+            "config",
+            "--check",
+            "--n-ctx",
+            "1024",
+            "--set",
+            "split_mode=row",
+            "--offline",
+            "--n-gpu-layers",
+            "-1",
+        ],
+        &[("INTERNVL_THREADS", "3")],
+    );
+    assert!(ok, "{err}");
+    for line in [
+        "n_ctx = 1024",
+        "split_mode = \"row\"",
+        "offline = true",
+        "n_gpu_layers = -1",
+        "threads = 3",
+    ] {
+        assert!(merged.lines().any(|l| l == line), "{line} in {merged}");
+    }
+    let (ok, _, err) = run(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "/nonexistent.gguf",
+            "--stream-buffer",
+            "0",
+            "--n-ubatch",
+            "4096",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("stream_buffer") && err.contains("n_ubatch"),
+        "{err}"
+    );
+    assert!(!err.contains("nonexistent"), "refused before the model: {err}");
+    let (ok, _, err) = run(&["serve", "--n-ctx", "1", "--set", "n_ctx=2"], &[]);
+    assert!(!ok && err.contains("n_ctx is set twice"), "{err}");
+}

@@ -168,11 +168,14 @@ impl Family {
         if std::env::var_os("TEST_INTERNVL_FROM_ENV").is_none() {
             return base;
         }
-        let fixed = serde_json::json!({
-            "model": base.model,
-            "threads": base.threads,
-            "cache_dir": base.cache_dir,
-        });
+        let fixed = [
+            ("model".to_string(), base.model.clone()),
+            ("threads".to_string(), base.threads.to_string()),
+            (
+                "cache_dir".to_string(),
+                test_cache_dir().display().to_string(),
+            ),
+        ];
         Config::load(None, &fixed).expect("INTERNVL_* settings")
     }
 }

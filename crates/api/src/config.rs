@@ -1,32 +1,44 @@
 //! Deployment configuration, layered: built-in defaults < TOML file
 //! (`--config`) < environment (`INTERNVL_…`) < command-line flags.
+//!
+//! [`Config`] is the one definition of the schema: its fields are the keys,
+//! their doc comments the descriptions, its `Default` the defaults, and each
+//! choice's names come from its type. [`keys`] reads that definition (through
+//! `schemars`), and everything else is made from it: the environment
+//! variables, the `serve` flags, `config --print` and the README's table.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use internvl_core::settings::{parse_choice, ContextParams, ModelParams, VisionParams};
+use internvl_core::settings::{ContextParams, ModelParams, VisionParams};
 use internvl_core::{
     DecodeLimits, EngineSettings, FlashAttn, FormatLimits, KvCacheType, SplitMode,
 };
 
 /// Everything a deployment can set. Field names are the TOML keys and, upper-cased
 /// with the `INTERNVL_` prefix, the environment variables.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Language model: a catalog name (`NAME[:QUANT]`, see `models/`), a local path, or `hf://owner/repo/file.gguf`.
+    /// Language model: a catalog name (`NAME[:QUANT]`, `internvl-grpc
+    /// models` lists them), a local path, or `hf://owner/repo/file.gguf`.
     pub model: String,
-    /// Vision encoder (mmproj): a path or `hf://…`; empty = the catalog entry's.
+    /// Vision encoder (mmproj): a path or `hf://…`; empty = the catalog
+    /// entry's.
     pub mmproj: String,
-    /// Address to serve gRPC on.
+    /// Address to serve gRPC on, e.g. `0.0.0.0:50051`.
     pub listen: String,
-    /// Hugging Face cache directory; empty = `HF_HOME` or `~/.cache/huggingface/hub`.
+    /// Hugging Face cache directory; unset = `HF_HOME` or
+    /// `~/.cache/huggingface/hub`.
     pub hf_cache: Option<PathBuf>,
     /// Never download; only use files already cached.
     pub offline: bool,
     /// Directory for files derived from the model files (the corrected
-    /// mmproj); empty = `$XDG_CACHE_HOME/internvl-grpc` or `~/.cache/internvl-grpc`.
+    /// mmproj); unset = `$XDG_CACHE_HOME/internvl-grpc` or
+    /// `~/.cache/internvl-grpc`.
     pub cache_dir: Option<PathBuf>,
     /// KV cells shared by all running sequences, in tokens; also the longest
     /// one request may be (0 = the model's training context).
@@ -36,6 +48,7 @@ pub struct Config {
     pub parallel: u32,
     /// Most prompt positions decoded per scheduler step: smaller keeps running
     /// streams smoother while a long prompt is read, larger reads it faster.
+    /// A format's forced tokens beyond the first come out of it too.
     pub prefill_chunk: u32,
     /// Tokens a `response_format` forces (a JSON Schema's keys and
     /// punctuation) are decoded in one batch with the token before them
@@ -44,23 +57,24 @@ pub struct Config {
     pub jump_forward: bool,
     /// Most positions per decode call.
     pub n_batch: u32,
-    /// Physical micro-batch.
+    /// Physical micro-batch (at most `n_batch`).
     pub n_ubatch: u32,
-    /// CPU threads (0 = all available cores).
+    /// CPU threads, the decoder's and the vision encoder's each (0 = all
+    /// available cores). Give each replica cores of its own.
     pub threads: u32,
     /// Language-model layers on the GPU (-1 = all).
     pub n_gpu_layers: i32,
     /// GPU for the whole model when `split_mode` is `none`.
     pub main_gpu: i32,
-    /// `none`, `layer` or `row`.
-    #[serde(deserialize_with = "parse_choice")]
+    /// How the language model's layers are spread over several GPUs.
     pub split_mode: SplitMode,
     /// Share of the model per GPU, e.g. `[3, 1]`.
     #[serde(deserialize_with = "one_or_many")]
     pub tensor_split: Vec<f32>,
     /// ggml devices the language model may use, by name (`Vulkan0`, `CUDA1`,
     /// `RPC0`), e.g. `["Vulkan0"]`; empty = every GPU ggml found and every RPC
-    /// server's. `internvl-grpc devices` lists them.
+    /// server's. `internvl-grpc devices` lists them; each is checked at
+    /// start-up (docs/OFFLOAD.md).
     pub devices: Vec<String>,
     /// ggml RPC servers (`internvl-grpc rpc-server`) whose devices are added,
     /// e.g. `["10.0.0.2:50052"]`. The protocol has no authentication: private
@@ -75,23 +89,22 @@ pub struct Config {
     pub vulkan_devices: Vec<u32>,
     /// Run the vision encoder on the GPU.
     pub mmproj_offload: bool,
-    /// `auto`, `on` or `off` (default auto: llama.cpp turns it on where the
-    /// device supports it, the CPU included; see `cache_type_v`).
-    #[serde(deserialize_with = "parse_choice")]
+    /// Flash attention in the language model; `auto`: llama.cpp turns it on
+    /// where the device supports it, the CPU included (see `cache_type_v`).
     pub flash_attn: FlashAttn,
-    /// Flash attention in the vision encoder, apart from the language model's:
-    /// `auto`, `on` or `off` (default on, as llama-server's `auto` is on the
-    /// CPU; tiles stay within the vision parity tolerance with it).
-    #[serde(deserialize_with = "parse_choice")]
+    /// Flash attention in the vision encoder, apart from the language
+    /// model's (on, as llama-server's `auto` is on the CPU; tiles stay within
+    /// the vision parity tolerance with it).
     pub mmproj_flash_attn: FlashAttn,
-    /// KV cache type for K: `auto` (f16), `f32`, `f16`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `iq4_nl`.
-    #[serde(deserialize_with = "parse_choice")]
+    /// KV cache type for K; `auto` is f16.
     pub cache_type_k: KvCacheType,
-    /// KV cache type for V (quantized V needs flash attention); `auto`: bf16
-    /// where flash attention may run on a CPU (a layer on the CPU, or any on
-    /// an RPC device), whose kernel sums an f16 V in f16 (reference parity
-    /// lost on long image prompts), else f16.
-    #[serde(deserialize_with = "parse_choice")]
+    /// KV cache type for V (a quantized V needs flash attention); `auto`:
+    /// bf16 where flash attention may run on a CPU (a layer on the CPU, or
+    /// any on an RPC device), whose kernel sums an f16 V in f16 and loses
+    /// reference parity on long image prompts, else f16. f16 there is faster
+    /// but further from the reference (benches/README.md, "Against
+    /// llama-server"). The start-up log's "language model context" line says
+    /// what was chosen.
     pub cache_type_v: KvCacheType,
     /// Requests waiting for a free slot: at most `parallel + queue_depth` are in
     /// flight, beyond that calls get RESOURCE_EXHAUSTED with a retry hint.
@@ -148,7 +161,7 @@ pub struct Config {
     pub max_stop_sequences: usize,
     /// Longest deadline honoured, in seconds; also the deadline of requests without one.
     pub max_deadline_secs: f64,
-    /// Address of the Prometheus endpoint (`/metrics`), e.g. `0.0.0.0:9090`; none = off.
+    /// Address of the Prometheus endpoint (`/metrics`), e.g. `0.0.0.0:9090`; unset = off.
     pub metrics_listen: Option<String>,
 }
 
@@ -177,9 +190,8 @@ impl Default for Config {
             vulkan_devices: Vec::new(),
             mmproj_offload: true,
             // On the CPU flash attention skips other sequences' cells in the
-            // shared KV pool: a burst of 8 prompts finished in 22.8 s instead
-            // of 28-31 s (benches/README.md). Parity holds with the bf16 V
-            // that `auto` picks for it.
+            // shared KV pool, so a burst finishes sooner (benches/README.md);
+            // parity holds with the bf16 V that `auto` picks for it.
             flash_attn: FlashAttn::Auto,
             mmproj_flash_attn: FlashAttn::On,
             cache_type_k: KvCacheType::Auto,
@@ -301,14 +313,19 @@ pub enum ConfigError {
     /// Reading or merging the layers failed.
     #[error("configuration: {0}")]
     Load(#[from] config::ConfigError),
-    /// A key has a value outside what it accepts.
-    #[error("configuration key {key}: {message}")]
-    Invalid {
-        /// The offending key.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
+    /// Keys have values outside what they accept: every one found.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<Problem>),
+}
+
+/// One key's value that is refused, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("configuration key {key}: {message}")]
+pub struct Problem {
+    /// The offending key.
+    pub key: &'static str,
+    /// What is wrong.
+    pub message: String,
 }
 
 /// A list key that also takes a single value: the `config` crate reads an
@@ -355,11 +372,182 @@ fn is_host_port(endpoint: &str) -> bool {
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
+/// What a key's value is, as the schema says, for the flags and the
+/// environment to read it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ValueKind {
+    /// `true` or `false`; a flag alone means `true`.
+    Bool,
+    /// Several values; the environment and flags separate them by commas.
+    List,
+    /// One of the names.
+    Choice(Vec<String>),
+    /// A number, text or path.
+    Scalar,
+}
+
+/// One configuration key, as [`Config`]'s schema describes it.
+#[derive(Clone, Debug)]
+pub struct Key {
+    /// The TOML key.
+    pub name: String,
+    /// What it sets (its doc comment).
+    pub description: String,
+    /// Its default, or `None` when unset by default.
+    pub default: Option<toml::Value>,
+    /// How its value is written.
+    pub kind: ValueKind,
+}
+
+impl Key {
+    /// The environment variable that sets it.
+    pub fn env(&self) -> String {
+        format!("{ENV_PREFIX}_{}", self.name.to_ascii_uppercase())
     }
+
+    /// The `serve` flag that sets it, without the dashes.
+    pub fn flag(&self) -> String {
+        self.name.replace('_', "-")
+    }
+
+    /// The description's first sentence, for short help.
+    pub fn summary(&self) -> &str {
+        let text = self.description.as_str();
+        text.find(". ").map_or(text, |end| &text[..=end])
+    }
+
+    /// The default as TOML writes it; `None` when unset.
+    pub fn default_text(&self) -> Option<String> {
+        self.default.as_ref().map(toml::Value::to_string)
+    }
+}
+
+/// Every configuration key, in [`Config`]'s order, read from its schema.
+pub fn keys() -> &'static [Key] {
+    static KEYS: OnceLock<Vec<Key>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let schema = schemars::schema_for!(Config);
+        let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialize");
+        let properties = schema
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .expect("Config's schema has properties");
+        properties
+            .iter()
+            .map(|(name, property)| {
+                let types: Vec<&str> = match property.get("type") {
+                    Some(serde_json::Value::String(t)) => vec![t.as_str()],
+                    Some(serde_json::Value::Array(ts)) => {
+                        ts.iter().filter_map(|t| t.as_str()).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let choices = property.get("enum").and_then(|e| e.as_array());
+                let kind = if let Some(choices) = choices {
+                    ValueKind::Choice(
+                        choices
+                            .iter()
+                            .filter_map(|c| c.as_str().map(str::to_string))
+                            .collect(),
+                    )
+                } else if types.contains(&"boolean") {
+                    ValueKind::Bool
+                } else if types.contains(&"array") {
+                    ValueKind::List
+                } else {
+                    ValueKind::Scalar
+                };
+                Key {
+                    name: name.clone(),
+                    description: property
+                        .get("description")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    default: defaults.get(name).cloned(),
+                    kind,
+                }
+            })
+            .collect()
+    })
+}
+
+/// The key named `name`.
+pub fn key(name: &str) -> Option<&'static Key> {
+    keys().iter().find(|k| k.name == name)
+}
+
+/// `config --print`: every key with its description and default, as a TOML
+/// file that loads as the defaults.
+pub fn defaults_toml() -> String {
+    let mut out = String::from(
+        "# internvl-grpc configuration: every key, set to its default.\n\
+         # Built-in defaults < this file (serve --config FILE) < environment\n\
+         # (INTERNVL_<KEY>) < flags (--<key> VALUE or --set key=value).\n",
+    );
+    for key in keys() {
+        out.push('\n');
+        for line in wrap(&key.description, 76) {
+            out.push_str(&format!("# {line}\n"));
+        }
+        if let ValueKind::Choice(choices) = &key.kind {
+            out.push_str(&format!("# One of: {}.\n", choices.join(", ")));
+        }
+        match key.default_text() {
+            Some(value) => out.push_str(&format!("{} = {value}\n", key.name)),
+            None => out.push_str(&format!("# {} is unset by default.\n", key.name)),
+        }
+    }
+    out
+}
+
+/// The README's table of keys: key, default, what it sets.
+pub fn markdown_table() -> String {
+    let cell = |text: &str| text.replace('|', "\\|");
+    let mut out = String::from("| Key | Default | What it sets |\n|---|---|---|\n");
+    for key in keys() {
+        let default = key
+            .default_text()
+            .map_or_else(|| "unset".to_string(), |d| format!("`{}`", cell(&d)));
+        let mut description = cell(&key.description);
+        if let ValueKind::Choice(choices) = &key.kind {
+            description.push_str(&format!(" One of: {}.", choices.join(", ")));
+        }
+        out.push_str(&format!("| `{}` | {default} | {description} |\n", key.name));
+    }
+    out
+}
+
+/// Words of `text` in lines of at most `width` characters (a longer word
+/// has a line of its own).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        match lines.last_mut() {
+            Some(line) if line.len() + 1 + word.len() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
+}
+
+/// A source of `(key, value text)` pairs read as the environment is: the
+/// same number, boolean and comma-separated list parsing for `INTERNVL_*`
+/// variables and for flags.
+fn text_source(pairs: config::Map<String, String>) -> config::Environment {
+    let mut source = config::Environment::with_prefix(ENV_PREFIX)
+        .source(Some(pairs))
+        .try_parsing(true)
+        .list_separator(",");
+    for key in keys().iter().filter(|k| k.kind == ValueKind::List) {
+        source = source.with_list_parse_key(&key.name);
+    }
+    source
 }
 
 impl Config {
@@ -373,16 +561,21 @@ impl Config {
         }
     }
 
-    /// Merges the layers. `overrides` is any serializable map of the keys the
-    /// command line set (unset flags must be left out).
-    pub fn load(file: Option<&Path>, overrides: &impl Serialize) -> Result<Self, ConfigError> {
+    /// This configuration as a TOML file (unset keys left out).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a configuration serializes")
+    }
+
+    /// Merges the layers and validates the result. `overrides` are the
+    /// `(key, value)` pairs the command line set, values as written.
+    pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<Self, ConfigError> {
         Self::load_with_env(file, overrides, std::env::vars_os())
     }
 
     /// [`Config::load`] with `env` in place of the process's environment.
     pub fn load_with_env(
         file: Option<&Path>,
-        overrides: &impl Serialize,
+        overrides: &[(String, String)],
         env: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
     ) -> Result<Self, ConfigError> {
         let mut builder =
@@ -394,99 +587,137 @@ impl Config {
                     .required(true),
             );
         }
+        let flags = overrides
+            .iter()
+            .map(|(key, value)| {
+                (
+                    format!("{ENV_PREFIX}_{}", key.to_ascii_uppercase()),
+                    value.clone(),
+                )
+            })
+            .collect();
         let config: Config = builder
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .source(Some(settings_in_env(env)?))
-                    .try_parsing(true)
-                    .list_separator(",")
-                    .with_list_parse_key("tensor_split")
-                    .with_list_parse_key("devices")
-                    .with_list_parse_key("rpc_servers")
-                    .with_list_parse_key("vulkan_devices")
-                    .with_list_parse_key("api_keys"),
-            )
-            .add_source(config::Config::try_from(overrides)?)
+            .add_source(text_source(settings_in_env(env)?))
+            .add_source(text_source(flags))
             .build()?
             .try_deserialize()?;
-        config.engine_settings()?;
+        config.validate()?;
         Ok(config)
     }
 
-    /// The engine's view of this configuration, checked.
+    /// Every rule the values must keep, apart from converting them: all the
+    /// problems found, each naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &'static str, message: String| {
+            if !ok {
+                problems.push(Problem { key, message });
+            }
+        };
+        check(self.n_batch > 0, "n_batch", "must be at least 1".into());
+        check(
+            self.n_ubatch > 0 && self.n_ubatch <= self.n_batch,
+            "n_ubatch",
+            format!(
+                "need 0 < n_ubatch ({}) <= n_batch ({})",
+                self.n_ubatch, self.n_batch
+            ),
+        );
+        check(
+            self.tensor_split.iter().all(|s| s.is_finite() && *s >= 0.0),
+            "tensor_split",
+            "shares must be finite and non-negative".into(),
+        );
+        if let Some(i) = self.rpc_servers.iter().position(|e| !is_host_port(e)) {
+            check(
+                false,
+                "rpc_servers",
+                format!("entry {i}, \"{}\", is not host:port", self.rpc_servers[i]),
+            );
+        }
+        if let Some(i) = self.devices.iter().position(|d| d.trim().is_empty()) {
+            check(
+                false,
+                "devices",
+                format!("entry {i} is empty; a device has a name"),
+            );
+        }
+        check(
+            self.drain_grace_secs.is_finite() && self.drain_grace_secs >= 0.0,
+            "drain_grace_secs",
+            "must be a finite, non-negative number of seconds".into(),
+        );
+        check(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            if self.tls_cert.is_some() {
+                "tls_key"
+            } else {
+                "tls_cert"
+            },
+            "tls_cert and tls_key go together".into(),
+        );
+        check(
+            self.tls_client_ca.is_none() || self.tls_cert.is_some(),
+            "tls_client_ca",
+            "mutual TLS needs tls_cert and tls_key".into(),
+        );
+        check(
+            self.api_keys.iter().all(|k| !k.is_empty()),
+            "api_keys",
+            "an API key cannot be empty".into(),
+        );
+        check(
+            self.max_deadline_secs.is_finite() && self.max_deadline_secs > 0.0,
+            "max_deadline_secs",
+            "must be a positive number of seconds".into(),
+        );
+        check(
+            self.max_image_alloc_mb > 0,
+            "max_image_alloc_mb",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=64).contains(&self.parallel),
+            "parallel",
+            "must be between 1 and 64".into(),
+        );
+        check(
+            self.prefill_chunk > 0,
+            "prefill_chunk",
+            "must be at least 1".into(),
+        );
+        check(
+            self.queue_depth > 0,
+            "queue_depth",
+            "must be at least 1".into(),
+        );
+        check(
+            self.stream_buffer > 0,
+            "stream_buffer",
+            "must be at least 1".into(),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The engine's view of this configuration, once [`Config::validate`]
+    /// accepts it.
     pub fn engine_settings(&self) -> Result<EngineSettings, ConfigError> {
+        self.validate()?;
+        Ok(self.to_engine_settings())
+    }
+
+    /// Conversion only: `validate` has kept the rules.
+    fn to_engine_settings(&self) -> EngineSettings {
         let threads = if self.threads == 0 {
             std::thread::available_parallelism().map_or(4, |n| n.get()) as i32
         } else {
             self.threads as i32
         };
-        if self.n_batch == 0 || self.n_ubatch == 0 || self.n_ubatch > self.n_batch {
-            return Err(invalid(
-                "n_ubatch",
-                format!(
-                    "need 0 < n_ubatch ({}) <= n_batch ({})",
-                    self.n_ubatch, self.n_batch
-                ),
-            ));
-        }
-        if self.tensor_split.iter().any(|s| !s.is_finite() || *s < 0.0) {
-            return Err(invalid(
-                "tensor_split",
-                "shares must be finite and non-negative",
-            ));
-        }
-        if let Some(i) = self.rpc_servers.iter().position(|e| !is_host_port(e)) {
-            return Err(invalid(
-                "rpc_servers",
-                format!("entry {i}, \"{}\", is not host:port", self.rpc_servers[i]),
-            ));
-        }
-        if let Some(i) = self.devices.iter().position(|d| d.trim().is_empty()) {
-            return Err(invalid(
-                "devices",
-                format!("entry {i} is empty; a device has a name"),
-            ));
-        }
-        if !self.drain_grace_secs.is_finite() || self.drain_grace_secs < 0.0 {
-            return Err(invalid(
-                "drain_grace_secs",
-                "must be a finite, non-negative number of seconds",
-            ));
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(invalid("tls_cert", "tls_cert and tls_key go together"));
-        }
-        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
-            return Err(invalid(
-                "tls_client_ca",
-                "mutual TLS needs tls_cert and tls_key",
-            ));
-        }
-        if self.api_keys.iter().any(|k| k.is_empty()) {
-            return Err(invalid("api_keys", "an API key cannot be empty"));
-        }
-        if !self.max_deadline_secs.is_finite() || self.max_deadline_secs <= 0.0 {
-            return Err(invalid(
-                "max_deadline_secs",
-                "must be a positive number of seconds",
-            ));
-        }
-        if self.max_image_alloc_mb == 0 {
-            return Err(invalid("max_image_alloc_mb", "must be at least 1"));
-        }
-        if !(1..=64).contains(&self.parallel) {
-            return Err(invalid("parallel", "must be between 1 and 64"));
-        }
-        if self.prefill_chunk == 0 {
-            return Err(invalid("prefill_chunk", "must be at least 1"));
-        }
-        if self.queue_depth == 0 || self.stream_buffer == 0 {
-            return Err(invalid(
-                "queue_depth",
-                "queue_depth and stream_buffer must be at least 1",
-            ));
-        }
-        Ok(EngineSettings {
+        EngineSettings {
             model: ModelParams {
                 n_gpu_layers: self.n_gpu_layers,
                 main_gpu: self.main_gpu,
@@ -535,14 +766,24 @@ impl Config {
                 .filter(|d| !d.as_os_str().is_empty())
                 .or_else(internvl_core::position_rows::default_cache_dir),
             llama_info_logs: self.llama_info_logs,
-        })
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+
+    fn set(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn no_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
+        std::iter::empty()
+    }
 
     #[test]
     fn layers_override_in_order() {
@@ -553,8 +794,7 @@ mod tests {
         // Environment beats the file; flags beat the environment.
         std::env::set_var("INTERNVL_N_BATCH", "600");
         std::env::set_var("INTERNVL_THREADS", "5");
-        let flags = BTreeMap::from([("threads", 7)]);
-        let c = Config::load(Some(&file), &flags).unwrap();
+        let c = Config::load(Some(&file), &set(&[("threads", "7")])).unwrap();
         std::env::remove_var("INTERNVL_N_BATCH");
         std::env::remove_var("INTERNVL_THREADS");
         assert_eq!((c.n_ctx, c.n_batch, c.threads), (1024, 600, 7));
@@ -565,7 +805,7 @@ mod tests {
     fn list_keys_from_the_environment_take_one_value_or_several() {
         let load = |vars: &[(&str, &str)]| {
             let env = vars.iter().map(|(k, v)| (k.into(), v.into()));
-            Config::load_with_env(None, &BTreeMap::<String, String>::new(), env)
+            Config::load_with_env(None, &[], env)
         };
         let c = load(&[
             ("INTERNVL_VULKAN_DEVICES", "0"),
@@ -588,15 +828,17 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let flags = BTreeMap::from([("split_mode", "diagonal")]);
-        let err = Config::load(None, &flags).unwrap_err().to_string();
+        let err = Config::load_with_env(None, &set(&[("split_mode", "diagonal")]), no_env())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("split_mode"), "{err}");
         assert!(
             err.contains("layer") && err.contains("row"),
             "names the choices: {err}"
         );
-        let flags = BTreeMap::from([("cache_type_v", "q3")]);
-        let err = Config::load(None, &flags).unwrap_err().to_string();
+        let err = Config::load_with_env(None, &set(&[("cache_type_v", "q3")]), no_env())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("cache_type_v") && err.contains("q8_0"),
             "{err}"
@@ -665,9 +907,8 @@ mod tests {
         // Beside service links alone, the misspelt key is what is refused.
         let mut vars = service_links("internvl-grpc", "10.96.12.7", &[("grpc", 50051)]);
         vars.push(("INTERNVL_MAX_IMAGES_PER_REQUST".into(), "3".into()));
-        let flags = BTreeMap::<String, String>::new();
         let env = vars.iter().map(|(k, v)| (k.into(), v.into()));
-        let err = Config::load_with_env(None, &flags, env)
+        let err = Config::load_with_env(None, &[], env)
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_images_per_requst"), "{err}");
@@ -675,7 +916,7 @@ mod tests {
         let mut vars = service_links("internvl-grpc", "10.96.12.7", &[("grpc", 50051)]);
         vars.push(("INTERNVL_THREADS".into(), "3".into()));
         let env = vars.iter().map(|(k, v)| (k.into(), v.into()));
-        assert_eq!(Config::load_with_env(None, &flags, env).unwrap().threads, 3);
+        assert_eq!(Config::load_with_env(None, &[], env).unwrap().threads, 3);
     }
 
     #[test]
@@ -687,5 +928,133 @@ mod tests {
                 assert!(!is_service_link(&name, value), "{name}={value}");
             }
         }
+    }
+
+    #[test]
+    fn the_schema_has_every_key_with_a_description_and_its_kind() {
+        let fields = serde_json::to_value(Config::default()).unwrap();
+        let fields: Vec<&String> = fields.as_object().unwrap().keys().collect();
+        let names: Vec<&String> = keys().iter().map(|k| &k.name).collect();
+        assert_eq!(names, fields);
+        for key in keys() {
+            assert!(
+                key.description.len() > 10,
+                "{} has no description",
+                key.name
+            );
+        }
+        let kind = |name: &str| key(name).unwrap().kind.clone();
+        assert_eq!(
+            kind("split_mode"),
+            ValueKind::Choice(vec!["none".into(), "layer".into(), "row".into()])
+        );
+        assert_eq!(kind("offline"), ValueKind::Bool);
+        assert_eq!(kind("tensor_split"), ValueKind::List);
+        assert_eq!(kind("vulkan_devices"), ValueKind::List);
+        assert_eq!(kind("n_gpu_layers"), ValueKind::Scalar);
+        assert_eq!(kind("hf_cache"), ValueKind::Scalar);
+        assert_eq!(key("hf_cache").unwrap().default_text(), None);
+        assert_eq!(key("n_ctx").unwrap().default_text().unwrap(), "8192");
+        assert_eq!(key("n_ctx").unwrap().env(), "INTERNVL_N_CTX");
+        assert_eq!(key("n_ctx").unwrap().flag(), "n-ctx");
+    }
+
+    #[test]
+    fn the_printed_defaults_load_as_the_defaults() {
+        let printed = defaults_toml();
+        for key in keys() {
+            assert!(printed.contains(&key.name), "{} is not printed", key.name);
+        }
+        let dir = std::env::temp_dir().join(format!("internvl-defaults-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("defaults.toml");
+        std::fs::write(&file, &printed).unwrap();
+        let loaded = Config::load_with_env(Some(&file), &[], no_env());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(loaded.unwrap(), Config::default());
+    }
+
+    /// The README's table is made by `internvl-grpc config --print --markdown`.
+    #[test]
+    fn the_readme_table_is_the_schemas() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .unwrap();
+        let start = "<!-- config-table: made by `internvl-grpc config --print --markdown` -->\n";
+        let at = readme.find(start).expect("README has the table's marker") + start.len();
+        let end = readme[at..]
+            .find("<!-- /config-table -->")
+            .expect("end marker")
+            + at;
+        assert!(
+            readme[at..end] == markdown_table(),
+            "README.md's configuration table differs from the schema: replace it with \
+             the output of `cargo run -- config --print --markdown`"
+        );
+    }
+
+    #[test]
+    fn flags_read_values_as_the_environment_does() {
+        let c = Config::load_with_env(
+            None,
+            &set(&[
+                ("tensor_split", "3,1"),
+                ("vulkan_devices", "0"),
+                ("flash_attn", "off"),
+                ("n_gpu_layers", "-1"),
+                ("offline", "true"),
+                ("api_keys", "a,b"),
+            ]),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.tensor_split, vec![3.0, 1.0]);
+        assert_eq!(c.vulkan_devices, vec![0]);
+        assert_eq!(c.flash_attn, FlashAttn::Off);
+        assert_eq!(c.n_gpu_layers, -1);
+        assert!(c.offline);
+        assert_eq!(c.api_keys, ["a", "b"]);
+        let err = Config::load_with_env(None, &set(&[("n_ctxx", "1")]), no_env()).unwrap_err();
+        assert!(err.to_string().contains("n_ctxx"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_under_its_own_key() {
+        let keys_of = |c: Config| -> Vec<&'static str> {
+            match c.validate() {
+                Err(ConfigError::Invalid(problems)) => problems.iter().map(|p| p.key).collect(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            keys_of(Config {
+                stream_buffer: 0,
+                ..Config::default()
+            }),
+            ["stream_buffer"]
+        );
+        let all_wrong = Config {
+            n_batch: 0,
+            tensor_split: vec![f32::NAN],
+            rpc_servers: vec!["nohost".into()],
+            devices: vec![" ".into()],
+            drain_grace_secs: -1.0,
+            tls_key: Some("k.pem".into()),
+            tls_client_ca: Some("ca.pem".into()),
+            api_keys: vec![String::new()],
+            max_deadline_secs: 0.0,
+            max_image_alloc_mb: 0,
+            parallel: 65,
+            prefill_chunk: 0,
+            queue_depth: 0,
+            stream_buffer: 0,
+            ..Config::default()
+        };
+        let found = keys_of(all_wrong);
+        assert_eq!(found.len(), 15, "{found:?}");
+        for name in found {
+            assert!(key(name).is_some(), "{name} is no key");
+        }
+        assert!(Config::default().validate().is_ok());
     }
 }

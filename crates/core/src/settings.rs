@@ -129,8 +129,7 @@ pub struct VisionParams {
 }
 
 /// How the language model's layers are spread over several GPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SplitMode {
     /// One GPU (`main_gpu`) holds the whole model.
     None,
@@ -142,23 +141,19 @@ pub enum SplitMode {
 }
 
 /// Whether attention uses llama.cpp's fused flash-attention kernels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlashAttn {
     /// llama.cpp decides per device (on, on the CPU).
     #[default]
     Auto,
     /// Always.
-    #[serde(alias = "true")]
     On,
     /// Never.
-    #[serde(alias = "false")]
     Off,
 }
 
 /// Element type of the KV cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvCacheType {
     /// Chosen at load by [`ContextParams::resolved`].
     #[default]
@@ -180,14 +175,27 @@ pub enum KvCacheType {
     /// 5-bit blocks with a minimum.
     Q5_1,
     /// 4-bit non-linear blocks.
-    #[serde(rename = "iq4_nl")]
     Iq4Nl,
 }
 
-/// The names a choice is written as, for parsing with an error that lists
-/// the allowed values (serde's own names the key but not the values).
+/// The one definition of each choice's names: parsing (with an error that
+/// lists the allowed values, which serde's own does not), printing, serde
+/// and the configuration schema all come from it. The first name is the
+/// one printed; the others are accepted aliases.
 macro_rules! choice_names {
     ($ty:ident { $($variant:ident => $name:literal $(| $alias:literal)*),+ $(,)? }) => {
+        impl $ty {
+            /// The names this choice is written as (aliases aside).
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+
+            /// This choice's name, as the configuration writes it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+            }
+        }
+
         impl std::str::FromStr for $ty {
             type Err = String;
 
@@ -196,9 +204,42 @@ macro_rules! choice_names {
                     $($name $(| $alias)* => Ok($ty::$variant),)+
                     other => Err(format!(
                         "{other:?} is not one of {}",
-                        [$($name),+].join(", ")
+                        Self::NAMES.join(", ")
                     )),
                 }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.name())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl schemars::JsonSchema for $ty {
+            fn inline_schema() -> bool {
+                true
+            }
+
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": "string", "enum": Self::NAMES })
             }
         }
     };
@@ -218,17 +259,6 @@ choice_names!(KvCacheType {
     Q5_1 => "q5_1",
     Iq4Nl => "iq4_nl",
 });
-
-/// Deserializes a choice from its name through `FromStr`, so that a wrong
-/// value is refused with the allowed ones (for `#[serde(deserialize_with)]`).
-pub fn parse_choice<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err = String>,
-{
-    let text = String::deserialize(deserializer)?;
-    text.parse().map_err(serde::de::Error::custom)
-}
 
 #[cfg(test)]
 mod tests {
@@ -258,6 +288,22 @@ mod tests {
         assert_eq!("q5_1".parse::<KvCacheType>(), Ok(KvCacheType::Q5_1));
         let err = "q3".parse::<KvCacheType>().unwrap_err();
         assert!(err.contains("\"q3\"") && err.contains("iq4_nl"), "{err}");
+    }
+
+    #[test]
+    fn every_name_parses_back_to_its_choice() {
+        macro_rules! round_trip {
+            ($ty:ty) => {
+                for name in <$ty>::NAMES {
+                    let choice: $ty = name.parse().unwrap();
+                    assert_eq!(choice.name(), *name);
+                    assert_eq!(serde_json::to_value(choice).unwrap(), *name);
+                }
+            };
+        }
+        round_trip!(SplitMode);
+        round_trip!(FlashAttn);
+        round_trip!(KvCacheType);
     }
 
     #[test]
