@@ -7,6 +7,7 @@ use super::clock::ms;
 use super::embed::EMBED_CHUNK;
 use super::slots::Sequence;
 use super::state::Worker;
+use super::vision_feed::TileEmbeddings;
 use crate::llama::Outputs;
 use internvl_core::error::EngineError;
 use internvl_core::prompt::PromptItem;
@@ -71,15 +72,17 @@ impl Worker {
         let hash = tiled.hashes[tile];
         if prefill.tile.is_none() {
             // Encoded for a request that waited on it: its cost is this one's.
-            let embd = if let Some((result, took)) = self.encoded.remove(&hash) {
-                prefill.vision_ms += took.as_secs_f64() * 1e3;
-                result.map_err(EngineError::Inference)?
-            } else if let Some(embd) = self.embeddings.get(&hash) {
-                prefill.cached_tiles += 1;
-                embd
-            } else {
+            let embd = match self.vision.take(&hash) {
+                Some(TileEmbeddings::Encoded(result, took)) => {
+                    prefill.vision_ms += took.as_secs_f64() * 1e3;
+                    result.map_err(EngineError::Inference)?
+                }
+                Some(TileEmbeddings::Cached(embd)) => {
+                    prefill.cached_tiles += 1;
+                    embd
+                }
                 // Not encoded yet: the encoder is on it (see `feed_encoder`).
-                return Ok(None);
+                None => return Ok(None),
             };
             prefill.tile = Some((embd, 0));
         }

@@ -1,7 +1,6 @@
 //! Loading: resolve the model files, check them in Rust, load the language
 //! model, the (corrected) vision encoder and the context.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,11 +10,12 @@ use super::kv_pool::KvPool;
 use super::slots::Slot;
 use super::state::Worker;
 use super::threads::DecodeThreads;
+use super::vision_feed::VisionPipeline;
 use crate::encoder::TileEncoder;
 use crate::llama::cpu_kernels;
 use crate::llama::{self, Context, Model};
 use crate::protocol::{Lifecycle, Loaded};
-use internvl_core::cache::{EmbeddingCache, PrefixCache};
+use internvl_core::cache::PrefixCache;
 use internvl_core::constraint::{FormatCompiler, Vocabulary};
 use internvl_core::error::EngineError;
 use internvl_core::gguf_meta::{check_language_model, read_tile_spec};
@@ -224,10 +224,8 @@ impl Worker {
                 spec.tokens_per_tile as usize,
                 PrefixCache::new(settings.prefix_cache_bytes),
             ),
-            encoder,
-            encoded: HashMap::new(),
+            vision: VisionPipeline::new(encoder, settings.image_cache_bytes),
             lifecycle,
-            embeddings: EmbeddingCache::new(settings.image_cache_bytes),
             outboxes: Vec::new(),
             waiting: None,
             prefill_chunk,

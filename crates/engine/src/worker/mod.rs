@@ -19,7 +19,8 @@
 //! - `load.rs`: loading the model files;
 //! - `admission.rs`: which waiting job enters which slot, and when;
 //! - `prefix.rs`: reusing a running sequence's or the prefix cache's cells;
-//! - `vision_feed.rs`: which tile the encoder gets next;
+//! - `vision_feed.rs`: the vision pipeline (encoder, finished tiles, image
+//!   cache, unit-tested with a stand-in encoder) and which tile it gets next;
 //! - `batch.rs`: the step's token batch, and sampling its outputs;
 //! - `image_chunk.rs`: a chunk of image embeddings;
 //! - `embed_chunk.rs`: a chunk of an Embed request.
@@ -294,7 +295,7 @@ impl Worker {
         });
         progress |= self.collect_encoded();
         self.feed_encoder();
-        if let Some(threads) = self.threads.for_encoder_idle(self.encoder.is_idle()) {
+        if let Some(threads) = self.threads.for_encoder_idle(self.vision.is_idle()) {
             self.pool.memory_mut().set_threads(threads);
         }
         for index in 0..self.slots.len() {
@@ -338,10 +339,8 @@ impl Worker {
         self.pool.drop_partial(index);
         self.publish_phases();
         // A tile encoded for this request alone is not needed any more.
-        if !self.encoded.is_empty() {
-            let slots = &self.slots;
-            self.encoded.retain(|hash, _| awaited(slots, hash));
-        }
+        let slots = &self.slots;
+        self.vision.forget_unawaited(|hash| awaited(slots, hash));
         // A failed decode leaves the sequence in an unknown state; anything
         // else is a prefix worth keeping, out of the pool.
         let keep = matches!(sequence, Sequence::Generate(_))
@@ -366,7 +365,7 @@ impl Worker {
 
     /// Tells handles, logs and metrics how many slots are in each phase.
     fn publish_phases(&self) {
-        let counts = slots::phase_counts(&self.slots, |hash| self.tile_available(hash));
+        let counts = slots::phase_counts(&self.slots, |hash| self.vision.available(hash));
         if counts != self.lifecycle.phases() {
             tracing::debug!(
                 ?counts,

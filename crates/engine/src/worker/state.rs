@@ -1,32 +1,27 @@
 //! What the engine thread owns: the model, the KV pool (context, what each
-//! slot's cells hold, the prefix cache), the slots' sequences, the encoder,
-//! the image cache and the job waiting for room. Every step of the loop
+//! slot's cells hold, the prefix cache), the slots' sequences, the vision
+//! pipeline (encoder, finished tiles, image cache) and the job waiting for
+//! room. Every step of the loop
 //! (`mod.rs`) and of the files beside it is a method on [`Worker`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::kv_pool::KvPool;
 use super::outbox::Outbox;
 use super::slots::Slot;
 use super::threads::DecodeThreads;
-use crate::encoder::{EncodeResult, TileEncoder};
+use super::vision_feed::VisionPipeline;
 use crate::llama::{Context, Model};
 use crate::protocol::{Job, Lifecycle};
-use internvl_core::cache::EmbeddingCache;
-use internvl_core::vision::TileHash;
 
 /// Everything the engine thread owns.
 pub(super) struct Worker {
     pub(super) model: Arc<Model>,
     /// The context's memory and what each slot's cells hold.
     pub(super) pool: KvPool<Context>,
-    pub(super) encoder: TileEncoder,
-    /// Tiles back from the encoder that a request has not taken yet.
-    pub(super) encoded: HashMap<TileHash, (EncodeResult, Duration)>,
+    /// The encoder, the tiles it finished, the image cache.
+    pub(super) vision: VisionPipeline,
     pub(super) lifecycle: Arc<Lifecycle>,
-    pub(super) embeddings: EmbeddingCache,
     pub(super) slots: Vec<Slot>,
     /// Streams whose sequence is over but whose client has not taken every event.
     pub(super) outboxes: Vec<Outbox>,
