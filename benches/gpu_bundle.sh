@@ -22,7 +22,7 @@ grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/in
 
 # Test and bench executables, by name, from cargo's own report.
 executables=$(cargo test --release --locked --features dynamic-backends --no-run \
-    --test parity --test serving --bench service --message-format=json |
+    --test it --bench service --message-format=json |
     python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -10,7 +10,7 @@
 #   benches/gpu_check.sh build    # ggml's CUDA backend for sm_90 only, as a
 #                                 # plugin for the bundled binaries (≤ 8 min)
 #   benches/gpu_check.sh parity   # does it load, offload, keep parity: the
-#                                 # server's placement, then tests/parity.rs
+#                                 # server's placement, then tests/it/parity.rs
 #   benches/gpu_check.sh bench    # the service bench on a 1B-shaped model
 #   benches/gpu_check.sh summary  # one screen of what the steps found
 #   benches/gpu_check.sh cpu      # no GPU: CPU variant checks (as before)
@@ -136,7 +136,7 @@ parity)
     echo "$offload" | grep -q -E '(CUDA|Vulkan)[0-9]' || die "nothing is on a GPU"
     start=$SECONDS
     rc=0
-    (cd /work/main && timeout "${PARITY_TIMEOUT:-420}" "$(exe parity)" --test-threads 1 --nocapture 2>&1) >"$out/parity-gpu.log" || rc=$?
+    (cd /work/main && timeout "${PARITY_TIMEOUT:-420}" "$(exe it)" parity:: --test-threads 1 --nocapture 2>&1) >"$out/parity-gpu.log" || rc=$?
     grep -E '^(test |InternVL)' "$out/parity-gpu.log" | cut -c1-200
     note "parity on the GPU: rc $rc in $((SECONDS - start)) s; worst top-5 $(grep -o 'max |Δ| [0-9.]*' "$out/parity-gpu.log" | awk '{print $3}' | sort -g | tail -1)"
     [ $rc = 0 ] || die "parity failed (log: parity-gpu.log); flash_attn=off is the next question: TEST_INTERNVL_FROM_ENV=1 INTERNVL_FLASH_ATTN=off"
@@ -165,10 +165,10 @@ cpu)
         note "bench $name: rc $rc"
     }
     rc=0
-    (cd /work/main && timeout 200 "$(exe serving)" 2>&1) >"$out/serving-cpu.log" || rc=$?
+    (cd /work/main && timeout 200 "$(exe it)" serving:: 2>&1) >"$out/serving-cpu.log" || rc=$?
     note "serving tests, CPU variant ggml picks: rc $rc"
     rc=0
-    (cd /work/main && timeout 300 "$(exe parity)" 2>&1) >"$out/parity-cpu.log" || rc=$?
+    (cd /work/main && timeout 300 "$(exe it)" parity:: 2>&1) >"$out/parity-cpu.log" || rc=$?
     note "parity on the CPU: rc $rc"
     # The same bench binary from a folder holding only the AVX2 variant: the
     # loader looks beside the executable first.

@@ -6,6 +6,11 @@
 //! middle of a stream ends that stream with a status naming it, turns health
 //! NOT_SERVING and exits the process: nothing hangs.
 
+// A binary of its own: ggml registers RPC devices for the whole process,
+// and a model loaded with no `devices` list uses every one registered, so
+// servers elsewhere in the `it` binary would take these (soon killed)
+// devices. A deployment runs one engine per process.
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 //! next message (user and assistant turns alternate, after an optional system
 //! message when the text starts with `\x02`). The tokenizer is a stand-in (one
 //! token per byte), so this builds without llama.cpp; llama.cpp's tokenizer
-//! reads hostile text in `tests/bad_input.rs`.
+//! reads hostile text in `tests/it/bad_input.rs`.
 #![no_main]
 
 use std::path::Path;

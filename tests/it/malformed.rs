@@ -1,7 +1,7 @@
 //! Malformed input: every case gets a clear status (never INTERNAL or a dead
 //! process), and the server answers the next valid request.
 
-mod common;
+use crate::common;
 
 use std::io::Cursor;
 

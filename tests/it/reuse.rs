@@ -2,7 +2,7 @@
 //! the KV cache, one that starts like a running one shares its cells, a tile
 //! seen before is not encoded again, and answers stay the same.
 
-mod common;
+use crate::common;
 
 use common::*;
 use internvl_grpc::service::proto;

@@ -5,7 +5,7 @@
 //! Needs root to switch users (`setpriv`, util-linux); run as another user it
 //! already is non-root and runs as itself.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! Prometheus metrics on their own port, scraped over real HTTP.
 
-mod common;
+use crate::common;
 
 use common::*;
 use internvl_grpc::service::proto;

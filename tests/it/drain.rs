@@ -2,7 +2,7 @@
 //! finish within the grace period or are cut with UNAVAILABLE; deadlines end
 //! a stream with DEADLINE_EXCEEDED and free the engine.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! real server: a streamed Generate with an image, Embed, cancelling a stream,
 //! a refused request, a deadline, and `response_format`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

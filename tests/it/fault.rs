@@ -5,7 +5,7 @@
 //! health turns NOT_SERVING, and the process exits non-zero so that its
 //! orchestrator restarts it.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::process::Stdio;

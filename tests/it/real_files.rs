@@ -5,7 +5,7 @@
 //! quantizer. The fixtures themselves already have what else real files
 //! have: no BOS keys, 3-D class and position tensors, `general.*` keys.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

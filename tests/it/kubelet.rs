@@ -27,7 +27,7 @@
 //! The ports are the manifests' own (50051 and 9090) on this machine's
 //! network, so the overlays run one after the other in one test.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! runs alongside streams, and a full queue answers RESOURCE_EXHAUSTED with a
 //! retry hint.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Bad input gets INVALID_ARGUMENT naming the field, and the server keeps serving.
 
-mod common;
+use crate::common;
 
 use common::*;
 use internvl_grpc::service::proto;

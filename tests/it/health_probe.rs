@@ -1,7 +1,7 @@
 //! `internvl-grpc health`, the container probe, run as a process against a
 //! real server: exit 0 only for SERVING, a clear line otherwise.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 

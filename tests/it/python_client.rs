@@ -1,7 +1,7 @@
 //! A client in another language: Python grpcio stubs generated from `proto/`
 //! during the test stream a Generate call from the real server.
 
-mod common;
+use crate::common;
 
 use common::*;
 

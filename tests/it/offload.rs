@@ -5,7 +5,7 @@
 //! stop start-up with a message naming the setting, before llama.cpp sees
 //! them (it would fall back to the CPU without a word, or abort).
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! and a replica sent SIGTERM under load loses no call for a client that
 //! retries UNAVAILABLE as the standard gRPC retry policy does.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! RESOURCE_EXHAUSTED and nothing else fails. Figures are printed
 //! (`--nocapture`) and recorded in the README.
 
-mod common;
+use crate::common;
 
 use common::*;
 use internvl_grpc::config::Config;

@@ -11,7 +11,7 @@
 //! are the logits shifted by one constant per position; the reference logits
 //! are shifted the same way (log-softmax) before comparing.
 
-mod common;
+use crate::common;
 
 use common::parity::*;
 use common::*;

@@ -1,7 +1,7 @@
 //! Health while loading and when ready, reflection, and Generate options
 //! (stop sequences, seeded sampling), over real gRPC.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! constraint held every token, and one that ends does so because the
 //! format (or the service's bound on number digits) let it.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

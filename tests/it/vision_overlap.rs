@@ -1,7 +1,7 @@
 //! The vision encoder runs beside the decoding of other streams. Its own test
 //! binary, so that other tests' streams do not share the two CPU cores.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 

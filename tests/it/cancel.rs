@@ -2,7 +2,7 @@
 //! its slot is free for the next request at once instead of finishing the
 //! abandoned one. One slot, so the next request must wait for exactly that.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

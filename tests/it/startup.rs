@@ -1,7 +1,7 @@
 //! A missing or corrupt model file fails start-up of the real binary with a
 //! message naming the file and a non-zero exit.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -335,7 +335,10 @@ fn every_key_is_a_flag_and_wrong_values_are_named() {
         err.contains("stream_buffer") && err.contains("n_ubatch"),
         "{err}"
     );
-    assert!(!err.contains("nonexistent"), "refused before the model: {err}");
+    assert!(
+        !err.contains("nonexistent"),
+        "refused before the model: {err}"
+    );
     let (ok, _, err) = run(&["serve", "--n-ctx", "1", "--set", "n_ctx=2"], &[]);
     assert!(!ok && err.contains("n_ctx is set twice"), "{err}");
 }

@@ -1,6 +1,6 @@
 //! TLS, mutual TLS and API keys, with certificates made for the test.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! loopback (hf-hub's real client, HTTP ranges and all), then serving the
 //! pulled model by its catalog name, offline.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

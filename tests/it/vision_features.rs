@@ -1,7 +1,7 @@
 //! The service's own tiles, encoded by the real vision encoder, against the
 //! reference projector outputs (`images[].features`), tile by tile.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

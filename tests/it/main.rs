@@ -1,0 +1,33 @@
+//! The integration tests: one binary (it links llama.cpp once), one module
+//! per area. Each starts the real server on 127.0.0.1:0, or the real binary,
+//! and talks to it over real clients. Run one area with
+//! `cargo test --test it parity::`. `tests/rpc.rs` is the one binary apart
+//! (it says why).
+
+mod common;
+
+mod bad_input;
+mod batching;
+mod cancel;
+mod catalog;
+mod drain;
+mod fault;
+mod health_probe;
+mod kubelet;
+mod load;
+mod malformed;
+mod mesh_nginx;
+mod metrics;
+mod node_client;
+mod non_root;
+mod offload;
+mod parity;
+mod python_client;
+mod real_files;
+mod reuse;
+mod security;
+mod serving;
+mod startup;
+mod structured_output;
+mod vision_features;
+mod vision_overlap;
