@@ -1,8 +1,8 @@
 //! The integration tests: one binary (it links llama.cpp once), one module
 //! per area. Each starts the real server on 127.0.0.1:0, or the real binary,
 //! and talks to it over real clients. Run one area with
-//! `cargo test --test it parity::`. `tests/rpc.rs` is the one binary apart
-//! (it says why).
+//! `cargo test --test it parity::`. `tests/rpc.rs` and
+//! `tests/vision_overlap.rs` are binaries apart (each says why).
 
 mod common;
 
@@ -30,4 +30,3 @@ mod serving;
 mod startup;
 mod structured_output;
 mod vision_features;
-mod vision_overlap;
