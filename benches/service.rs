@@ -291,6 +291,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
             data: tile_png.clone(),
             max_tiles: 1,
             min_tiles: 1,
+            ..Default::default()
         })),
     };
     let ids = |content: Vec<proto::Content>| {
@@ -368,6 +369,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
                 data: variant(&tile_png, repeat),
                 max_tiles: 1,
                 min_tiles: 1,
+                ..Default::default()
             })),
         };
         for times in [&mut image, &mut repeated] {
@@ -388,6 +390,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
                 data: landscape13(),
                 max_tiles: 12,
                 min_tiles: 1,
+                ..Default::default()
             })),
         };
         let t = Instant::now();
@@ -437,6 +440,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
             data: variant(&tile_png, 9999),
             max_tiles: 1,
             min_tiles: 1,
+            ..Default::default()
         })),
     };
     let mut under_load = image_under_load(
@@ -450,6 +454,7 @@ async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderL
             data: variant(&tile_png, 7777),
             max_tiles: 1,
             min_tiles: 1,
+            ..Default::default()
         })),
     };
     under_load.shared_image_ttft_ms = shared_image_ttft(

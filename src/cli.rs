@@ -371,6 +371,7 @@ fn image_part(path: &PathBuf) -> Result<proto::Content, std::io::Error> {
             data: std::fs::read(path)?,
             max_tiles: 0,
             min_tiles: 0,
+            ..Default::default()
         })),
     })
 }
@@ -562,6 +563,7 @@ pub async fn info(args: ClientArgs) -> ClientResult {
     );
     println!("offload:       {}", info.offload);
     println!("parallel:      {} sequences", info.parallel);
+    println!("image URLs:    {}", info.media_schemes.join(", "));
     Ok(())
 }
 

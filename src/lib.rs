@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod media;
 pub use internvl_engine as engine;
 pub mod metrics;
 pub mod models;
@@ -56,6 +57,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The media fetcher could not be built.
+    #[error("media: {0}")]
+    Media(String),
     /// Reflection could not be set up.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -140,10 +144,12 @@ pub async fn run_with_metrics(
             engine.clone(),
         )))
     });
+    let fetcher = media::Fetcher::new(&config).map_err(ServeError::Media)?;
     let service = InternVlServer::new(InternVlService::new(
         engine.clone(),
         config.request_limits(),
         metrics.clone(),
+        std::sync::Arc::new(fetcher),
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);

@@ -97,10 +97,11 @@ pub(super) fn count_response(count: TokenCount) -> proto::CountTokensResponse {
     }
 }
 
-/// GetModelInfo's answer.
-pub(super) fn model_info(info: ModelInfo) -> proto::ModelInfo {
+/// GetModelInfo's answer; `media_schemes` are the fetcher's.
+pub(super) fn model_info(info: ModelInfo, media_schemes: Vec<&str>) -> proto::ModelInfo {
     let tiles = info.tiles;
     proto::ModelInfo {
+        media_schemes: media_schemes.into_iter().map(String::from).collect(),
         name: info.name,
         architecture: info.architecture,
         context_size: info.context_size,

@@ -7,6 +7,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::engine::EngineError;
+use internvl_core::error::MediaFailure;
 
 /// gRPC's server pushback header (gRFC A6): clients with a retry policy wait
 /// this long before retrying.
@@ -40,6 +41,15 @@ pub fn status(error: EngineError) -> Status {
                     .insert(RETRY_PUSHBACK, MetadataValue::from(*retry_after_ms));
                 return status;
             }
+            // A fetch that failed is the URL's fault, never this replica's:
+            // not UNAVAILABLE, which clients retry and meshes count against
+            // the replica.
+            EngineError::Media { failure, .. } => match failure {
+                MediaFailure::Malformed | MediaFailure::TooLarge => Code::InvalidArgument,
+                MediaFailure::Refused => Code::PermissionDenied,
+                MediaFailure::TimedOut => Code::DeadlineExceeded,
+                MediaFailure::Unreachable => Code::FailedPrecondition,
+            },
             EngineError::ModelFile { .. }
             | EngineError::CacheDir { .. }
             | EngineError::Offload { .. } => Code::FailedPrecondition,

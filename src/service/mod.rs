@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::engine::{Engine, EngineError, GenerateEvent};
+use crate::media::{Fetched, Fetcher};
 use crate::metrics::Metrics;
 use error::status;
 
@@ -33,15 +34,23 @@ pub struct InternVlService {
     engine: Engine,
     limits: validation::Limits,
     metrics: Arc<Metrics>,
+    media: Arc<Fetcher>,
 }
 
 impl InternVlService {
-    /// A service answering from `engine` within `limits`, recording into `metrics`.
-    pub fn new(engine: Engine, limits: validation::Limits, metrics: Arc<Metrics>) -> Self {
+    /// A service answering from `engine` within `limits`, recording into
+    /// `metrics`, fetching media URLs with `media`.
+    pub fn new(
+        engine: Engine,
+        limits: validation::Limits,
+        metrics: Arc<Metrics>,
+        media: Arc<Fetcher>,
+    ) -> Self {
         Self {
             engine,
             limits,
             metrics,
+            media,
         }
     }
 
@@ -107,11 +116,17 @@ impl InternVl for InternVlService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let span = trace::request_span("Generate", request.metadata());
         let started = self
-            .prepare(&span, request, |message, deadline| async move {
-                let mut request = validation::generate(message, &self.limits).map_err(status)?;
+            .prepare(&span, request, |mut message, deadline| async move {
+                let mut fetched = Fetched::default();
+                (self.media)
+                    .resolve_messages(&mut message.messages, "messages", &mut fetched)
+                    .await
+                    .map_err(status)?;
+                let relabel = |e| status(fetched.relabel(e));
+                let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
                 Span::current().record("request_id", request.request_id.as_str());
                 request.deadline = deadline;
-                self.engine.generate(request).await.map_err(status)
+                self.engine.generate(request).await.map_err(relabel)
             })
             .await;
         let events = match started {
@@ -164,12 +179,20 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
-        self.unary("Embed", request, |message, deadline| async move {
-            let mut request = validation::embed(message, &self.limits).map_err(status)?;
+        self.unary("Embed", request, |mut message, deadline| async move {
+            let mut fetched = Fetched::default();
+            for (i, input) in message.inputs.iter_mut().enumerate() {
+                (self.media)
+                    .resolve_content(&mut input.content, &format!("inputs[{i}]"), &mut fetched)
+                    .await
+                    .map_err(status)?;
+            }
+            let relabel = |e| status(fetched.relabel(e));
+            let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
             Span::current().record("request_id", request.request_id.as_str());
             request.deadline = deadline;
             Ok(convert::embed_response(
-                self.engine.embed(request).await.map_err(status)?,
+                self.engine.embed(request).await.map_err(relabel)?,
             ))
         })
         .await
@@ -179,10 +202,16 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        self.unary("CountTokens", request, |message, _| async move {
-            let messages = validation::messages(message.messages, &self.limits).map_err(status)?;
+        self.unary("CountTokens", request, |mut message, _| async move {
+            let mut fetched = Fetched::default();
+            (self.media)
+                .resolve_messages(&mut message.messages, "messages", &mut fetched)
+                .await
+                .map_err(status)?;
+            let relabel = |e| status(fetched.relabel(e));
+            let messages = validation::messages(message.messages, &self.limits).map_err(relabel)?;
             Ok(convert::count_response(
-                self.engine.count_tokens(messages).await.map_err(status)?,
+                self.engine.count_tokens(messages).await.map_err(relabel)?,
             ))
         })
         .await
@@ -204,7 +233,8 @@ impl InternVl for InternVlService {
         request: Request<proto::GetModelInfoRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         self.unary("GetModelInfo", request, |_, _| async move {
-            Ok(convert::model_info(self.engine.info().map_err(status)?))
+            let info = self.engine.info().map_err(status)?;
+            Ok(convert::model_info(info, self.media.schemes()))
         })
         .await
     }

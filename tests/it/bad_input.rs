@@ -159,6 +159,7 @@ async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
                         data: landscape.clone(),
                         max_tiles: 2,
                         min_tiles: 6,
+                        ..Default::default()
                     })),
                 }])],
                 4,

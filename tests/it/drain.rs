@@ -138,6 +138,7 @@ async fn deadlines_that_pass_before_the_first_token_are_deadline_exceeded() {
             data: image_bytes("landscape_800x600.jpg"),
             max_tiles: 12,
             min_tiles: 0,
+            ..Default::default()
         })),
     };
     let mut embed = tonic::Request::new(proto::EmbedRequest {

@@ -16,6 +16,7 @@ mod health_probe;
 mod kubelet;
 mod load;
 mod malformed;
+mod media;
 mod mesh_nginx;
 mod metrics;
 mod node_client;

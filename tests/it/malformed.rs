@@ -261,6 +261,7 @@ fn cases() -> Vec<(&'static str, proto::GenerateRequest, Expect)> {
                     data: png.clone(),
                     max_tiles: 1000,
                     min_tiles: 0,
+                    ..Default::default()
                 })),
             }]),
             Invalid("messages[0].content[0].image.max_tiles"),

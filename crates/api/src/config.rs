@@ -163,6 +163,24 @@ pub struct Config {
     pub max_deadline_secs: f64,
     /// Address of the Prometheus endpoint (`/metrics`), e.g. `0.0.0.0:9090`; unset = off.
     pub metrics_listen: Option<String>,
+    /// URL prefixes `Image.url` may fetch from, e.g.
+    /// `["https://images.example.com/"]`: scheme, host and port exact, the
+    /// path a prefix of whole segments. Empty = no remote fetching. A host
+    /// that resolves to a loopback, private, link-local or metadata address
+    /// is refused unless its entry names that address and port literally.
+    pub media_allow: Vec<String>,
+    /// Directory `file://` URLs may read under (after `..` and symlinks);
+    /// unset = no file URLs.
+    pub media_root: Option<PathBuf>,
+    /// Largest media file fetched from a URL, in MiB; reading stops past it.
+    pub media_max_mb: u64,
+    /// Media URLs fetched per request.
+    pub media_max_fetches: usize,
+    /// Seconds one fetch may take, connecting included (the call's deadline
+    /// bounds it too).
+    pub media_fetch_timeout_secs: f64,
+    /// Redirects followed per fetch; each hop is checked again.
+    pub media_max_redirects: u32,
 }
 
 impl Default for Config {
@@ -222,6 +240,12 @@ impl Default for Config {
             max_stop_sequences: 16,
             max_deadline_secs: 600.0,
             metrics_listen: None,
+            media_allow: Vec::new(),
+            media_root: None,
+            media_max_mb: 32,
+            media_max_fetches: 16,
+            media_fetch_timeout_secs: 30.0,
+            media_max_redirects: 3,
         }
     }
 }
@@ -561,6 +585,11 @@ impl Config {
         }
     }
 
+    /// The media fetch policy of `media_allow` and `media_root`.
+    pub fn media_policy(&self) -> Result<crate::media::MediaPolicy, String> {
+        crate::media::MediaPolicy::new(&self.media_allow, self.media_root.as_deref())
+    }
+
     /// This configuration as a TOML file (unset keys left out).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a configuration serializes")
@@ -695,6 +724,26 @@ impl Config {
             self.stream_buffer > 0,
             "stream_buffer",
             "must be at least 1".into(),
+        );
+        if let Err(message) = self.media_policy() {
+            check(false, "media_allow", message);
+        }
+        if let Some(root) = &self.media_root {
+            check(
+                root.is_dir(),
+                "media_root",
+                format!("{} is not a directory", root.display()),
+            );
+        }
+        check(
+            self.media_max_mb > 0,
+            "media_max_mb",
+            "must be at least 1".into(),
+        );
+        check(
+            self.media_fetch_timeout_secs.is_finite() && self.media_fetch_timeout_secs > 0.0,
+            "media_fetch_timeout_secs",
+            "must be a positive number of seconds".into(),
         );
         if problems.is_empty() {
             Ok(())

@@ -11,6 +11,7 @@
 pub mod catalog;
 pub mod codec;
 pub mod config;
+pub mod media;
 pub mod validation;
 
 /// Code generated from `proto/internvl/v1/internvl.proto`.

@@ -45,6 +45,17 @@ pub enum EngineError {
         /// What is wrong, and what there is instead.
         message: String,
     },
+    /// A media URL the service did not fetch, or could not; `field` names
+    /// the part (`messages[0].content[1].image.url`).
+    #[error("{field}: {message}")]
+    Media {
+        /// Path of the URL field.
+        field: String,
+        /// Why the service refused or failed.
+        failure: MediaFailure,
+        /// What happened, and which key or limit decided it.
+        message: String,
+    },
     /// The engine is still loading the model.
     #[error("the model is still loading")]
     NotReady,
@@ -80,6 +91,23 @@ pub enum EngineError {
     /// llama.cpp reported a failure while running a request.
     #[error("inference failed: {0}")]
     Inference(String),
+}
+
+/// How fetching a media URL went wrong, which decides the status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaFailure {
+    /// Not a usable URL, or a scheme the service never fetches.
+    Malformed,
+    /// The deployment's policy refuses it (`media_allow`, `media_root`, a
+    /// private address).
+    Refused,
+    /// More bytes than `media_max_mb`, or more URLs than
+    /// `media_max_fetches`.
+    TooLarge,
+    /// No answer within `media_fetch_timeout_secs`.
+    TimedOut,
+    /// The host could not be reached or answered with an error status.
+    Unreachable,
 }
 
 impl EngineError {

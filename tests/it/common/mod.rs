@@ -259,6 +259,7 @@ pub fn image(data: Vec<u8>) -> proto::Content {
             data,
             max_tiles: 0,
             min_tiles: 0,
+            ..Default::default()
         })),
     }
 }

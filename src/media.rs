@@ -1,0 +1,398 @@
+//! Fetching media URLs (`Image.url`) under the deployment's policy
+//! (`internvl_api::media`), before a request is validated: each URL part
+//! gets its bytes in `data`, as if the client had sent them, so fetched
+//! bytes meet exactly the limits inline bytes meet.
+//!
+//! The HTTP client is reqwest (hyper underneath, as tonic; rustls with ring
+//! and Mozilla's roots compiled in, as the hub downloads use), told:
+//! - to resolve names through [`CheckedResolver`], which drops every address
+//!   the policy refuses, so the connection goes to an address that was
+//!   checked (no second lookup for a rebinding DNS server to answer);
+//! - to follow no redirect itself: [`Fetcher::fetch`] checks each hop as a
+//!   new URL, up to `media_max_redirects`;
+//! - to use no proxy from the environment, which would bypass those checks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use internvl_api::config::Config;
+use internvl_api::media::{address_class, MediaPolicy, Refusal, Target};
+use internvl_api::proto;
+use internvl_core::error::{EngineError, MediaFailure};
+
+/// Fetches media URLs for requests.
+pub struct Fetcher {
+    policy: Arc<MediaPolicy>,
+    client: reqwest::Client,
+    max_bytes: u64,
+    max_fetches: usize,
+    max_redirects: u32,
+    timeout: Duration,
+}
+
+/// The parts of a request whose bytes were fetched, so that an error about
+/// those bytes names the URL the client sent rather than `data`.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    parts: Vec<String>,
+}
+
+impl Fetched {
+    /// `error`, naming `….url` where it named the `….data` of a fetched part.
+    pub fn relabel(&self, error: EngineError) -> EngineError {
+        match error {
+            EngineError::InvalidArgument { field, message } => {
+                let fetched = self
+                    .parts
+                    .iter()
+                    .find(|part| field.strip_prefix(part.as_str()) == Some(".data"));
+                match fetched {
+                    Some(part) => EngineError::InvalidArgument {
+                        field: format!("{part}.url"),
+                        message: format!("the fetched bytes: {message}"),
+                    },
+                    None => EngineError::InvalidArgument { field, message },
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Resolves names for the client, keeping only addresses the policy allows
+/// a name to reach: public ones (a private address is allowed only through
+/// an entry that names it literally, which is never a name).
+struct CheckedResolver;
+
+/// A name that resolved to refused addresses only.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unresolvable(Refusal);
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|addr| match address_class(addr.ip()) {
+                    None => true,
+                    Some(class) => {
+                        refused.get_or_insert((*addr, class));
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let error: Box<dyn std::error::Error + Send + Sync> = match refused {
+                    Some((addr, class)) => Box::new(Unresolvable(Refusal::Address {
+                        host: host.clone(),
+                        addr,
+                        class,
+                    })),
+                    None => format!("{host} has no address").into(),
+                };
+                return Err(error);
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+fn failure(field: &str, failure: MediaFailure, message: impl Into<String>) -> EngineError {
+    EngineError::Media {
+        field: field.to_string(),
+        failure,
+        message: message.into(),
+    }
+}
+
+fn refused(field: &str, refusal: Refusal) -> EngineError {
+    let kind = match refusal {
+        Refusal::Malformed(_) | Refusal::Scheme(_) => MediaFailure::Malformed,
+        _ => MediaFailure::Refused,
+    };
+    failure(field, kind, refusal.to_string())
+}
+
+/// The refusal somewhere in `error`'s causes, if the resolver made one.
+fn refusal_in(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(Unresolvable(refusal)) = e.downcast_ref::<Unresolvable>() {
+            return Some(refusal.clone());
+        }
+        cause = e.source();
+    }
+    None
+}
+
+/// An error and its causes on one line.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
+impl Fetcher {
+    /// The fetcher of `config`'s media keys (validated already).
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let timeout = Duration::from_secs_f64(config.media_fetch_timeout_secs);
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .dns_resolver(CheckedResolver)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(timeout)
+            .user_agent(concat!("internvl-grpc/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(Self {
+            policy: Arc::new(config.media_policy()?),
+            client,
+            max_bytes: config.media_max_mb.saturating_mul(1024 * 1024),
+            max_fetches: config.media_max_fetches,
+            max_redirects: config.media_max_redirects,
+            timeout,
+        })
+    }
+
+    /// The URL schemes this deployment takes.
+    pub fn schemes(&self) -> Vec<&'static str> {
+        self.policy.schemes()
+    }
+
+    /// Fetches every `Image.url` of `messages` into its `data`; `field` is
+    /// the messages' path (`messages`, `inputs[0]`). A part with both or
+    /// neither source is refused here, naming it.
+    pub async fn resolve_messages(
+        &self,
+        messages: &mut [proto::Message],
+        field: &str,
+        fetched: &mut Fetched,
+    ) -> Result<(), EngineError> {
+        for (m, message) in messages.iter_mut().enumerate() {
+            let field = format!("{field}[{m}]");
+            self.resolve_content(&mut message.content, &field, fetched)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Fetcher::resolve_messages`] for one content list at `field`.
+    pub async fn resolve_content(
+        &self,
+        content: &mut [proto::Content],
+        field: &str,
+        fetched: &mut Fetched,
+    ) -> Result<(), EngineError> {
+        for (c, part) in content.iter_mut().enumerate() {
+            let Some(proto::content::Part::Image(image)) = &mut part.part else {
+                continue;
+            };
+            let field = format!("{field}.content[{c}].image");
+            if image.url.is_empty() {
+                continue;
+            }
+            if !image.data.is_empty() {
+                return Err(EngineError::invalid(
+                    field,
+                    "data and url are both set; send one",
+                ));
+            }
+            if fetched.parts.len() >= self.max_fetches {
+                return Err(failure(
+                    &format!("{field}.url"),
+                    MediaFailure::TooLarge,
+                    format!(
+                        "more than {} media URLs in one request (media_max_fetches)",
+                        self.max_fetches
+                    ),
+                ));
+            }
+            let url = std::mem::take(&mut image.url);
+            let started = Instant::now();
+            image.data = self.fetch(&url, &format!("{field}.url")).await?;
+            tracing::debug!(
+                field,
+                bytes = image.data.len(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "media fetched"
+            );
+            fetched.parts.push(field);
+        }
+        Ok(())
+    }
+
+    /// The bytes at `url`, checked at every hop; `field` names it in errors.
+    pub async fn fetch(&self, url: &str, field: &str) -> Result<Vec<u8>, EngineError> {
+        let started = Instant::now();
+        let mut current = url.to_string();
+        for hop in 0..=self.max_redirects {
+            let target = self
+                .policy
+                .check_url(&current)
+                .map_err(|r| refused(field, r))?;
+            let (url, host, port) = match target {
+                Target::Data(bytes) if hop == 0 => return self.capped(bytes, field),
+                Target::File(path) if hop == 0 => return self.read_file(&path, field).await,
+                Target::Remote { url, host, port } => (url, host, port),
+                _ => {
+                    return Err(failure(
+                        field,
+                        MediaFailure::Refused,
+                        "a redirect may lead only to another http(s) URL",
+                    ))
+                }
+            };
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                // The client connects to an address in the URL without
+                // asking the resolver: check it here.
+                self.policy
+                    .check_address(&host, SocketAddr::new(ip, port))
+                    .map_err(|r| refused(field, r))?;
+            }
+            let left = self.timeout.saturating_sub(started.elapsed());
+            let response = match self.client.get(url.clone()).timeout(left).send().await {
+                Ok(response) => response,
+                Err(e) => return Err(self.request_error(&e, field)),
+            };
+            let status = response.status();
+            if status.is_redirection() {
+                let location = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .ok_or_else(|| {
+                        failure(
+                            field,
+                            MediaFailure::Unreachable,
+                            format!("{status} without a usable Location"),
+                        )
+                    })?;
+                current = url
+                    .join(location)
+                    .map_err(|e| failure(field, MediaFailure::Malformed, e.to_string()))?
+                    .to_string();
+                continue;
+            }
+            if !status.is_success() {
+                return Err(failure(
+                    field,
+                    MediaFailure::Unreachable,
+                    format!("the server answered {status}"),
+                ));
+            }
+            return self.body(response, field).await;
+        }
+        Err(failure(
+            field,
+            MediaFailure::Unreachable,
+            format!(
+                "more than {} redirects (media_max_redirects)",
+                self.max_redirects
+            ),
+        ))
+    }
+
+    fn request_error(&self, error: &reqwest::Error, field: &str) -> EngineError {
+        if let Some(refusal) = refusal_in(error) {
+            return refused(field, refusal);
+        }
+        if error.is_timeout() {
+            return failure(
+                field,
+                MediaFailure::TimedOut,
+                format!(
+                    "no answer within {:?} (media_fetch_timeout_secs)",
+                    self.timeout
+                ),
+            );
+        }
+        failure(field, MediaFailure::Unreachable, chain(error))
+    }
+
+    fn too_large(&self, field: &str) -> EngineError {
+        failure(
+            field,
+            MediaFailure::TooLarge,
+            format!(
+                "larger than {} MiB (media_max_mb)",
+                self.max_bytes / (1024 * 1024)
+            ),
+        )
+    }
+
+    fn capped(&self, bytes: Vec<u8>, field: &str) -> Result<Vec<u8>, EngineError> {
+        if bytes.len() as u64 > self.max_bytes {
+            return Err(self.too_large(field));
+        }
+        Ok(bytes)
+    }
+
+    /// The body, read until it ends or passes the cap (then the connection
+    /// is dropped unread).
+    async fn body(
+        &self,
+        mut response: reqwest::Response,
+        field: &str,
+    ) -> Result<Vec<u8>, EngineError> {
+        if response
+            .content_length()
+            .is_some_and(|n| n > self.max_bytes)
+        {
+            return Err(self.too_large(field));
+        }
+        let mut bytes = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (bytes.len() + chunk.len()) as u64 > self.max_bytes {
+                        return Err(self.too_large(field));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(bytes),
+                Err(e) => return Err(self.request_error(&e, field)),
+            }
+        }
+    }
+
+    async fn read_file(&self, path: &Path, field: &str) -> Result<Vec<u8>, EngineError> {
+        use tokio::io::AsyncReadExt;
+        let unreadable = |e: std::io::Error| {
+            failure(
+                field,
+                MediaFailure::Unreachable,
+                format!("cannot read the file: {e}"),
+            )
+        };
+        let file = tokio::fs::File::open(path).await.map_err(unreadable)?;
+        let mut bytes = Vec::new();
+        file.take(self.max_bytes + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(unreadable)?;
+        self.capped(bytes, field)
+    }
+}
