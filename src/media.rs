@@ -182,25 +182,34 @@ impl Fetcher {
         self.policy.schemes()
     }
 
-    /// Fetches every `Image.url` of `messages` into its `data`; `field` is
-    /// the messages' path (`messages`, `inputs[0]`). A part with both or
-    /// neither source is refused here, naming it.
-    pub async fn resolve_messages(
-        &self,
-        messages: &mut [proto::Message],
-        field: &str,
-        fetched: &mut Fetched,
-    ) -> Result<(), EngineError> {
+    /// Fetches every `Image.url` of a request's `messages` into its
+    /// `data`. A part with both sources is refused here, naming it.
+    pub async fn messages(&self, messages: &mut [proto::Message]) -> Result<Fetched, EngineError> {
+        let mut fetched = Fetched::default();
         for (m, message) in messages.iter_mut().enumerate() {
-            let field = format!("{field}[{m}]");
-            self.resolve_content(&mut message.content, &field, fetched)
+            let field = format!("messages[{m}]");
+            self.content(&mut message.content, &field, &mut fetched)
                 .await?;
         }
-        Ok(())
+        Ok(fetched)
     }
 
-    /// [`Fetcher::resolve_messages`] for one content list at `field`.
-    pub async fn resolve_content(
+    /// [`Fetcher::messages`] for an Embed request's inputs.
+    pub async fn embed_inputs(
+        &self,
+        inputs: &mut [proto::EmbedInput],
+    ) -> Result<Fetched, EngineError> {
+        let mut fetched = Fetched::default();
+        for (i, input) in inputs.iter_mut().enumerate() {
+            let field = format!("inputs[{i}]");
+            self.content(&mut input.content, &field, &mut fetched)
+                .await?;
+        }
+        Ok(fetched)
+    }
+
+    /// The image URLs of one content list at `field`.
+    async fn content(
         &self,
         content: &mut [proto::Content],
         field: &str,

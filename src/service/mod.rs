@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::engine::{Engine, EngineError, GenerateEvent};
-use crate::media::{Fetched, Fetcher};
+use crate::media::Fetcher;
 use crate::metrics::Metrics;
 use error::status;
 
@@ -117,11 +117,8 @@ impl InternVl for InternVlService {
         let span = trace::request_span("Generate", request.metadata());
         let started = self
             .prepare(&span, request, |mut message, deadline| async move {
-                let mut fetched = Fetched::default();
-                (self.media)
-                    .resolve_messages(&mut message.messages, "messages", &mut fetched)
-                    .await
-                    .map_err(status)?;
+                let fetched = self.media.messages(&mut message.messages).await;
+                let fetched = fetched.map_err(status)?;
                 let relabel = |e| status(fetched.relabel(e));
                 let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
                 Span::current().record("request_id", request.request_id.as_str());
@@ -180,13 +177,8 @@ impl InternVl for InternVlService {
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
         self.unary("Embed", request, |mut message, deadline| async move {
-            let mut fetched = Fetched::default();
-            for (i, input) in message.inputs.iter_mut().enumerate() {
-                (self.media)
-                    .resolve_content(&mut input.content, &format!("inputs[{i}]"), &mut fetched)
-                    .await
-                    .map_err(status)?;
-            }
+            let fetched = self.media.embed_inputs(&mut message.inputs).await;
+            let fetched = fetched.map_err(status)?;
             let relabel = |e| status(fetched.relabel(e));
             let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
             Span::current().record("request_id", request.request_id.as_str());
@@ -203,11 +195,8 @@ impl InternVl for InternVlService {
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
         self.unary("CountTokens", request, |mut message, _| async move {
-            let mut fetched = Fetched::default();
-            (self.media)
-                .resolve_messages(&mut message.messages, "messages", &mut fetched)
-                .await
-                .map_err(status)?;
+            let fetched = self.media.messages(&mut message.messages).await;
+            let fetched = fetched.map_err(status)?;
             let relabel = |e| status(fetched.relabel(e));
             let messages = validation::messages(message.messages, &self.limits).map_err(relabel)?;
             Ok(convert::count_response(
