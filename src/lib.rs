@@ -176,7 +176,8 @@ pub async fn run_with_metrics(
             keys.call(request).map(service::deadline::stamp_arrival)
         }))
         // Nagle off: a streamed token is one small write, and holding it back
-        // for an ACK cost 15 ms of TTFT and 3/4 of decode throughput (bench).
+        // for an ACK cost time to first token and decode throughput
+        // (benches/README.md).
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {

@@ -192,7 +192,7 @@ pub fn prepare(mmproj: &Path, cache_dir: Option<&Path>) -> Result<VisionFile, En
 
 /// The SHA-256 of `path`, remembered per file identity (device, inode, size,
 /// modification time) in `folder`, so a start after the first does not read
-/// the whole file again (0.9 s for a 591 MiB mmproj on 2 cores, measured).
+/// the whole file again (its cost: benches/README.md, "Start-up").
 /// A file rewritten in place with the same size and modification time would
 /// keep its old key; nothing that downloads or copies models does that.
 fn content_key(path: &Path, folder: &Path) -> Result<String, EngineError> {

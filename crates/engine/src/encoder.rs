@@ -1,9 +1,9 @@
 //! The vision encoder on a thread of its own.
 //!
-//! Encoding one tile is a single llama.cpp graph that cannot be split: about
-//! 6 s for InternViT-300M on 2 CPU cores. Run on the engine thread it stalled
-//! every running stream for that long per tile (80 s for a 13-tile image), long
-//! enough for a mesh's idle timeout to cut them. Here the engine hands over one
+//! Encoding one tile is a single llama.cpp graph that cannot be split: seconds
+//! for InternViT-300M on 2 CPU cores (benches/README.md). Run on the engine
+//! thread it stalled every running stream for that long per tile, long enough
+//! for a mesh's idle timeout to cut them. Here the engine hands over one
 //! tile at a time and keeps decoding; it sends the next tile only when the last
 //! is back, so the oldest request's tiles go first and a cancelled request
 //! wastes at most the tile being encoded.

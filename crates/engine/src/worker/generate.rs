@@ -181,7 +181,7 @@ pub(super) fn next_token(
     }
     let token = g.sampler.sample(logits);
     // A softmax over the whole vocabulary per token is the largest per-token
-    // cost of the service (0.3 ms at 151k tokens); only pay it when asked.
+    // cost of the service (benches/README.md); only pay it when asked.
     let top_n = g.request.top_logprobs as usize;
     let (logprob, top) = if g.request.logprobs || top_n > 0 {
         logprobs(logits, token, top_n)

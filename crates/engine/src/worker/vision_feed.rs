@@ -130,8 +130,8 @@ pub(super) fn awaited(slots: &[Slot], hash: &TileHash) -> bool {
 /// (admission stamp, tile): the oldest request's. Only the tile a request
 /// waits on *now*, never tiles further ahead: on a CPU, encoding one tile
 /// while the engine decodes the last one's embeddings oversubscribes the
-/// cores, and a 13-tile image took 1.20 × as long as encoding and decoding in
-/// turn (measured).
+/// cores, and a 13-tile image took longer than encoding and decoding in turn
+/// (benches/README.md, "Figures moved from code comments").
 pub(super) fn next_tile<T>(blocked: impl IntoIterator<Item = (u64, T)>) -> Option<T> {
     blocked
         .into_iter()
