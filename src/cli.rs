@@ -302,7 +302,11 @@ pub fn config(args: ConfigArgs) -> ClientResult {
     if !args.check {
         return Err("say --print (the defaults) or --check (what serve would run with)".into());
     }
-    let loaded = config::Config::load(args.serve.config.as_deref(), &args.serve.settings)?;
+    let mut loaded = config::Config::load(args.serve.config.as_deref(), &args.serve.settings)?;
+    // What is printed lands in terminals and CI logs: not the keys themselves.
+    for key in &mut loaded.api_keys {
+        *key = "<redacted>".into();
+    }
     print!("{}", loaded.to_toml());
     Ok(())
 }

@@ -304,9 +304,10 @@ fn every_key_is_a_flag_and_wrong_values_are_named() {
             "--n-gpu-layers",
             "-1",
         ],
-        &[("INTERNVL_THREADS", "3")],
+        &[("INTERNVL_THREADS", "3"), ("INTERNVL_API_KEYS", "s3cret")],
     );
     assert!(ok, "{err}");
+    assert!(!merged.contains("s3cret"), "an API key printed: {merged}");
     for line in [
         "n_ctx = 1024",
         "split_mode = \"row\"",
