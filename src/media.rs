@@ -27,6 +27,9 @@ pub struct Fetcher {
     policy: Arc<MediaPolicy>,
     client: reqwest::Client,
     max_bytes: u64,
+    /// Bytes all of a request's fetches may bring in together: what one
+    /// message may carry inline (`max_message_bytes`).
+    max_total: u64,
     max_fetches: usize,
     max_redirects: u32,
     timeout: Duration,
@@ -37,6 +40,7 @@ pub struct Fetcher {
 #[derive(Debug, Default)]
 pub struct Fetched {
     parts: Vec<String>,
+    bytes: u64,
 }
 
 impl Fetched {
@@ -171,6 +175,7 @@ impl Fetcher {
             policy: Arc::new(config.media_policy()?),
             client,
             max_bytes: config.media_max_mb.saturating_mul(1024 * 1024),
+            max_total: config.max_message_bytes as u64,
             max_fetches: config.media_max_fetches,
             max_redirects: config.media_max_redirects,
             timeout,
@@ -241,7 +246,23 @@ impl Fetcher {
             }
             let url = std::mem::take(&mut image.url);
             let started = Instant::now();
-            image.data = self.fetch(&url, &format!("{field}.url")).await?;
+            // This fetch may bring what is left of the request's total.
+            let left = self.max_total.saturating_sub(fetched.bytes);
+            let limit = if left < self.max_bytes {
+                Limit {
+                    bytes: left,
+                    key: "max_message_bytes, for all of a request's media",
+                }
+            } else {
+                Limit {
+                    bytes: self.max_bytes,
+                    key: "media_max_mb",
+                }
+            };
+            image.data = self
+                .fetch_within(&url, &format!("{field}.url"), &limit)
+                .await?;
+            fetched.bytes += image.data.len() as u64;
             tracing::debug!(
                 field,
                 bytes = image.data.len(),
@@ -255,6 +276,20 @@ impl Fetcher {
 
     /// The bytes at `url`, checked at every hop; `field` names it in errors.
     pub async fn fetch(&self, url: &str, field: &str) -> Result<Vec<u8>, EngineError> {
+        let limit = Limit {
+            bytes: self.max_bytes,
+            key: "media_max_mb",
+        };
+        self.fetch_within(url, field, &limit).await
+    }
+
+    /// [`Fetcher::fetch`], reading at most `limit`.
+    async fn fetch_within(
+        &self,
+        url: &str,
+        field: &str,
+        limit: &Limit,
+    ) -> Result<Vec<u8>, EngineError> {
         let started = Instant::now();
         let mut current = url.to_string();
         for hop in 0..=self.max_redirects {
@@ -263,8 +298,8 @@ impl Fetcher {
                 .check_url(&current)
                 .map_err(|r| refused(field, r))?;
             let (url, host, port) = match target {
-                Target::Data(bytes) if hop == 0 => return self.capped(bytes, field),
-                Target::File(path) if hop == 0 => return self.read_file(&path, field).await,
+                Target::Data(bytes) if hop == 0 => return capped(bytes, field, limit),
+                Target::File(path) if hop == 0 => return read_file(&path, field, limit).await,
                 Target::Remote { url, host, port } => (url, host, port),
                 _ => {
                     return Err(failure(
@@ -312,7 +347,7 @@ impl Fetcher {
                     format!("the server answered {status}"),
                 ));
             }
-            return self.body(response, field).await;
+            return self.body(response, field, limit).await;
         }
         Err(failure(
             field,
@@ -341,43 +376,21 @@ impl Fetcher {
         failure(field, MediaFailure::Unreachable, chain(error))
     }
 
-    fn too_large(&self, field: &str) -> EngineError {
-        failure(
-            field,
-            MediaFailure::TooLarge,
-            format!(
-                "larger than {} MiB (media_max_mb)",
-                self.max_bytes / (1024 * 1024)
-            ),
-        )
-    }
-
-    fn capped(&self, bytes: Vec<u8>, field: &str) -> Result<Vec<u8>, EngineError> {
-        if bytes.len() as u64 > self.max_bytes {
-            return Err(self.too_large(field));
-        }
-        Ok(bytes)
-    }
-
-    /// The body, read until it ends or passes the cap (then the connection
-    /// is dropped unread).
     async fn body(
         &self,
         mut response: reqwest::Response,
         field: &str,
+        limit: &Limit,
     ) -> Result<Vec<u8>, EngineError> {
-        if response
-            .content_length()
-            .is_some_and(|n| n > self.max_bytes)
-        {
-            return Err(self.too_large(field));
+        if response.content_length().is_some_and(|n| n > limit.bytes) {
+            return Err(limit.exceeded(field));
         }
         let mut bytes = Vec::new();
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    if (bytes.len() + chunk.len()) as u64 > self.max_bytes {
-                        return Err(self.too_large(field));
+                    if (bytes.len() + chunk.len()) as u64 > limit.bytes {
+                        return Err(limit.exceeded(field));
                     }
                     bytes.extend_from_slice(&chunk);
                 }
@@ -386,22 +399,45 @@ impl Fetcher {
             }
         }
     }
+}
 
-    async fn read_file(&self, path: &Path, field: &str) -> Result<Vec<u8>, EngineError> {
-        use tokio::io::AsyncReadExt;
-        let unreadable = |e: std::io::Error| {
-            failure(
-                field,
-                MediaFailure::Unreachable,
-                format!("cannot read the file: {e}"),
-            )
-        };
-        let file = tokio::fs::File::open(path).await.map_err(unreadable)?;
-        let mut bytes = Vec::new();
-        file.take(self.max_bytes + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(unreadable)?;
-        self.capped(bytes, field)
+/// How many bytes a fetch may read, and the key that says so.
+struct Limit {
+    bytes: u64,
+    key: &'static str,
+}
+
+impl Limit {
+    fn exceeded(&self, field: &str) -> EngineError {
+        failure(
+            field,
+            MediaFailure::TooLarge,
+            format!("more than {} bytes ({})", self.bytes, self.key),
+        )
     }
+}
+
+fn capped(bytes: Vec<u8>, field: &str, limit: &Limit) -> Result<Vec<u8>, EngineError> {
+    if bytes.len() as u64 > limit.bytes {
+        return Err(limit.exceeded(field));
+    }
+    Ok(bytes)
+}
+
+async fn read_file(path: &Path, field: &str, limit: &Limit) -> Result<Vec<u8>, EngineError> {
+    use tokio::io::AsyncReadExt;
+    let unreadable = |e: std::io::Error| {
+        failure(
+            field,
+            MediaFailure::Unreachable,
+            format!("cannot read the file: {e}"),
+        )
+    };
+    let file = tokio::fs::File::open(path).await.map_err(unreadable)?;
+    let mut bytes = Vec::new();
+    file.take(limit.bytes + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(unreadable)?;
+    capped(bytes, field, limit)
 }

@@ -20,21 +20,25 @@ use crate::common;
 use common::*;
 use internvl_grpc::service::proto;
 
-/// How many body bytes `/huge` managed to write before the reader left.
-static HUGE_WRITTEN: AtomicU64 = AtomicU64::new(0);
 const HUGE_TOTAL: u64 = 64 * 1024 * 1024;
+/// `/huge` has not finished writing.
+const UNFINISHED: u64 = u64::MAX;
 
 /// A loopback HTTP/1.1 server with one route per case; answers one request
-/// per connection.
-async fn media_server(image: Arc<Vec<u8>>) -> u16 {
+/// per connection. Returns its port and how many body bytes its last
+/// `/huge` wrote before the reader left ([`UNFINISHED`] until then).
+async fn media_server(image: Arc<Vec<u8>>) -> (u16, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let huge_written = Arc::new(AtomicU64::new(UNFINISHED));
+    let written_by_huge = huge_written.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut socket, _)) = listener.accept().await else {
                 return;
             };
             let image = image.clone();
+            let huge_written = written_by_huge.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -78,7 +82,7 @@ async fn media_server(image: Arc<Vec<u8>>) -> u16 {
                             }
                             written += chunk.len() as u64;
                         }
-                        HUGE_WRITTEN.store(written, Ordering::SeqCst);
+                        huge_written.store(written, Ordering::SeqCst);
                     }
                     "/trickle" => {
                         let _ = socket.write_all(ok(image.len()).as_bytes()).await;
@@ -98,7 +102,7 @@ async fn media_server(image: Arc<Vec<u8>>) -> u16 {
             });
         }
     });
-    port
+    (port, huge_written)
 }
 
 fn image_url(url: &str) -> proto::Content {
@@ -117,7 +121,7 @@ fn ask(part: proto::Content) -> proto::GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_by_url_answer_as_by_bytes_and_refusals_name_the_field_and_key() {
     let bytes = image_bytes("small_64x48.png");
-    let port = media_server(Arc::new(bytes.clone())).await;
+    let (port, huge_written) = media_server(Arc::new(bytes.clone())).await;
     let base = std::env::temp_dir().join(format!("internvl-media-it-{}", std::process::id()));
     let root = base.join("root");
     std::fs::create_dir_all(&root).unwrap();
@@ -229,8 +233,18 @@ async fn images_by_url_answer_as_by_bytes_and_refusals_name_the_field_and_key() 
     }
     // The service stopped reading the oversized body: the server could not
     // write it all.
-    let written = HUGE_WRITTEN.load(Ordering::SeqCst);
-    assert!(written < HUGE_TOTAL, "{written} bytes written");
+    let mut written = UNFINISHED;
+    for _ in 0..200 {
+        written = huge_written.load(Ordering::SeqCst);
+        if written != UNFINISHED {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        written < HUGE_TOTAL,
+        "{written} bytes written of {HUGE_TOTAL}"
+    );
 
     // Both sources at once.
     let both = proto::Content {
@@ -286,7 +300,7 @@ async fn images_by_url_answer_as_by_bytes_and_refusals_name_the_field_and_key() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_media_allow_no_remote_url_is_fetched() {
-    let port = media_server(Arc::new(image_bytes("small_64x48.png"))).await;
+    let (port, _) = media_server(Arc::new(image_bytes("small_64x48.png"))).await;
     let server = start(tiny_config()).await;
     let mut client = server.client().await;
     let status = client
@@ -315,7 +329,7 @@ async fn without_media_allow_no_remote_url_is_fetched() {
 /// address itself allows a private one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allowed_name_resolving_to_loopback_is_not_connected_to() {
-    let port = media_server(Arc::new(image_bytes("small_64x48.png"))).await;
+    let (port, _) = media_server(Arc::new(image_bytes("small_64x48.png"))).await;
     let mut config = tiny_config();
     config.media_allow = vec![format!("http://localhost:{port}/")];
     let server = start(config).await;
@@ -335,5 +349,36 @@ async fn an_allowed_name_resolving_to_loopback_is_not_connected_to() {
         "{}",
         status.message()
     );
+    server.stop().await;
+}
+
+/// A request's fetches together bring no more than one message may carry
+/// inline (`max_message_bytes`), whatever each URL may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_fetches_together_stay_within_max_message_bytes() {
+    let bytes = image_bytes("small_64x48.png");
+    let (port, _) = media_server(Arc::new(bytes.clone())).await;
+    let mut config = tiny_config();
+    config.media_allow = vec![format!("http://127.0.0.1:{port}/")];
+    config.media_max_mb = 8;
+    config.max_message_bytes = 1024 * 1024;
+    let server = start(config).await;
+    let mut client = server.client().await;
+    let status = client
+        .generate(ask(image_url(&format!("http://127.0.0.1:{port}/huge"))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("max_message_bytes"),
+        "{}",
+        status.message()
+    );
+    // Under the total, a fetch still works.
+    generate_ok(
+        &mut client,
+        ask(image_url(&format!("http://127.0.0.1:{port}/image.png"))),
+    )
+    .await;
     server.stop().await;
 }
