@@ -47,22 +47,64 @@ pub(super) fn place(
     Ok(slot)
 }
 
-/// Admits jobs in arrival order: the one at the head (`waiting`, else the
-/// next from `next`) goes first, and while it cannot enter nothing behind it
-/// may overtake it. Stops at the first job `admit` hands back, leaving it at
-/// the head.
-pub(super) fn admit_in_order<T>(
-    waiting: &mut Option<T>,
-    next: &mut impl FnMut() -> Option<T>,
-    mut admit: impl FnMut(T) -> Result<(), T>,
-) {
-    loop {
-        let Some(job) = waiting.take().or_else(&mut *next) else {
-            return;
-        };
-        if let Err(job) = admit(job) {
-            *waiting = Some(job);
-            return;
+/// The arrival order's head and the admission clock. The rules it keeps:
+/// the head is the oldest job not yet admitted and nothing behind it
+/// overtakes it; every admitted job gets a stamp later than all before it
+/// (the stamp orders prompts and tiles among the slots).
+pub(super) struct Queue<T> {
+    head: Option<T>,
+    clock: u64,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self {
+            head: None,
+            clock: 0,
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    /// The job waiting for a slot or for KV room, if any.
+    pub(super) fn head(&self) -> Option<&T> {
+        self.head.as_ref()
+    }
+
+    /// A job received while nothing waited becomes the head.
+    pub(super) fn receive(&mut self, job: T) {
+        debug_assert!(
+            self.head.is_none(),
+            "a received job would overtake the head"
+        );
+        self.head = Some(job);
+    }
+
+    /// Takes the head away (when the engine fails every job).
+    pub(super) fn take_head(&mut self) -> Option<T> {
+        self.head.take()
+    }
+
+    /// Admits jobs in arrival order: the head, else the next from `next`,
+    /// goes first, and while it cannot enter nothing behind it may overtake
+    /// it. `admit` gets each job with the stamp it takes if admitted, and
+    /// hands back the first that cannot enter, which stays at the head.
+    pub(super) fn admit(
+        &mut self,
+        next: &mut impl FnMut() -> Option<T>,
+        mut admit: impl FnMut(T, u64) -> Result<(), T>,
+    ) {
+        loop {
+            let Some(job) = self.head.take().or_else(&mut *next) else {
+                return;
+            };
+            match admit(job, self.clock + 1) {
+                Ok(()) => self.clock += 1,
+                Err(job) => {
+                    self.head = Some(job);
+                    return;
+                }
+            }
         }
     }
 }
@@ -70,7 +112,7 @@ pub(super) fn admit_in_order<T>(
 impl Worker {
     /// Puts a job into a free slot, or hands it back when there is no slot
     /// or no KV room yet.
-    pub(super) fn admit(&mut self, job: Job) -> Result<(), Job> {
+    pub(super) fn admit(&mut self, job: Job, stamp: u64) -> Result<(), Job> {
         let need = match &job {
             Job::Generate(g) => kv_need([g.prompt.prompt_tokens], g.request.max_new_tokens),
             Job::Embed(e) => kv_need(e.prompts.iter().map(|p| p.prompt_tokens), 0),
@@ -82,8 +124,7 @@ impl Worker {
         let Ok(index) = place(busy, reserved, need, self.pool.n_ctx()) else {
             return Err(job);
         };
-        self.clock += 1;
-        self.slots[index].stamp = self.clock;
+        self.slots[index].stamp = stamp;
         self.slots[index].admitted = Instant::now();
         match job {
             Job::Generate(job) => {
@@ -160,24 +201,32 @@ mod tests {
         let mut arrivals = vec![4, 3, 2, 1];
         let mut next = || arrivals.pop();
         let mut admitted = Vec::new();
-        let mut waiting = None;
+        let mut queue = Queue::default();
         // Job 3 does not fit: 4 stays behind it.
-        admit_in_order(&mut waiting, &mut next, |job| {
+        queue.admit(&mut next, |job, stamp| {
             if job == 3 {
                 Err(job)
             } else {
-                admitted.push(job);
+                admitted.push((job, stamp));
                 Ok(())
             }
         });
-        assert_eq!(admitted, [1, 2]);
-        assert_eq!(waiting, Some(3));
-        // Room later: 3 goes first, then 4.
-        admit_in_order(&mut waiting, &mut next, |job| {
-            admitted.push(job);
+        assert_eq!(admitted, [(1, 1), (2, 2)]);
+        assert_eq!(queue.head(), Some(&3));
+        // Room later: 3 goes first, then 4; a refusal took no stamp.
+        queue.admit(&mut next, |job, stamp| {
+            admitted.push((job, stamp));
             Ok(())
         });
-        assert_eq!(admitted, [1, 2, 3, 4]);
-        assert_eq!(waiting, None);
+        assert_eq!(admitted, [(1, 1), (2, 2), (3, 3), (4, 4)]);
+        assert_eq!(queue.head(), None);
+        // A job received while idle is the next head, with the next stamp.
+        queue.receive(5);
+        let mut none = || None;
+        queue.admit(&mut none, |job, stamp| {
+            admitted.push((job, stamp));
+            Ok(())
+        });
+        assert_eq!(admitted.last(), Some(&(5, 5)));
     }
 }

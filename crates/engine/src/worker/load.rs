@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tracing::info;
 
+use super::admission::Queue;
 use super::kv_pool::KvPool;
 use super::slots::Slot;
 use super::state::Worker;
@@ -227,10 +228,9 @@ impl Worker {
             vision: VisionPipeline::new(encoder, settings.image_cache_bytes),
             lifecycle,
             outboxes: Vec::new(),
-            waiting: None,
+            queue: Queue::default(),
             prefill_chunk,
             jump_forward: settings.jump_forward,
-            clock: 0,
             threads: DecodeThreads::new(
                 settings,
                 matches!(placement.vision_backend.as_str(), "" | "CPU"),

@@ -180,7 +180,7 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 
 impl Worker {
     fn busy(&self) -> bool {
-        self.waiting.is_some()
+        self.queue.head().is_some()
             || !self.outboxes.is_empty()
             || self.slots.iter().any(|s| s.sequence.is_some())
     }
@@ -209,7 +209,7 @@ impl Worker {
             let _ = out.flush();
         }
         jobs.close();
-        let mut queued: Vec<Job> = self.waiting.take().into_iter().collect();
+        let mut queued: Vec<Job> = self.queue.take_head().into_iter().collect();
         while let Ok(job) = jobs.try_recv() {
             queued.push(job);
         }
@@ -235,7 +235,7 @@ impl Worker {
                     return;
                 }
                 match jobs.blocking_recv() {
-                    Some(job) => self.waiting = Some(job),
+                    Some(job) => self.queue.receive(job),
                     None => return,
                 }
             }
@@ -252,9 +252,10 @@ impl Worker {
                     }
                 }
             };
-            let mut waiting = self.waiting.take();
-            admission::admit_in_order(&mut waiting, &mut next, |job| self.admit(job));
-            self.waiting = waiting;
+            // Out of `self` while `admit` borrows the rest of it.
+            let mut queue = std::mem::take(&mut self.queue);
+            queue.admit(&mut next, |job, stamp| self.admit(job, stamp));
+            self.queue = queue;
             // Before this step streams anything, so a client that has its
             // first token sees its sequence counted.
             self.publish_phases();
@@ -275,7 +276,7 @@ impl Worker {
             Some(Sequence::Embed(e)) => e.job.deadline,
             None => None,
         });
-        let waiting = match &self.waiting {
+        let waiting = match self.queue.head() {
             Some(Job::Generate(g)) => g.request.deadline,
             Some(Job::Embed(e)) => e.deadline,
             None => None,

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use super::admission::Queue;
 use super::kv_pool::KvPool;
 use super::outbox::Outbox;
 use super::slots::Slot;
@@ -25,12 +26,11 @@ pub(super) struct Worker {
     pub(super) slots: Vec<Slot>,
     /// Streams whose sequence is over but whose client has not taken every event.
     pub(super) outboxes: Vec<Outbox>,
-    /// Taken from the channel, waiting for a slot or for KV room.
-    pub(super) waiting: Option<Job>,
+    /// The job taken from the channel that waits for a slot or for KV
+    /// room, and the admission clock.
+    pub(super) queue: Queue<Job>,
     pub(super) prefill_chunk: usize,
     /// See [`internvl_core::settings::EngineSettings::jump_forward`].
     pub(super) jump_forward: bool,
-    /// Admission counter: a slot's stamp orders its prompt among the others.
-    pub(super) clock: u64,
     pub(super) threads: DecodeThreads,
 }
