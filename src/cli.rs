@@ -502,10 +502,13 @@ pub async fn health(args: HealthArgs) -> ClientResult {
     } else if tls_flags {
         return Err("TLS flags need an https:// address".into());
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {}: {}", args.addr, error_chain(&e)))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        format!(
+            "cannot connect to {}: {}",
+            args.addr,
+            crate::error_chain(&e)
+        )
+    })?;
     let answer = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: args.service.clone(),
@@ -528,19 +531,6 @@ fn describe(service: &str) -> String {
     } else {
         format!("service {service:?}")
     }
-}
-
-/// An error and its causes on one line (a transport error alone says only
-/// "transport error").
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// `info`: prints the model description.

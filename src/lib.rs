@@ -87,6 +87,19 @@ pub enum ServeError {
 /// are resolved and loaded, then SERVING. A model that fails to load ends the
 /// server with [`ServeError::Load`], naming the file.
 ///
+/// An error and its causes on one line (a transport error alone says only
+/// "transport error"; a fetch error alone hides why the connection failed).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// On `shutdown`: health turns NOT_SERVING (load balancers stop routing here),
 /// new calls get UNAVAILABLE, running requests get `drain_grace_secs` to
 /// finish and are then cut with UNAVAILABLE; only then does the transport

@@ -137,18 +137,6 @@ fn refusal_in(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
     None
 }
 
-/// An error and its causes on one line.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
-}
-
 impl Fetcher {
     /// The fetcher of `config`'s media keys (validated already).
     pub fn new(config: &Config) -> Result<Self, String> {
@@ -373,7 +361,7 @@ impl Fetcher {
                 ),
             );
         }
-        failure(field, MediaFailure::Unreachable, chain(error))
+        failure(field, MediaFailure::Unreachable, crate::error_chain(error))
     }
 
     async fn body(
