@@ -19,7 +19,9 @@ fn hello() -> Vec<proto::Message> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_streams_finish_within_the_grace_period() {
     let mut config = tiny_config();
-    config.drain_grace_secs = 60.0;
+    // The bound is the grace, not a speed: in CI this stream shares two cores
+    // with other servers and once took over 60 s (CI, stop 30).
+    config.drain_grace_secs = 600.0;
     let mut server = start(config).await;
     let mut client = server.client().await;
     let mut health = server.health().await;
