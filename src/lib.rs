@@ -19,6 +19,7 @@ pub use internvl_engine as engine;
 pub mod metrics;
 pub mod models;
 pub mod service;
+pub mod video;
 
 pub use internvl_api::{catalog, config};
 
@@ -158,11 +159,20 @@ pub async fn run_with_metrics(
         )))
     });
     let fetcher = media::Fetcher::new(&config).map_err(ServeError::Media)?;
+    let videos = video::VideoDecoder::new(&config);
+    // Video files are an option of the deployment: one whose FFmpeg or
+    // sandbox cannot run still serves everything else, says why once here,
+    // and answers each video file with FAILED_PRECONDITION and that reason.
+    match videos.check().await {
+        Ok(version) => tracing::info!(ffmpeg = %version, "video files on"),
+        Err(why) => tracing::warn!("video files off: {why}"),
+    }
     let service = InternVlServer::new(InternVlService::new(
         engine.clone(),
         config.request_limits(),
         metrics.clone(),
         std::sync::Arc::new(fetcher),
+        std::sync::Arc::new(videos),
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);

@@ -1,4 +1,4 @@
-//! Fetching media URLs (`Image.url`) under the deployment's policy
+//! Fetching media URLs (`Image.url`, `Video.url`) under the deployment's policy
 //! (`internvl_api::media`), before a request is validated: each URL part
 //! gets its bytes in `data`, as if the client had sent them, so fetched
 //! bytes meet exactly the limits inline bytes meet.
@@ -46,20 +46,29 @@ pub struct Fetched {
 impl Fetched {
     /// `error`, naming `….url` where it named the `….data` of a fetched part.
     pub fn relabel(&self, error: EngineError) -> EngineError {
+        let url_of = |field: &str| {
+            self.parts
+                .iter()
+                .find(|part| field.strip_prefix(part.as_str()) == Some(".data"))
+                .map(|part| format!("{part}.url"))
+        };
         match error {
-            EngineError::InvalidArgument { field, message } => {
-                let fetched = self
-                    .parts
-                    .iter()
-                    .find(|part| field.strip_prefix(part.as_str()) == Some(".data"));
-                match fetched {
-                    Some(part) => EngineError::InvalidArgument {
-                        field: format!("{part}.url"),
-                        message: format!("the fetched bytes: {message}"),
-                    },
-                    None => EngineError::InvalidArgument { field, message },
-                }
-            }
+            EngineError::InvalidArgument { field, message } => match url_of(&field) {
+                Some(url) => EngineError::InvalidArgument {
+                    field: url,
+                    message: format!("the fetched bytes: {message}"),
+                },
+                None => EngineError::InvalidArgument { field, message },
+            },
+            EngineError::Media {
+                field,
+                failure,
+                message,
+            } => EngineError::Media {
+                field: url_of(&field).unwrap_or(field),
+                failure,
+                message,
+            },
             other => other,
         }
     }
@@ -175,8 +184,9 @@ impl Fetcher {
         self.policy.schemes()
     }
 
-    /// Fetches every `Image.url` of a request's `messages` into its
-    /// `data`. A part with both sources is refused here, naming it.
+    /// Fetches every `Image.url` and `Video.url` of a request's `messages`
+    /// into its `data`. An image with both sources is refused here, naming
+    /// it; a video's sources are validation's to check.
     pub async fn messages(&self, messages: &mut [proto::Message]) -> Result<Fetched, EngineError> {
         let mut fetched = Fetched::default();
         for (m, message) in messages.iter_mut().enumerate() {
@@ -201,7 +211,7 @@ impl Fetcher {
         Ok(fetched)
     }
 
-    /// The image URLs of one content list at `field`.
+    /// The media URLs of one content list at `field`.
     async fn content(
         &self,
         content: &mut [proto::Content],
@@ -209,18 +219,30 @@ impl Fetcher {
         fetched: &mut Fetched,
     ) -> Result<(), EngineError> {
         for (c, part) in content.iter_mut().enumerate() {
-            let Some(proto::content::Part::Image(image)) = &mut part.part else {
-                continue;
+            // The URL, and where its bytes go.
+            let (field, url, data) = match &mut part.part {
+                Some(proto::content::Part::Image(image)) => {
+                    let field = format!("{field}.content[{c}].image");
+                    if !image.url.is_empty() && !image.data.is_empty() {
+                        return Err(EngineError::invalid(
+                            field,
+                            "data and url are both set; send one",
+                        ));
+                    }
+                    (field, &mut image.url, &mut image.data)
+                }
+                // A video with another source too is left for validation to
+                // refuse, unfetched.
+                Some(proto::content::Part::Video(video))
+                    if video.frames.is_empty() && video.data.is_empty() =>
+                {
+                    let field = format!("{field}.content[{c}].video");
+                    (field, &mut video.url, &mut video.data)
+                }
+                _ => continue,
             };
-            let field = format!("{field}.content[{c}].image");
-            if image.url.is_empty() {
+            if url.is_empty() {
                 continue;
-            }
-            if !image.data.is_empty() {
-                return Err(EngineError::invalid(
-                    field,
-                    "data and url are both set; send one",
-                ));
             }
             if fetched.parts.len() >= self.max_fetches {
                 return Err(failure(
@@ -232,7 +254,7 @@ impl Fetcher {
                     ),
                 ));
             }
-            let url = std::mem::take(&mut image.url);
+            let url = std::mem::take(url);
             let started = Instant::now();
             // This fetch may bring what is left of the request's total.
             let left = self.max_total.saturating_sub(fetched.bytes);
@@ -247,13 +269,13 @@ impl Fetcher {
                     key: "media_max_mb",
                 }
             };
-            image.data = self
+            *data = self
                 .fetch_within(&url, &format!("{field}.url"), &limit)
                 .await?;
-            fetched.bytes += image.data.len() as u64;
+            fetched.bytes += data.len() as u64;
             tracing::debug!(
                 field,
-                bytes = image.data.len(),
+                bytes = data.len(),
                 ms = started.elapsed().as_secs_f64() * 1e3,
                 "media fetched"
             );

@@ -11,7 +11,7 @@
 mod formats;
 
 use internvl_core::vision::decode_rgb;
-use internvl_core::{DecodeLimits, Part};
+use internvl_core::{DecodeLimits, Part, VideoSource};
 use internvl_api::proto;
 use internvl_api::validation::{embed, generate, Limits};
 use libfuzzer_sys::fuzz_target;
@@ -28,7 +28,18 @@ fn decode_images<'a>(parts: impl Iterator<Item = &'a Part>) {
         let frames: Vec<&[u8]> = match part {
             Part::Text(_) => continue,
             Part::Image(image) => vec![&image.data],
-            Part::Video(video) => video.frames.iter().map(|f| f.as_slice()).collect(),
+            Part::Video(video) => match &video.source {
+                VideoSource::Frames(frames) => {
+                    // Sampling takes any accepted count without panicking,
+                    // and every index it gives is a frame.
+                    if let Ok(indices) = video.sampling.indices(frames.len(), None, "v") {
+                        assert!(indices.iter().all(|&i| i < frames.len()));
+                    }
+                    frames.iter().map(|f| f.as_slice()).collect()
+                }
+                // Files are the service's sandboxed FFmpeg's, not decoded here.
+                VideoSource::File(_) | VideoSource::Sampled(_) => continue,
+            },
         };
         for frame in frames {
             if let Ok(image) = decode_rgb(frame, &LIMITS) {

@@ -48,7 +48,7 @@ pub fn status(error: EngineError) -> Status {
                 MediaFailure::Malformed | MediaFailure::TooLarge => Code::InvalidArgument,
                 MediaFailure::Refused => Code::PermissionDenied,
                 MediaFailure::TimedOut => Code::DeadlineExceeded,
-                MediaFailure::Unreachable => Code::FailedPrecondition,
+                MediaFailure::Unreachable | MediaFailure::Unavailable => Code::FailedPrecondition,
             },
             EngineError::ModelFile { .. }
             | EngineError::CacheDir { .. }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use crate::engine::{Engine, EngineError, GenerateEvent};
 use crate::media::Fetcher;
 use crate::metrics::Metrics;
+use crate::video::VideoDecoder;
 use error::status;
 
 // The contract (proto, codec, validation) is the `internvl-api` crate's.
@@ -35,22 +36,26 @@ pub struct InternVlService {
     limits: validation::Limits,
     metrics: Arc<Metrics>,
     media: Arc<Fetcher>,
+    videos: Arc<VideoDecoder>,
 }
 
 impl InternVlService {
     /// A service answering from `engine` within `limits`, recording into
-    /// `metrics`, fetching media URLs with `media`.
+    /// `metrics`, fetching media URLs with `media` and decoding video files
+    /// with `videos`.
     pub fn new(
         engine: Engine,
         limits: validation::Limits,
         metrics: Arc<Metrics>,
         media: Arc<Fetcher>,
+        videos: Arc<VideoDecoder>,
     ) -> Self {
         Self {
             engine,
             limits,
             metrics,
             media,
+            videos,
         }
     }
 
@@ -122,6 +127,8 @@ impl InternVl for InternVlService {
                 let relabel = |e| status(fetched.relabel(e));
                 let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
                 Span::current().record("request_id", request.request_id.as_str());
+                let videos = self.videos.messages(&mut request.messages).await;
+                videos.map_err(relabel)?;
                 request.deadline = deadline;
                 self.engine.generate(request).await.map_err(relabel)
             })
@@ -182,6 +189,8 @@ impl InternVl for InternVlService {
             let relabel = |e| status(fetched.relabel(e));
             let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
             Span::current().record("request_id", request.request_id.as_str());
+            let videos = self.videos.embed_inputs(&mut request.inputs).await;
+            videos.map_err(relabel)?;
             request.deadline = deadline;
             Ok(convert::embed_response(
                 self.engine.embed(request).await.map_err(relabel)?,
@@ -198,7 +207,10 @@ impl InternVl for InternVlService {
             let fetched = self.media.messages(&mut message.messages).await;
             let fetched = fetched.map_err(status)?;
             let relabel = |e| status(fetched.relabel(e));
-            let messages = validation::messages(message.messages, &self.limits).map_err(relabel)?;
+            let mut messages =
+                validation::messages(message.messages, &self.limits).map_err(relabel)?;
+            let videos = self.videos.messages(&mut messages).await;
+            videos.map_err(relabel)?;
             Ok(convert::count_response(
                 self.engine.count_tokens(messages).await.map_err(relabel)?,
             ))

@@ -30,4 +30,5 @@ mod security;
 mod serving;
 mod startup;
 mod structured_output;
+mod video;
 mod vision_features;

@@ -53,7 +53,7 @@ fn video(frames: Vec<Vec<u8>>, num_frames: u32) -> proto::Content {
         part: Some(proto::content::Part::Video(proto::Video {
             frames,
             num_frames,
-            fps: 0.0,
+            ..Default::default()
         })),
     }
 }

@@ -222,7 +222,7 @@ fn question(seed: u64) -> Vec<proto::Message> {
                         image_bytes("vid_frame_01.png"),
                     ],
                     num_frames: 2,
-                    fps: 1.0,
+                    ..Default::default()
                 })),
             },
             text("What happens in the video?"),

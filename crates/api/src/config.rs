@@ -181,6 +181,21 @@ pub struct Config {
     pub media_fetch_timeout_secs: f64,
     /// Redirects followed per fetch; each hop is checked again.
     pub media_max_redirects: u32,
+    /// The FFmpeg program that decodes video files (`Video.data`,
+    /// `Video.url`): a path, or a name found on `PATH`; `ffprobe` must be
+    /// beside it. Empty = video files are refused.
+    pub media_ffmpeg: String,
+    /// Run FFmpeg under bubblewrap (`bwrap`): no network, no files but the
+    /// read-only `/usr`, no capabilities. Turn off only where the platform
+    /// cannot create user namespaces and isolates the server itself.
+    pub media_video_sandbox: bool,
+    /// Seconds one video file's decoding may take (the call's deadline
+    /// bounds it too).
+    pub media_video_timeout_secs: f64,
+    /// Address space one FFmpeg process may map, in MiB.
+    pub media_video_memory_mb: u64,
+    /// Largest size of one video's sampled frames as RGB, in MiB.
+    pub media_video_max_decoded_mb: u64,
 }
 
 impl Default for Config {
@@ -246,6 +261,11 @@ impl Default for Config {
             media_max_fetches: 16,
             media_fetch_timeout_secs: 30.0,
             media_max_redirects: 3,
+            media_ffmpeg: "ffmpeg".into(),
+            media_video_sandbox: true,
+            media_video_timeout_secs: 30.0,
+            media_video_memory_mb: 1024,
+            media_video_max_decoded_mb: 256,
         }
     }
 }
@@ -585,6 +605,15 @@ impl Config {
         }
     }
 
+    /// The limits on decoded images and video frames.
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_side: self.max_image_side,
+            max_pixels: self.max_image_pixels,
+            max_alloc: self.max_image_alloc_mb.saturating_mul(1024 * 1024),
+        }
+    }
+
     /// The media fetch policy of `media_allow` and `media_root`.
     pub fn media_policy(&self) -> Result<crate::media::MediaPolicy, String> {
         crate::media::MediaPolicy::new(&self.media_allow, self.media_root.as_deref())
@@ -745,6 +774,20 @@ impl Config {
             "media_fetch_timeout_secs",
             "must be a positive number of seconds".into(),
         );
+        check(
+            self.media_video_timeout_secs.is_finite() && self.media_video_timeout_secs > 0.0,
+            "media_video_timeout_secs",
+            "must be a positive number of seconds".into(),
+        );
+        for (value, key) in [
+            (self.media_video_memory_mb, "media_video_memory_mb"),
+            (
+                self.media_video_max_decoded_mb,
+                "media_video_max_decoded_mb",
+            ),
+        ] {
+            check(value > 0, key, "must be at least 1".into());
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -791,11 +834,7 @@ impl Config {
                 threads,
                 flash_attn: self.mmproj_flash_attn,
             },
-            decode_limits: DecodeLimits {
-                max_side: self.max_image_side,
-                max_pixels: self.max_image_pixels,
-                max_alloc: self.max_image_alloc_mb.saturating_mul(1024 * 1024),
-            },
+            decode_limits: self.decode_limits(),
             queue_depth: self.queue_depth,
             prefill_chunk: self.prefill_chunk as usize,
             jump_forward: self.jump_forward,

@@ -3,7 +3,7 @@
 
 use internvl_core::{
     ChatMessage, EmbedRequest, EngineError, GenerateRequest, ImageInput, Part, Pooling,
-    ResponseFormat, Role, SamplingParams, VideoInput,
+    ResponseFormat, Role, Sampling, SamplingParams, VideoInput, VideoSource,
 };
 
 use crate::proto;
@@ -50,13 +50,7 @@ fn images_in<'a>(parts: impl Iterator<Item = &'a Part>) -> usize {
         .map(|p| match p {
             Part::Text(_) => 0,
             Part::Image(_) => 1,
-            Part::Video(v) => {
-                if v.num_frames == 0 {
-                    8
-                } else {
-                    v.num_frames as usize
-                }
-            }
+            Part::Video(v) => v.frames_hint(),
         })
         .sum()
 }
@@ -122,15 +116,30 @@ fn part(content: proto::Content, field: &str) -> Result<Part> {
             }))
         }
         Some(P::Video(video)) => {
-            if video.frames.is_empty() {
-                return Err(invalid(
-                    format!("{field}.video.frames"),
-                    "a video needs at least one frame",
-                ));
+            let field = format!("{field}.video");
+            let sources = [
+                !video.frames.is_empty(),
+                !video.data.is_empty(),
+                !video.url.is_empty(),
+            ];
+            match sources.iter().filter(|set| **set).count() {
+                0 => {
+                    return Err(invalid(
+                        field,
+                        "no frames, data or url: a video needs exactly one",
+                    ))
+                }
+                1 => {}
+                _ => {
+                    return Err(invalid(
+                        field,
+                        "more than one of frames, data and url is set; send one",
+                    ))
+                }
             }
             if video.frames.len() > MAX_VIDEO_FRAMES {
                 return Err(invalid(
-                    format!("{field}.video.frames"),
+                    format!("{field}.frames"),
                     format!(
                         "{} frames, at most {MAX_VIDEO_FRAMES} are accepted",
                         video.frames.len()
@@ -138,24 +147,38 @@ fn part(content: proto::Content, field: &str) -> Result<Part> {
                 ));
             }
             if let Some(i) = video.frames.iter().position(Vec::is_empty) {
-                return Err(invalid(format!("{field}.video.frames[{i}]"), "is empty"));
+                return Err(invalid(format!("{field}.frames[{i}]"), "is empty"));
             }
             if video.num_frames as usize > MAX_VIDEO_FRAMES {
                 return Err(invalid(
-                    format!("{field}.video.num_frames"),
+                    format!("{field}.num_frames"),
                     format!("above {MAX_VIDEO_FRAMES}"),
                 ));
             }
-            if !video.fps.is_finite() || video.fps < 0.0 {
-                return Err(invalid(
-                    format!("{field}.video.fps"),
-                    "must be a finite, non-negative number",
-                ));
-            }
-            Ok(Part::Video(VideoInput {
-                frames: video.frames,
+            let sampling = Sampling {
                 num_frames: video.num_frames,
-            }))
+                fps: video.fps,
+            };
+            sampling.check(&field)?;
+            let source = if !video.frames.is_empty() {
+                if sampling.fps > 0.0 {
+                    // Checked here, not when sampling, so CountTokens refuses it too.
+                    return Err(invalid(
+                        format!("{field}.fps"),
+                        "sampling by fps needs the video's frame rate: send the \
+                         video file (data or url), or num_frames with decoded frames",
+                    ));
+                }
+                VideoSource::Frames(video.frames)
+            } else if !video.data.is_empty() {
+                VideoSource::File(video.data)
+            } else {
+                return Err(invalid(
+                    format!("{field}.url"),
+                    "was not fetched: URLs are fetched by the service before validation",
+                ));
+            };
+            Ok(Part::Video(VideoInput { source, sampling }))
         }
     }
 }

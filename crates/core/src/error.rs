@@ -93,7 +93,8 @@ pub enum EngineError {
     Inference(String),
 }
 
-/// How fetching a media URL went wrong, which decides the status.
+/// How fetching a media URL or decoding a video file went wrong, which
+/// decides the status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MediaFailure {
     /// Not a usable URL, or a scheme the service never fetches.
@@ -101,13 +102,17 @@ pub enum MediaFailure {
     /// The deployment's policy refuses it (`media_allow`, `media_root`, a
     /// private address).
     Refused,
-    /// More bytes than `media_max_mb`, or more URLs than
-    /// `media_max_fetches`.
+    /// More bytes than `media_max_mb`, more URLs than `media_max_fetches`,
+    /// or sampled frames past `media_video_max_decoded_mb`.
     TooLarge,
-    /// No answer within `media_fetch_timeout_secs`.
+    /// No answer within `media_fetch_timeout_secs`, or a decode past
+    /// `media_video_timeout_secs`.
     TimedOut,
     /// The host could not be reached or answered with an error status.
     Unreachable,
+    /// This deployment cannot decode it: video files are off, or its FFmpeg
+    /// or sandbox does not run.
+    Unavailable,
 }
 
 impl EngineError {

@@ -2,7 +2,7 @@
 //! prepares before anything reaches the model, and the types requests are
 //! made of. Media decoding and tiling ([`vision`], [`resize`]), GGUF checks
 //! and the position-row correction ([`gguf`], [`gguf_meta`],
-//! [`position_rows`]), chat prompts ([`prompt`]), response formats
+//! [`position_rows`]), chat prompts ([`prompt`]), video frame sampling ([`video`]), response formats
 //! ([`constraint`], [`gbnf`]), sampling settings and text streaming
 //! ([`sampling`]), the image and prefix caches' keys ([`cache`]), where
 //! weights go ([`placement`]) and the engine's settings ([`settings`]).
@@ -27,13 +27,15 @@ pub mod resize;
 pub mod sampling;
 pub mod settings;
 pub mod types;
+pub mod video;
 pub mod vision;
 
 pub use constraint::{FormatLimits, ResponseFormat};
 pub use error::EngineError;
 pub use placement::{Buffer, BufferKind, Device, DeviceKind, Placement};
-pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
+pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput, VideoSource};
 pub use sampling::SamplingParams;
 pub use settings::{EngineSettings, FlashAttn, KvCacheType, SplitMode};
 pub use types::*;
+pub use video::Sampling;
 pub use vision::{DecodeLimits, TileSpec};

@@ -8,7 +8,9 @@ use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
 use super::error::EngineError;
+use super::video::{Sampling, DEFAULT_FRAMES};
 use super::vision::{self, DecodeLimits, TileSpec, TiledImage};
+use image::RgbImage;
 
 /// What the template renders for an image part, replaced by the image block.
 pub const IMAGE_PLACEHOLDER: &str = "<IMG_CONTEXT>";
@@ -50,13 +52,39 @@ pub struct ImageInput {
     pub min_tiles: u32,
 }
 
-/// A video as encoded frames.
+/// A video and how to sample it.
 #[derive(Clone, Debug)]
 pub struct VideoInput {
-    /// Encoded frames in order (untrusted).
-    pub frames: Vec<Vec<u8>>,
-    /// Frames to sample, 0 = 8.
-    pub num_frames: u32,
+    /// Its frames, or the file they are in.
+    pub source: VideoSource,
+    /// Which frames the model sees.
+    pub sampling: Sampling,
+}
+
+/// Where a video's frames come from.
+#[derive(Clone, Debug)]
+pub enum VideoSource {
+    /// Encoded frames in order (untrusted), sampled by the prompt builder.
+    Frames(Vec<Vec<u8>>),
+    /// An encoded video file (untrusted) that the service has yet to decode
+    /// into [`VideoSource::Sampled`]: the engine takes no files.
+    File(Vec<u8>),
+    /// The frames sampled from a decoded file, in order.
+    Sampled(Vec<RgbImage>),
+}
+
+impl VideoInput {
+    /// How many frames (tiles) this video will give, as far as is known
+    /// before a file is decoded (then: `num_frames`, or the default).
+    pub fn frames_hint(&self) -> usize {
+        let asked = self.sampling.num_frames as usize;
+        match &self.source {
+            VideoSource::Sampled(frames) => frames.len(),
+            VideoSource::Frames(frames) if asked == 0 => frames.len().min(DEFAULT_FRAMES as usize),
+            _ if asked == 0 => DEFAULT_FRAMES as usize,
+            _ => asked,
+        }
+    }
 }
 
 /// One part of a message.
@@ -438,26 +466,32 @@ impl<'a> PromptBuilder<'a> {
 
     /// Appends a video: `Frame1: <img>…</img>\nFrame2: …`, one tile per sampled frame.
     pub fn push_video(&mut self, video: &VideoInput, field: &str) -> Result<(), EngineError> {
-        let n = if video.num_frames == 0 {
-            8
-        } else {
-            video.num_frames
-        } as usize;
-        let indices = vision::sample_frame_indices(video.frames.len(), n);
-        if indices.is_empty() {
-            return Err(EngineError::invalid(
-                format!("{field}.frames"),
-                "a video needs at least one frame",
-            ));
-        }
-        for (k, &index) in indices.iter().enumerate() {
-            let rgb = vision::decode_rgb(&video.frames[index], &self.limits)
-                .map_err(|e| e.in_field(&format!("{field}.frames[{index}]")))?;
+        let sampled: Vec<RgbImage>;
+        let frames: &[RgbImage] = match &video.source {
+            VideoSource::Frames(encoded) => {
+                let indices = video.sampling.indices(encoded.len(), None, field)?;
+                sampled = indices
+                    .into_iter()
+                    .map(|index| {
+                        vision::decode_rgb(&encoded[index], &self.limits)
+                            .map_err(|e| e.in_field(&format!("{field}.frames[{index}]")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                &sampled
+            }
+            VideoSource::Sampled(frames) => frames,
+            VideoSource::File(_) => {
+                return Err(EngineError::Fault(format!(
+                    "{field}.data: a video file reached the engine undecoded"
+                )))
+            }
+        };
+        for (k, rgb) in frames.iter().enumerate() {
             if k > 0 {
                 self.text.push('\n');
             }
             self.text.push_str(&format!("Frame{}: ", k + 1));
-            self.push_tiles(vision::frame_tile(&rgb, &self.spec))?;
+            self.push_tiles(vision::frame_tile(rgb, &self.spec))?;
         }
         Ok(())
     }

@@ -320,18 +320,6 @@ pub fn tile_image(image: &RgbImage, spec: &TileSpec, min_tiles: u32, max_tiles: 
     TiledImage::new(cols, rows, tiles)
 }
 
-/// The reference video sampler: `n` indices spread uniformly over `total`
-/// frames with a half-step initial shift.
-pub fn sample_frame_indices(total: usize, n: usize) -> Vec<usize> {
-    if total == 0 || n == 0 {
-        return Vec::new();
-    }
-    let step = total as f64 / n as f64;
-    (0..n)
-        .map(|k| ((step / 2.0 + k as f64 * step).floor() as usize).min(total - 1))
-        .collect()
-}
-
 /// One video frame as the reference feeds it: a single 448×448 tile.
 pub fn frame_tile(frame: &RgbImage, spec: &TileSpec) -> TiledImage {
     TiledImage::new(
@@ -355,12 +343,6 @@ mod tests {
         // A tie between 1x1 and 2x2 goes to 2x2 only for a large enough image.
         assert_eq!(choose_grid(100, 100, 1, 4, 448), (1, 1));
         assert_eq!(choose_grid(1000, 1000, 1, 4, 448), (2, 2));
-    }
-
-    #[test]
-    fn frame_sampling_uses_the_initial_shift() {
-        assert_eq!(sample_frame_indices(16, 8), vec![1, 3, 5, 7, 9, 11, 13, 15]);
-        assert_eq!(sample_frame_indices(3, 8), vec![0, 0, 0, 1, 1, 2, 2, 2]);
     }
 
     #[test]
