@@ -6,8 +6,9 @@
 //! FFmpeg runs as a subprocess, not linked: a codec's crash or assertion
 //! ends that process, never the server, and no codec's licence reaches this
 //! binary. Each run:
-//! - gets the file on stdin as an anonymous temporary file (no path anyone
-//!   names; seekable, so an MP4 whose index is at its end decodes);
+//! - gets the file on stdin as an in-memory file (memfd: no path anyone
+//!   names, nothing written to disk, and seekable, so an MP4 whose index is
+//!   at its end decodes, which a pipe cannot do);
 //! - may read it through the `file` protocol only, with the demuxers and
 //!   decoders in [`FORMATS`] and [`CODECS`] (no network, no `concat`, no
 //!   playlists);
@@ -165,7 +166,7 @@ impl VideoDecoder {
     /// Returns FFmpeg's version line, or why video files are off.
     pub async fn check(&self) -> Result<String, String> {
         let (ffmpeg, _) = self.programs.as_ref().map_err(Clone::clone)?;
-        let input = tempfile::tempfile().map_err(|e| format!("temporary file: {e}"))?;
+        let input = Self::input(&[]).map_err(|e| e.to_string())?;
         let output = self
             .command(ffmpeg, &["-version".to_string()], input)
             .output()
@@ -315,13 +316,16 @@ impl VideoDecoder {
             })
     }
 
-    /// `data` in an anonymous temporary file, at its start.
+    /// `data` in an in-memory file, at its start.
     fn input(data: &[u8]) -> Result<std::fs::File, EngineError> {
-        let mut file = tempfile::tempfile()
-            .map_err(|e| EngineError::Fault(format!("temporary file for a video: {e}")))?;
+        let fault =
+            |e: std::io::Error| EngineError::Fault(format!("in-memory file for a video: {e}"));
+        let fd = rustix::fs::memfd_create("internvl-video", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| fault(e.into()))?;
+        let mut file = std::fs::File::from(fd);
         file.write_all(data)
             .and_then(|_| file.rewind())
-            .map_err(|e| EngineError::Fault(format!("temporary file for a video: {e}")))?;
+            .map_err(fault)?;
         Ok(file)
     }
 
