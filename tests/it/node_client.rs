@@ -1,6 +1,7 @@
 //! A client in a third language: Node's `@grpc/grpc-js` loading `proto/` at
 //! run time (with `@grpc/proto-loader`), as a Node backend would, against the
-//! real server: a streamed Generate with an image, Embed, cancelling a stream,
+//! real server: a streamed Generate with an image, one with a video file,
+//! Embed, cancelling a stream,
 //! a refused request, a deadline, and `response_format`.
 
 use crate::common;
@@ -24,6 +25,9 @@ async fn run_node_client(addr: String, metrics: std::net::SocketAddr) -> Value {
         addr,
         fixture("images/square_448.png").display().to_string(),
         format!("http://{metrics}/metrics"),
+        root.join("tests/fixtures/video/clip.mp4")
+            .display()
+            .to_string(),
     ];
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("node").args(&args).output()
@@ -101,6 +105,37 @@ async fn node_grpc_js_client_streams_embeds_cancels_and_sees_errors() {
     );
     assert_eq!(generate["done"]["finish_reason"], "FINISH_REASON_LENGTH");
     assert_eq!(generate["done"]["image_tokens"], 256);
+
+    // The video file, decoded by the server, gets the tokens that PyAV's
+    // frames of it get from a Rust client sending them as images.
+    let frames = (0..16)
+        .map(|i| {
+            let path = format!("tests/fixtures/video/pyav/clip_mp4/frame_{i:02}.png");
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+        })
+        .collect();
+    let from_frames = generate_ok(
+        &mut client,
+        greedy(
+            vec![user(vec![
+                internvl_grpc::service::proto::Content {
+                    part: Some(internvl_grpc::service::proto::content::Part::Video(
+                        internvl_grpc::service::proto::Video {
+                            frames,
+                            num_frames: 8,
+                            ..Default::default()
+                        },
+                    )),
+                },
+                text("What happens in the video?"),
+            ])],
+            8,
+        ),
+    )
+    .await;
+    let video = &summary["video"];
+    assert_eq!(ids(&video["ids"]), from_frames.ids, "{summary}");
+    assert_eq!(video["done"]["image_tokens"], 8 * 256, "{summary}");
 
     let embed = &summary["embed"];
     assert_eq!(embed["count"], 1, "{summary}");

@@ -1,6 +1,7 @@
 // A Node @grpc/grpc-js client of internvl.v1, loading proto/ at run time as a
-// Node backend would. Usage: node client.js PROTO_ROOT ADDRESS IMAGE_FILE METRICS_URL
-// Prints one JSON summary: a streamed Generate (with an image), an Embed, a
+// Node backend would. Usage: node client.js PROTO_ROOT ADDRESS IMAGE_FILE METRICS_URL VIDEO_FILE
+// Prints one JSON summary: a streamed Generate (with an image), one with a
+// video file the server decodes, an Embed, a
 // Generate cancelled after its first token and one past its deadline (each
 // with what the server's metrics say 300 ms later), a refused request, and a
 // response_format reply.
@@ -10,7 +11,7 @@ const http = require('http');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const [protoRoot, address, imageFile, metricsUrl] = process.argv.slice(2);
+const [protoRoot, address, imageFile, metricsUrl, videoFile] = process.argv.slice(2);
 
 // Requests in flight and slots in use, from the server's own metrics, a
 // moment after the client gave up on a call: what the server did about it.
@@ -91,6 +92,15 @@ async function main() {
     max_new_tokens: 12,
     ignore_eos: true,
     request_id: 'node-client',
+  });
+  summary.video = await generate({
+    messages: user([
+      { video: { data: fs.readFileSync(videoFile), num_frames: 8 } },
+      { text: 'What happens in the video?' },
+    ]),
+    sampling: { temperature: 0 },
+    max_new_tokens: 8,
+    ignore_eos: true,
   });
   summary.embed = await embed({
     inputs: [{ content: [{ text: 'A photo of a cat.' }] }],
