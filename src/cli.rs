@@ -557,7 +557,7 @@ pub async fn info(args: ClientArgs) -> ClientResult {
     );
     println!("offload:       {}", info.offload);
     println!("parallel:      {} sequences", info.parallel);
-    println!("image URLs:    {}", info.media_schemes.join(", "));
+    println!("media URLs:    {}", info.media_schemes.join(", "));
     Ok(())
 }
 
