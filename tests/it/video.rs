@@ -350,12 +350,24 @@ async fn what_is_not_a_sampleable_video_is_refused_naming_the_field() {
             status.message()
         );
     }
+    // The server is whole after all of that.
+    let ok = generate_ok(
+        &mut client,
+        ask(video(proto::Video {
+            data: mp4.clone(),
+            num_frames: 2,
+            ..Default::default()
+        })),
+    )
+    .await;
+    assert_eq!(ok.ids.len(), 8);
     server.stop().await;
 
     // A rate that samples more frames than a request may carry images is
     // refused once the file's length is known.
     let mut config = tiny_config();
     config.max_images_per_request = 8;
+    config.media_video_max_decoded_mb = 1;
     let server = start(config).await;
     let mut client = server.client().await;
     let status = client
@@ -373,18 +385,40 @@ async fn what_is_not_a_sampleable_video_is_refused_naming_the_field() {
         "{}",
         status.message()
     );
-
-    // The server is whole after all of that.
-    let ok = generate_ok(
-        &mut client,
-        ask(video(proto::Video {
-            data: mp4,
-            num_frames: 2,
+    // 8 frames of 320x240 are 1.8 MiB as RGB: past the 1 MiB set here.
+    let status = client
+        .generate(ask(video(proto::Video {
+            data: mp4.clone(),
+            num_frames: 8,
             ..Default::default()
-        })),
-    )
-    .await;
-    assert_eq!(ok.ids.len(), 8);
+        })))
+        .await
+        .expect_err("1.8 MiB decoded, 1 allowed");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(field_of(&status), Some(format!("{field}.data")));
+    assert!(
+        status.message().contains("media_video_max_decoded_mb"),
+        "{}",
+        status.message()
+    );
+    server.stop().await;
+
+    // A frame size past max_image_pixels is refused from the probe, before
+    // any frame is decoded (a decompression bomb costs a demux, not a decode).
+    let mut config = tiny_config();
+    config.max_image_pixels = 100 * 100;
+    let server = start(config).await;
+    let mut client = server.client().await;
+    let status = client
+        .generate(ask(video(proto::Video {
+            data: mp4,
+            ..Default::default()
+        })))
+        .await
+        .expect_err("320x240 frames, 10000 pixels allowed");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(field_of(&status), Some(format!("{field}.data")));
+    assert!(status.message().contains("320x240"), "{}", status.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
