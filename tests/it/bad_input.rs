@@ -179,7 +179,8 @@ async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
                 }])],
                 4,
             ),
-            "messages[0].content[0].video.frames",
+            // No source of the three (frames, data, url): the video is named.
+            "messages[0].content[0].video",
         ),
     ];
 
