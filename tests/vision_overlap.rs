@@ -23,6 +23,10 @@ async fn streams_keep_decoding_while_an_image_is_encoded() {
     // the test ends itself) outlasts the image: it decoded about 3400 tokens
     // meanwhile when measured.
     let server = start(Config {
+        // Alone in its binary, it takes both cores, as it was measured with
+        // (the shared test config has 1 thread; with it the encoder's tile
+        // took 24 ms and decode steps paused past the bound 27 times).
+        threads: 2,
         parallel: 2,
         n_ctx: 2 * 8192,
         prefill_chunk: 64,
