@@ -18,6 +18,7 @@ pub mod media;
 pub use internvl_engine as engine;
 pub mod metrics;
 pub mod models;
+pub mod openai;
 pub mod service;
 pub mod video;
 
@@ -167,15 +168,16 @@ pub async fn run_with_metrics(
         Ok(version) => tracing::info!(ffmpeg = %version, "video files on"),
         Err(why) => tracing::warn!("video files off: {why}"),
     }
-    let service = InternVlServer::new(InternVlService::new(
+    let handlers = InternVlService::new(
         engine.clone(),
         config.request_limits(),
         metrics.clone(),
         std::sync::Arc::new(fetcher),
         std::sync::Arc::new(videos),
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
+    );
+    let service = InternVlServer::new(handlers.clone())
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
     let mut keys = ApiKeys::new(&config.api_keys);
     let probe_keys = if config.open_health_and_reflection {
         ApiKeys::open()
@@ -191,13 +193,25 @@ pub async fn run_with_metrics(
     }
 
     let (close_transport, transport_closed) = tokio::sync::oneshot::channel::<()>();
-    let server = builder
-        .add_service(InterceptedService::new(health, probe_keys.clone()))
+    let http_api = openai::OpenAi::new(
+        handlers,
+        keys.clone(),
+        metrics.clone(),
+        openai::model_id(&config.model),
+        config.max_message_bytes,
+    );
+    let grpc = tonic::service::Routes::new(InterceptedService::new(health, probe_keys.clone()))
         .add_service(InterceptedService::new(reflection, probe_keys))
         // Arrival is stamped before the body is read: deadlines count from it.
         .add_service(InterceptedService::new(service, move |request| {
             keys.call(request).map(service::deadline::stamp_arrival)
-        }))
+        }));
+    // One port, two protocols: gRPC by its service paths, the OpenAI API
+    // under /v1/ (HTTP/1.1 or HTTP/2).
+    let routes = tonic::service::Routes::from(grpc.into_axum_router().merge(http_api.router()));
+    let server = builder
+        .accept_http1(true)
+        .add_routes(routes)
         // Nagle off: a streamed token is one small write, and holding it back
         // for an ACK cost time to first token and decode throughput
         // (benches/README.md).

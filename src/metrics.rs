@@ -54,9 +54,10 @@ impl Default for Metrics {
             requests: IntCounterVec::new(
                 Opts::new(
                     "internvl_requests_total",
-                    "RPCs by method and final gRPC status",
+                    "Calls by protocol (grpc, http), method and final status \
+                     (gRPC's name; the HTTP API's statuses come from it)",
                 ),
-                &["method", "code"],
+                &["protocol", "method", "code"],
             )
             .expect("valid counter"),
             ttft: seconds(
@@ -146,7 +147,15 @@ impl Metrics {
     /// Counts one finished RPC.
     pub fn request(&self, method: &str, code: tonic::Code) {
         self.requests
-            .with_label_values(&[method, &format!("{code:?}")])
+            .with_label_values(&["grpc", method, &format!("{code:?}")])
+            .inc();
+    }
+
+    /// Counts one finished call of the OpenAI-compatible HTTP API, under the
+    /// gRPC status its answer was mapped from.
+    pub fn http_request(&self, method: &str, code: tonic::Code) {
+        self.requests
+            .with_label_values(&["http", method, &format!("{code:?}")])
             .inc();
     }
 

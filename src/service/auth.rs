@@ -36,24 +36,30 @@ impl ApiKeys {
     }
 }
 
+impl ApiKeys {
+    /// Checks an `authorization` value (gRPC metadata or an HTTP header):
+    /// why it is refused, if it is.
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), &'static str> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let presented = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or("authorization: expected \"Bearer <api key>\"")?;
+        if self.accepts(presented.as_bytes()) {
+            Ok(())
+        } else {
+            Err("authorization: unknown API key")
+        }
+    }
+}
+
 impl Interceptor for ApiKeys {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        if self.keys.is_empty() {
-            return Ok(request);
-        }
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization: expected \"Bearer <api key>\" metadata")
-            })?;
-        if self.accepts(presented.as_bytes()) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated("authorization: unknown API key"))
-        }
+        let header = request.metadata().get("authorization");
+        self.check(header.and_then(|v| v.to_str().ok()))
+            .map_err(Status::unauthenticated)?;
+        Ok(request)
     }
 }
 

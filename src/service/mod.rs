@@ -18,11 +18,11 @@ use tracing::{Instrument, Span};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::engine::{Engine, EngineError, GenerateEvent};
+use crate::engine::{Embedding, Engine, EngineError, GenerateEvent, GenerateEvents};
 use crate::media::Fetcher;
 use crate::metrics::Metrics;
 use crate::video::VideoDecoder;
-use error::status;
+pub use error::status;
 
 // The contract (proto, codec, validation) is the `internvl-api` crate's.
 pub use internvl_api::{codec, proto, validation};
@@ -57,6 +57,46 @@ impl InternVlService {
             media,
             videos,
         }
+    }
+
+    /// The per-request limits this service checks.
+    pub(crate) fn limits(&self) -> &validation::Limits {
+        &self.limits
+    }
+
+    /// A Generate request from its proto form to the engine's events: media
+    /// URLs fetched, validated, video files decoded, queued. Every transport
+    /// (gRPC here, the OpenAI-compatible HTTP API) starts a generation here,
+    /// so they refuse and answer alike.
+    pub(crate) async fn start_generate(
+        &self,
+        mut message: proto::GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<GenerateEvents, EngineError> {
+        let fetched = self.media.messages(&mut message.messages).await?;
+        let relabel = |e| fetched.relabel(e);
+        let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
+        Span::current().record("request_id", request.request_id.as_str());
+        let videos = self.videos.messages(&mut request.messages).await;
+        videos.map_err(relabel)?;
+        request.deadline = deadline;
+        self.engine.generate(request).await.map_err(relabel)
+    }
+
+    /// [`InternVlService::start_generate`] for Embed: the embeddings.
+    pub(crate) async fn run_embed(
+        &self,
+        mut message: proto::EmbedRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Embedding>, EngineError> {
+        let fetched = self.media.embed_inputs(&mut message.inputs).await?;
+        let relabel = |e| fetched.relabel(e);
+        let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
+        Span::current().record("request_id", request.request_id.as_str());
+        let videos = self.videos.embed_inputs(&mut request.inputs).await;
+        videos.map_err(relabel)?;
+        request.deadline = deadline;
+        self.engine.embed(request).await.map_err(relabel)
     }
 
     /// Counts the outcome of a call and records it on the call's span.
@@ -121,16 +161,8 @@ impl InternVl for InternVlService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let span = trace::request_span("Generate", request.metadata());
         let started = self
-            .prepare(&span, request, |mut message, deadline| async move {
-                let fetched = self.media.messages(&mut message.messages).await;
-                let fetched = fetched.map_err(status)?;
-                let relabel = |e| status(fetched.relabel(e));
-                let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
-                Span::current().record("request_id", request.request_id.as_str());
-                let videos = self.videos.messages(&mut request.messages).await;
-                videos.map_err(relabel)?;
-                request.deadline = deadline;
-                self.engine.generate(request).await.map_err(relabel)
+            .prepare(&span, request, |message, deadline| async move {
+                self.start_generate(message, deadline).await.map_err(status)
             })
             .await;
         let events = match started {
@@ -183,18 +215,9 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
-        self.unary("Embed", request, |mut message, deadline| async move {
-            let fetched = self.media.embed_inputs(&mut message.inputs).await;
-            let fetched = fetched.map_err(status)?;
-            let relabel = |e| status(fetched.relabel(e));
-            let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
-            Span::current().record("request_id", request.request_id.as_str());
-            let videos = self.videos.embed_inputs(&mut request.inputs).await;
-            videos.map_err(relabel)?;
-            request.deadline = deadline;
-            Ok(convert::embed_response(
-                self.engine.embed(request).await.map_err(relabel)?,
-            ))
+        self.unary("Embed", request, |message, deadline| async move {
+            let embeddings = self.run_embed(message, deadline).await.map_err(status)?;
+            Ok(convert::embed_response(embeddings))
         })
         .await
     }

@@ -76,8 +76,10 @@ async fn served(replica: &Replica) -> u64 {
         .await
         .lines()
         .find_map(|l| {
-            l.strip_prefix("internvl_requests_total{code=\"Ok\",method=\"Generate\"}")
-                .map(|v| v.trim().parse::<u64>().unwrap())
+            l.strip_prefix(
+                "internvl_requests_total{code=\"Ok\",method=\"Generate\",protocol=\"grpc\"}",
+            )
+            .map(|v| v.trim().parse::<u64>().unwrap())
         })
         .unwrap_or(0)
 }

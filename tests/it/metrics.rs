@@ -96,7 +96,7 @@ async fn requests_tokens_and_latencies_are_exported() {
     assert_eq!(
         value(
             &m,
-            r#"internvl_requests_total{code="Ok",method="Generate"}"#
+            r#"internvl_requests_total{code="Ok",method="Generate",protocol="grpc"}"#
         ),
         Some(1.0),
         "{m}"
@@ -104,14 +104,14 @@ async fn requests_tokens_and_latencies_are_exported() {
     assert_eq!(
         value(
             &m,
-            r#"internvl_requests_total{code="InvalidArgument",method="Generate"}"#
+            r#"internvl_requests_total{code="InvalidArgument",method="Generate",protocol="grpc"}"#
         ),
         Some(1.0)
     );
     assert!(
         value(
             &m,
-            r#"internvl_requests_total{code="Ok",method="GetModelInfo"}"#
+            r#"internvl_requests_total{code="Ok",method="GetModelInfo",protocol="grpc"}"#
         )
         .unwrap_or(0.0)
             >= 1.0

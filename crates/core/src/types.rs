@@ -60,7 +60,8 @@ pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
     /// How to pick tokens.
     pub sampling: SamplingParams,
-    /// Most tokens to generate (> 0).
+    /// Most tokens to generate (> 0); [`UNTIL_CONTEXT_FULL`] = as many as
+    /// the context holds after the prompt.
     pub max_new_tokens: u32,
     /// Stop sequences.
     pub stop: Vec<String>,
@@ -77,6 +78,10 @@ pub struct GenerateRequest {
     /// What the reply's text must be; `None` = free text.
     pub response_format: Option<ResponseFormat>,
 }
+
+/// `max_new_tokens` meaning "until the context is full" (the OpenAI API's
+/// absent `max_tokens`).
+pub const UNTIL_CONTEXT_FULL: u32 = u32::MAX;
 
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -264,7 +264,8 @@ impl Engine {
         if request.max_new_tokens == 0 {
             return Err(EngineError::invalid("max_new_tokens", "must be at least 1"));
         }
-        if request.max_new_tokens >= n_ctx {
+        let until_full = request.max_new_tokens == UNTIL_CONTEXT_FULL;
+        if request.max_new_tokens >= n_ctx && !until_full {
             return Err(EngineError::invalid(
                 "max_new_tokens",
                 format!(
@@ -308,6 +309,9 @@ impl Engine {
                     prompt.prompt_tokens, prompt.image_tokens
                 ),
             ));
+        }
+        if until_full {
+            request.max_new_tokens = n_ctx - prompt.prompt_tokens;
         }
         if prompt.prompt_tokens + request.max_new_tokens > n_ctx {
             return Err(EngineError::invalid(

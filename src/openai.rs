@@ -1,0 +1,964 @@
+//! The OpenAI-compatible HTTP API, served on the gRPC port (HTTP/1.1 and
+//! HTTP/2): `POST /v1/chat/completions`, `POST /v1/embeddings`,
+//! `GET /v1/models`.
+//!
+//! A thin transport like `service/`: each request becomes the proto request
+//! gRPC would carry and goes through the same [`InternVlService`] steps
+//! (fetch, validation, video decoding, the engine), so both protocols refuse
+//! and answer alike. Errors are mapped once, by `service::error::status`,
+//! then from gRPC's code to OpenAI's HTTP status and error body.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tonic::Code;
+
+use crate::engine::{
+    EngineError, FinishReason, GenerateEvent, GeneratedToken, Usage, UNTIL_CONTEXT_FULL,
+};
+use crate::metrics::Metrics;
+use crate::service::auth::ApiKeys;
+use crate::service::{proto, InternVlService};
+
+/// What the HTTP routes share.
+#[derive(Clone)]
+pub struct OpenAi {
+    service: InternVlService,
+    keys: ApiKeys,
+    metrics: Arc<Metrics>,
+    /// `GET /v1/models`' one id; a request naming another is refused.
+    model: Arc<str>,
+    max_body: usize,
+}
+
+impl OpenAi {
+    /// The API over `service`, answering as `model`, checking `keys`.
+    pub fn new(
+        service: InternVlService,
+        keys: ApiKeys,
+        metrics: Arc<Metrics>,
+        model: String,
+        max_body: usize,
+    ) -> Self {
+        Self {
+            service,
+            keys,
+            metrics,
+            model: model.into(),
+            max_body,
+        }
+    }
+
+    /// The routes, for the gRPC server's router.
+    pub fn router(self) -> Router {
+        let limit = axum::extract::DefaultBodyLimit::max(self.max_body);
+        Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/models", get(models))
+            .route("/v1/models/{id}", get(model))
+            .layer(limit)
+            .with_state(self)
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+        self.keys.check(header).map_err(|why| ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "invalid_request_error",
+            code: Some("invalid_api_key".into()),
+            message: why.to_string(),
+            param: None,
+            retry_after_ms: None,
+            grpc: Code::Unauthenticated,
+        })
+    }
+
+    fn check_model(&self, named: Option<&str>) -> Result<(), ApiError> {
+        match named {
+            Some(name) if name != &*self.model => Err(not_found(name)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The model id a deployment's `model` key gives: a catalog name as it is
+/// (without a quantization), else the model file's name without `.gguf`.
+pub fn model_id(model: &str) -> String {
+    if let Some(Ok(choice)) = internvl_api::catalog::find(model) {
+        return choice.entry.name.clone();
+    }
+    let file = model.rsplit('/').next().unwrap_or(model);
+    file.strip_suffix(".gguf").unwrap_or(file).to_string()
+}
+
+/// An error as OpenAI's API writes it, with the gRPC code it came from.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<String>,
+    message: String,
+    param: Option<String>,
+    retry_after_ms: Option<u64>,
+    grpc: Code,
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        code: Some("model_not_found".into()),
+        message: format!("The model `{name}` does not exist or you do not have access to it."),
+        param: Some("model".into()),
+        retry_after_ms: None,
+        grpc: Code::NotFound,
+    }
+}
+
+fn bad_request(param: Option<&str>, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: "invalid_request_error",
+        code: None,
+        message: message.into(),
+        param: param.map(str::to_string),
+        retry_after_ms: None,
+        grpc: Code::InvalidArgument,
+    }
+}
+
+/// A proto field path (`messages[0].content[1].image.url`) as the OpenAI
+/// request named it (`messages[0].content[1].image_url.url`).
+fn openai_param(field: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut after_media = false;
+    for segment in field.split('.') {
+        let renamed = match segment {
+            "image" => "image_url",
+            "video" => "video_url",
+            "url" | "data" if after_media => "url",
+            "max_tiles" | "min_tiles" if after_media => "detail",
+            other => other,
+        };
+        after_media = matches!(segment, "image" | "video");
+        out.push(renamed.to_string());
+    }
+    if out.first().is_some_and(|s| s == "sampling") {
+        out.remove(0);
+    }
+    if let Some(first) = out.first_mut() {
+        if let Some(rest) = first.strip_prefix("inputs") {
+            *first = format!("input{rest}");
+        } else if first == "max_new_tokens" {
+            *first = "max_tokens".into();
+        }
+    }
+    out.join(".")
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        let retry_after_ms = match &error {
+            EngineError::QueueFull { retry_after_ms } => Some(*retry_after_ms),
+            _ => None,
+        };
+        // The one mapping gRPC uses; the HTTP status follows from its code.
+        let status = crate::service::status(error);
+        let code = status.code();
+        let message = status.message().to_string();
+        // "field: why", the field in proto terms; OpenAI's name replaces it.
+        let (field, message) = match message.split_once(": ") {
+            Some((field, why)) if !field.contains(' ') => {
+                (Some(field), format!("{}: {why}", openai_param(field)))
+            }
+            _ => (None, message.clone()),
+        };
+        let (http, kind, param) = match code {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                field.map(openai_param),
+            ),
+            Code::PermissionDenied => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                field.map(openai_param),
+            ),
+            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_request_error", None),
+            Code::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", None),
+            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", None),
+            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
+            Code::Cancelled => (StatusCode::from_u16(499).expect("valid"), "cancelled", None),
+            Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, "invalid_request_error", None),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        };
+        ApiError {
+            status: http,
+            kind,
+            code: Some(format!("{code:?}")),
+            message,
+            param,
+            retry_after_ms,
+            grpc: code,
+        }
+    }
+}
+
+impl ApiError {
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let headers = response.headers_mut();
+            // Seconds for any client; milliseconds for OpenAI's SDKs, which read it first.
+            let secs = ms.div_ceil(1000).max(1);
+            headers.insert("retry-after", HeaderValue::from(secs));
+            headers.insert("retry-after-ms", HeaderValue::from(ms));
+        }
+        response
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad_request(None, format!("request body: {e}")))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---- chat completions -------------------------------------------------------
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    response_format: Option<ResponseFormat>,
+    n: Option<u32>,
+    // Known and not offered: refused by name rather than ignored.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    logit_bias: Option<Value>,
+    audio: Option<Value>,
+    prediction: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchema },
+}
+
+#[derive(Deserialize)]
+struct JsonSchema {
+    schema: Option<Value>,
+}
+
+/// One content part (`text`, `image_url`, `video_url`) as a proto part;
+/// `param` names it.
+fn part(value: &Value, param: &str) -> Result<proto::Content, ApiError> {
+    use proto::content::Part;
+    let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
+    let url = |key: &str| -> Result<(String, Option<String>), ApiError> {
+        let object = value.get(key);
+        let url = object
+            .and_then(|o| o.get("url"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad_request(Some(&format!("{param}.{key}.url")), "a URL is required"))?;
+        let detail = object
+            .and_then(|o| o.get("detail"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok((url.to_string(), detail))
+    };
+    let part = match kind {
+        "text" => Part::Text(
+            value
+                .get("text")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad_request(Some(&format!("{param}.text")), "a string is required"))?
+                .to_string(),
+        ),
+        "image_url" => {
+            let (url, detail) = url("image_url")?;
+            let max_tiles = match detail.as_deref() {
+                None | Some("auto") | Some("high") => 0,
+                // The reference's thumbnail: one tile of the whole image.
+                Some("low") => 1,
+                Some(other) => {
+                    return Err(bad_request(
+                        Some(&format!("{param}.image_url.detail")),
+                        format!("{other:?}: expected \"low\", \"high\" or \"auto\""),
+                    ))
+                }
+            };
+            Part::Image(proto::Image {
+                url,
+                max_tiles,
+                ..Default::default()
+            })
+        }
+        "video_url" => Part::Video(proto::Video {
+            url: url("video_url")?.0,
+            ..Default::default()
+        }),
+        other => {
+            return Err(bad_request(
+                Some(&format!("{param}.type")),
+                format!("{other:?}: this API takes text, image_url and video_url parts"),
+            ))
+        }
+    };
+    Ok(proto::Content { part: Some(part) })
+}
+
+fn content(content: &Content, param: &str) -> Result<Vec<proto::Content>, ApiError> {
+    match content {
+        Content::Text(text) => Ok(vec![proto::Content {
+            part: Some(proto::content::Part::Text(text.clone())),
+        }]),
+        Content::Parts(parts) => parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| part(p, &format!("{param}[{i}]")))
+            .collect(),
+    }
+}
+
+impl ChatRequest {
+    /// The proto request gRPC would carry.
+    fn to_proto(&self, request_id: String) -> Result<proto::GenerateRequest, ApiError> {
+        for (name, set) in [
+            ("tools", self.tools.is_some()),
+            ("tool_choice", self.tool_choice.is_some()),
+            ("functions", self.functions.is_some()),
+            ("function_call", self.function_call.is_some()),
+            ("logit_bias", self.logit_bias.is_some()),
+            ("audio", self.audio.is_some()),
+            ("prediction", self.prediction.is_some()),
+        ] {
+            if set {
+                return Err(bad_request(Some(name), format!("{name} is not supported")));
+            }
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(bad_request(Some("n"), "only n = 1 is supported"));
+        }
+        if self.top_logprobs.is_some() && self.logprobs != Some(true) {
+            return Err(bad_request(
+                Some("top_logprobs"),
+                "top_logprobs needs logprobs = true",
+            ));
+        }
+        let seed = match self.seed {
+            Some(seed) => Some(
+                u64::try_from(seed)
+                    .map_err(|_| bad_request(Some("seed"), "must be a non-negative integer"))?,
+            ),
+            None => None,
+        };
+        let messages = self
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let role = match m.role.as_str() {
+                    "system" | "developer" => "system",
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    other => {
+                        return Err(bad_request(
+                            Some(&format!("messages[{i}].role")),
+                            format!("{other:?}: expected system, developer, user or assistant"),
+                        ))
+                    }
+                };
+                let param = format!("messages[{i}].content");
+                let content = match &m.content {
+                    Some(c) => content(c, &param)?,
+                    None => return Err(bad_request(Some(&param), "content is required")),
+                };
+                Ok(proto::Message {
+                    role: role.into(),
+                    content,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let response_format = match &self.response_format {
+            None | Some(ResponseFormat::Text) => None,
+            Some(ResponseFormat::JsonObject) => Some(proto::response_format::Format::JsonObject(
+                proto::JsonObject {},
+            )),
+            Some(ResponseFormat::JsonSchema { json_schema }) => {
+                let schema = json_schema.schema.as_ref().ok_or_else(|| {
+                    bad_request(
+                        Some("response_format.json_schema.schema"),
+                        "a schema is required",
+                    )
+                })?;
+                Some(proto::response_format::Format::JsonSchema(
+                    schema.to_string(),
+                ))
+            }
+        };
+        Ok(proto::GenerateRequest {
+            messages,
+            sampling: Some(proto::SamplingParams {
+                // OpenAI's defaults: temperature 1, top_p 1.
+                temperature: self.temperature.unwrap_or(1.0),
+                top_p: self.top_p.unwrap_or(1.0),
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                seed,
+                ..Default::default()
+            }),
+            max_new_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(UNTIL_CONTEXT_FULL),
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
+            ignore_eos: false,
+            top_logprobs: self.top_logprobs.unwrap_or(0),
+            request_id,
+            logprobs: self.logprobs.unwrap_or(false),
+            response_format: response_format.map(|format| proto::ResponseFormat {
+                format: Some(format),
+            }),
+        })
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop | FinishReason::StopSequence => "stop",
+        FinishReason::Length => "length",
+        // Not sent: a cancelled stream has no reader.
+        FinishReason::Cancelled => "stop",
+    }
+}
+
+fn usage(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    })
+}
+
+fn token_logprob(text: &str, logprob: f32) -> Value {
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes()})
+}
+
+/// OpenAI's `logprobs.content` entries for `tokens`.
+fn logprobs(tokens: &[GeneratedToken]) -> Vec<Value> {
+    tokens
+        .iter()
+        .map(|t| {
+            let mut entry = token_logprob(&t.text, t.logprob);
+            entry["top_logprobs"] = t
+                .top
+                .iter()
+                .map(|a| token_logprob(&a.text, a.logprob))
+                .collect();
+            entry
+        })
+        .collect()
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn chat(State(api): State<OpenAi>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = Instant::now();
+    let metrics = api.metrics.clone();
+    let result = start_chat(&api, &headers, &body, arrived).await;
+    match result {
+        Ok(response) => response,
+        Err(error) => {
+            metrics.http_request("ChatCompletions", error.grpc);
+            error.into_response()
+        }
+    }
+}
+
+async fn start_chat(
+    api: &OpenAi,
+    headers: &HeaderMap,
+    body: &Bytes,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    api.authorize(headers)?;
+    let request: ChatRequest = parse(body)?;
+    api.check_model(request.model.as_deref())?;
+    let stream = request.stream;
+    let include_usage = request
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let message = request.to_proto(request_id(headers))?;
+    let want_logprobs = message.logprobs;
+    let deadline = arrived.checked_add(api.service.limits().max_deadline);
+    let events = crate::service::deadline::within_engine(
+        deadline,
+        api.service.start_generate(message, deadline),
+    )
+    .await?;
+    let id = format!("chatcmpl-{:x}", rand_id());
+    let created = now_secs();
+    let model = api.model.clone();
+    if stream {
+        Ok(sse(
+            api.metrics.clone(),
+            events,
+            id,
+            created,
+            model,
+            include_usage,
+            want_logprobs,
+        ))
+    } else {
+        collect(
+            api.metrics.clone(),
+            events,
+            id,
+            created,
+            model,
+            want_logprobs,
+        )
+        .await
+    }
+}
+
+/// A per-process counter mixed with the time: ids only need to differ.
+fn rand_id() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    (t << 20) ^ u128::from(n)
+}
+
+async fn collect(
+    metrics: Arc<Metrics>,
+    mut events: crate::engine::GenerateEvents,
+    id: String,
+    created: u64,
+    model: Arc<str>,
+    want_logprobs: bool,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut entries = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event.map_err(ApiError::from) {
+            Err(error) => {
+                metrics.http_request("ChatCompletions", error.grpc);
+                return Err(error);
+            }
+            Ok(GenerateEvent::Delta { text: t, tokens }) => {
+                text.push_str(&t);
+                if want_logprobs {
+                    entries.extend(logprobs(&tokens));
+                }
+            }
+            Ok(GenerateEvent::Done {
+                finish_reason: reason,
+                usage: counts,
+                timings,
+            }) => {
+                metrics.generation(&counts, &timings);
+                metrics.http_request("ChatCompletions", Code::Ok);
+                let body = json!({
+                    "id": id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": &*model,
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": if want_logprobs { json!({"content": entries}) } else { Value::Null },
+                        "finish_reason": finish_reason(reason),
+                    }],
+                    "usage": usage(&counts),
+                });
+                return Ok(axum::Json(body).into_response());
+            }
+        }
+    }
+    let error = ApiError::from(EngineError::Fault(
+        "the reply stopped before its end".into(),
+    ));
+    metrics.http_request("ChatCompletions", error.grpc);
+    Err(error)
+}
+
+/// The streamed reply: a role chunk, a chunk per engine delta, the finish
+/// chunk, the usage chunk when asked, `[DONE]`. An error after the first
+/// byte is an `error` event, as OpenAI's SDKs read it. Pulled as the socket
+/// takes it, so a slow reader holds back only its own sequence; dropped
+/// when the client leaves, which cancels the sequence.
+fn sse(
+    metrics: Arc<Metrics>,
+    events: crate::engine::GenerateEvents,
+    id: String,
+    created: u64,
+    model: Arc<str>,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> Response {
+    let chunk = move |delta: Value, logprobs: Value, finish: Value| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": &*model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        })
+    };
+    let first = chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+        Value::Null,
+    );
+    struct Stream {
+        events: Option<crate::engine::GenerateEvents>,
+    }
+    let state = Stream {
+        events: Some(events),
+    };
+    let body = stream::unfold(state, move |mut state| {
+        let metrics = metrics.clone();
+        let chunk = chunk.clone();
+        async move {
+            let events = state.events.as_mut()?;
+            let out: Vec<Value> = match events.recv().await {
+                None => {
+                    state.events = None;
+                    let error = ApiError::from(EngineError::Fault(
+                        "the reply stopped before its end".into(),
+                    ));
+                    metrics.http_request("ChatCompletions", error.grpc);
+                    vec![error.body()]
+                }
+                Some(Err(error)) => {
+                    state.events = None;
+                    let error = ApiError::from(error);
+                    metrics.http_request("ChatCompletions", error.grpc);
+                    vec![error.body()]
+                }
+                Some(Ok(GenerateEvent::Delta { text, tokens })) => {
+                    let lp = if want_logprobs {
+                        json!({"content": logprobs(&tokens)})
+                    } else {
+                        Value::Null
+                    };
+                    vec![chunk(json!({"content": text}), lp, Value::Null)]
+                }
+                Some(Ok(GenerateEvent::Done {
+                    finish_reason: reason,
+                    usage: counts,
+                    timings,
+                })) => {
+                    state.events = None;
+                    metrics.generation(&counts, &timings);
+                    metrics.http_request("ChatCompletions", Code::Ok);
+                    let mut last =
+                        vec![chunk(json!({}), Value::Null, json!(finish_reason(reason)))];
+                    if include_usage {
+                        let mut with_usage = chunk(json!({}), Value::Null, Value::Null);
+                        with_usage["choices"] = json!([]);
+                        with_usage["usage"] = usage(&counts);
+                        last.push(with_usage);
+                    }
+                    last
+                }
+            };
+            let events: Vec<Result<Event, std::convert::Infallible>> = out
+                .into_iter()
+                .map(|v| Ok(Event::default().data(v.to_string())))
+                .collect();
+            Some((stream::iter(events), state))
+        }
+    })
+    .flatten();
+    let body = stream::iter([Ok(Event::default().data(first.to_string()))])
+        .chain(body)
+        .chain(stream::iter([Ok(Event::default().data("[DONE]"))]));
+    sse_response(body)
+}
+
+fn sse_response(
+    body: impl Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
+) -> Response {
+    Sse::new(body).into_response()
+}
+
+// ---- embeddings ---------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    model: Option<String>,
+    input: Value,
+    encoding_format: Option<String>,
+    dimensions: Option<u32>,
+}
+
+/// One `input` entry: a string, or (this service's extension) a chat-style
+/// `{"content": [parts]}` with text, image_url and video_url parts.
+fn embed_input(value: &Value, param: &str) -> Result<proto::EmbedInput, ApiError> {
+    let content = match value {
+        Value::String(text) => vec![proto::Content {
+            part: Some(proto::content::Part::Text(text.clone())),
+        }],
+        Value::Object(object) => {
+            let parts = object.get("content").ok_or_else(|| {
+                bad_request(
+                    Some(&format!("{param}.content")),
+                    "an input object needs content",
+                )
+            })?;
+            let parts: Content = serde_json::from_value(parts.clone()).map_err(|_| {
+                bad_request(
+                    Some(&format!("{param}.content")),
+                    "a string or a list of content parts",
+                )
+            })?;
+            content(&parts, &format!("{param}.content"))?
+        }
+        Value::Number(_) | Value::Array(_) => {
+            return Err(bad_request(
+                Some(param),
+                "token ids are not taken as input; send text",
+            ))
+        }
+        _ => {
+            return Err(bad_request(
+                Some(param),
+                "a string or an object with content",
+            ))
+        }
+    };
+    Ok(proto::EmbedInput { content })
+}
+
+async fn embeddings(State(api): State<OpenAi>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = Instant::now();
+    let result = run_embeddings(&api, &headers, &body, arrived).await;
+    let code = result.as_ref().map_or_else(|e| e.grpc, |_| Code::Ok);
+    api.metrics.http_request("Embeddings", code);
+    match result {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn run_embeddings(
+    api: &OpenAi,
+    headers: &HeaderMap,
+    body: &Bytes,
+    arrived: Instant,
+) -> Result<Value, ApiError> {
+    api.authorize(headers)?;
+    let request: EmbeddingsRequest = parse(body)?;
+    api.check_model(request.model.as_deref())?;
+    if request.dimensions.is_some() {
+        return Err(bad_request(
+            Some("dimensions"),
+            "dimensions is not supported: the model's size is fixed",
+        ));
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(bad_request(
+                Some("encoding_format"),
+                format!("{other:?}: expected \"float\" or \"base64\""),
+            ))
+        }
+    };
+    let inputs = match &request.input {
+        Value::Array(items) if items.iter().all(|i| !i.is_number()) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| embed_input(item, &format!("input[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?,
+        other => vec![embed_input(other, "input")?],
+    };
+    let message = proto::EmbedRequest {
+        inputs,
+        pooling: proto::Pooling::Mean as i32,
+        normalize: true,
+        ..Default::default()
+    };
+    let deadline = arrived.checked_add(api.service.limits().max_deadline);
+    let embeddings =
+        crate::service::deadline::within_engine(deadline, api.service.run_embed(message, deadline))
+            .await?;
+    let tokens: u32 = embeddings.iter().map(|e| e.tokens).sum();
+    let data: Vec<Value> = embeddings
+        .into_iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = e.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(e.values)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(json!({
+        "object": "list",
+        "data": data,
+        "model": &*api.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+}
+
+// ---- models -------------------------------------------------------------------
+
+fn model_object(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "internvl-grpc"})
+}
+
+async fn models(State(api): State<OpenAi>, headers: HeaderMap) -> Response {
+    let result = api.authorize(&headers);
+    api.metrics.http_request(
+        "Models",
+        result.as_ref().map_or_else(|e| e.grpc, |_| Code::Ok),
+    );
+    match result {
+        Ok(()) => axum::Json(json!({"object": "list", "data": [model_object(&api.model)]}))
+            .into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn model(State(api): State<OpenAi>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let result = api
+        .authorize(&headers)
+        .and_then(|()| api.check_model(Some(&id)));
+    api.metrics.http_request(
+        "Models",
+        result.as_ref().map_or_else(|e| e.grpc, |_| Code::Ok),
+    );
+    match result {
+        Ok(()) => axum::Json(model_object(&api.model)).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proto_fields_are_named_as_the_openai_request_names_them() {
+        assert_eq!(
+            openai_param("messages[0].content[1].image.url"),
+            "messages[0].content[1].image_url.url"
+        );
+        assert_eq!(
+            openai_param("messages[0].content[1].image.data"),
+            "messages[0].content[1].image_url.url"
+        );
+        assert_eq!(
+            openai_param("messages[2].content[0].video.url"),
+            "messages[2].content[0].video_url.url"
+        );
+        assert_eq!(openai_param("max_new_tokens"), "max_tokens");
+        assert_eq!(openai_param("sampling.temperature"), "temperature");
+        assert_eq!(openai_param("inputs[3].content[0]"), "input[3].content[0]");
+        assert_eq!(openai_param("stop[0]"), "stop[0]");
+    }
+
+    #[test]
+    fn model_ids_are_catalog_names_or_file_names() {
+        assert_eq!(
+            model_id("/models/tiny-internvl3-f32.gguf"),
+            "tiny-internvl3-f32"
+        );
+        assert_eq!(model_id("some-model"), "some-model");
+    }
+}
