@@ -273,6 +273,9 @@ struct ChatRequest {
     top_logprobs: Option<u32>,
     response_format: Option<ResponseFormat>,
     n: Option<u32>,
+    /// vLLM's extension: keep generating past the end-of-generation token.
+    #[serde(default)]
+    ignore_eos: bool,
     // Known and not offered: refused by name rather than ignored.
     tools: Option<Value>,
     tool_choice: Option<Value>,
@@ -489,7 +492,7 @@ impl ChatRequest {
                 Some(Stop::One(s)) => vec![s.clone()],
                 Some(Stop::Many(v)) => v.clone(),
             },
-            ignore_eos: false,
+            ignore_eos: self.ignore_eos,
             top_logprobs: self.top_logprobs.unwrap_or(0),
             request_id,
             logprobs: self.logprobs.unwrap_or(false),

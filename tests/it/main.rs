@@ -22,6 +22,7 @@ mod metrics;
 mod node_client;
 mod non_root;
 mod offload;
+mod openai;
 mod parity;
 mod python_client;
 mod real_files;

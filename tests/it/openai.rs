@@ -1,0 +1,182 @@
+//! The OpenAI-compatible HTTP API on the gRPC port, driven by OpenAI's own
+//! SDKs (Python `openai` and npm `openai`, pinned by `scripts/setup`):
+//! a streamed chat with an image, a JSON Schema reply (validated by the
+//! client), embeddings, a bad image, a wrong key, an unknown model, a
+//! stream the client abandons (the slot is freed), and the SDK's own retry
+//! on 429. The same greedy request over HTTP and gRPC gives the same tokens.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::common;
+use common::*;
+use internvl_grpc::service::proto;
+
+const KEY: &str = "sk-internvl-test";
+
+fn metrics_addr() -> std::net::SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// Runs `tests/node/<script>` with `args`; parses the JSON it prints.
+async fn run_node(script: &str, args: Vec<String>) -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node_dir = root.join("tests/node");
+    if !node_dir.join("node_modules/openai").exists() {
+        panic!("this test needs tests/node/node_modules (openai): run scripts/setup");
+    }
+    let script = node_dir.join(script);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(script)
+            .args(&args)
+            .output()
+    })
+    .await
+    .expect("node task")
+    .unwrap_or_else(|e| panic!("this test needs node ({e}): run scripts/setup"));
+    assert!(
+        output.status.success(),
+        "node client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the node client prints JSON")
+}
+
+/// The greedy image question both SDKs stream, asked over gRPC: its tokens'
+/// texts.
+async fn grpc_tokens(server: &TestServer, max_new_tokens: u32) -> (String, Vec<String>) {
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(proto::GenerateRequest {
+        logprobs: true,
+        ignore_eos: false,
+        ..greedy(
+            vec![user(vec![
+                image(image_bytes("square_448.png")),
+                text("What is shown?"),
+            ])],
+            max_new_tokens,
+        )
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let reply = collect(client.generate(request).await.unwrap().into_inner())
+        .await
+        .unwrap();
+    let texts = reply.tokens.iter().map(|t| t.text.clone()).collect();
+    (reply.text, texts)
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_str().expect("string").to_string())
+        .collect()
+}
+
+fn check_common(summary: &Value, grpc: &(String, Vec<String>), model: &str) {
+    assert_eq!(summary["model"], model, "{summary}");
+    let stream = &summary["stream"];
+    // Same greedy tokens as gRPC, streamed as several chunks.
+    assert_eq!(strings(&stream["tokens"]), grpc.1, "{summary}");
+    assert_eq!(stream["text"], grpc.0.as_str(), "{summary}");
+    assert!(stream["chunks"].as_u64().unwrap() >= 3, "{summary}");
+    let usage = &stream["usage"];
+    assert_eq!(usage["completion_tokens"], grpc.1.len(), "{summary}");
+    // The image is 256 of the prompt's tokens.
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 256, "{summary}");
+
+    let reply = &summary["json_schema"];
+    assert_eq!(reply["finish_reason"], "stop", "{summary}");
+
+    let embeddings = &summary["embeddings"];
+    assert_eq!(embeddings["dimensions"], 64, "{summary}");
+    assert!((embeddings["norm"].as_f64().unwrap() - 1.0).abs() < 1e-4);
+    assert_eq!(embeddings["base64_equal"], true, "{summary}");
+
+    let bad = &summary["bad_image"];
+    assert_eq!(bad["status"], 400, "{summary}");
+    assert_eq!(
+        bad["body"]["param"], "messages[0].content[1].image_url.url",
+        "{summary}"
+    );
+    assert_eq!(summary["wrong_key"]["status"], 401, "{summary}");
+    let unknown = &summary["unknown_model"];
+    assert_eq!(unknown["status"], 404, "{summary}");
+    assert_eq!(unknown["body"]["code"], "model_not_found", "{summary}");
+
+    let abandoned = &summary["abandoned"];
+    let load = |when: &str, what: &str| abandoned[when][what].as_f64();
+    assert_eq!(load("running", "active"), Some(1.0), "{summary}");
+    assert_eq!(
+        (load("server", "in_flight"), load("server", "active")),
+        (Some(0.0), Some(0.0)),
+        "the abandoned stream still holds the engine 300 ms later: {summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_sdks_stream_validate_embed_and_see_errors() {
+    let metrics = metrics_addr();
+    let mut config = tiny_config();
+    config.api_keys = vec![KEY.into()];
+    config.metrics_listen = Some(metrics.to_string());
+    let model = internvl_grpc::openai::model_id(&config.model);
+    let server = start(config).await;
+    let grpc = grpc_tokens(&server, 12).await;
+    let args = vec![
+        format!("http://{}/v1", server.addr),
+        KEY.to_string(),
+        fixture("images/square_448.png").display().to_string(),
+        format!("http://{metrics}/metrics"),
+    ];
+
+    let python = run_python_client("openai_client.py", args.clone()).await;
+    check_common(&python, &grpc, &model);
+    let node = run_node("openai_client.mjs", args).await;
+    check_common(&node, &grpc, &model);
+
+    // Each protocol counted under its own label.
+    let text = scrape_metrics(metrics).await;
+    assert!(
+        text.contains(
+            r#"internvl_requests_total{code="Ok",method="ChatCompletions",protocol="http"}"#
+        ),
+        "{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_retries_a_429_until_a_slot_frees() {
+    let metrics = metrics_addr();
+    let mut config = tiny_config();
+    config.parallel = 1;
+    config.queue_depth = 1;
+    config.metrics_listen = Some(metrics.to_string());
+    let server = start(config).await;
+    let summary = run_python_client(
+        "openai_retry.py",
+        vec![format!("http://{}/v1", server.addr)],
+    )
+    .await;
+    // The third request met a full queue, and the SDK's retries, paced by
+    // the server's Retry-After, got it answered.
+    assert_eq!(summary["third"]["finish_reason"], "length", "{summary}");
+    let text = scrape_metrics(metrics).await;
+    let refused = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"internvl_requests_total{code="ResourceExhausted",method="ChatCompletions",protocol="http"} "#,
+            )
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 1.0, "no 429 was answered: {text}");
+    server.stop().await;
+}
