@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod service;
+mod tls;
 pub mod video;
 
 pub use internvl_api::{catalog, config};
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::engine::Engine;
@@ -184,13 +185,8 @@ pub async fn run_with_metrics(
     } else {
         keys.clone()
     };
-    let mut builder = Server::builder();
-    if let Some(tls) = tls_config(&config)? {
-        builder = builder.tls_config(tls).map_err(|e| ServeError::Tls {
-            path: config.tls_cert.clone().unwrap_or_default(),
-            message: e.to_string(),
-        })?;
-    }
+    let tls = tls::server_config(&config)?;
+    let builder = Server::builder();
 
     let (close_transport, transport_closed) = tokio::sync::oneshot::channel::<()>();
     let http_api = openai::OpenAi::new(
@@ -209,19 +205,25 @@ pub async fn run_with_metrics(
     // One port, two protocols: gRPC by its service paths, the OpenAI API
     // under /v1/ (HTTP/1.1 or HTTP/2).
     let routes = tonic::service::Routes::from(grpc.into_axum_router().merge(http_api.router()));
-    let server = builder
-        .accept_http1(true)
-        .add_routes(routes)
-        // Nagle off: a streamed token is one small write, and holding it back
-        // for an ACK cost time to first token and decode throughput
+    let router = builder.accept_http1(true).add_routes(routes);
+    // A dropped sender means run() is returning: close as well.
+    let closed = async move {
+        transport_closed.await.ok();
+    };
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => {
+            Box::pin(router.serve_with_incoming_shutdown(tls::incoming(listener, tls), closed))
+        }
+        // Nagle off: a streamed token is one small write, and holding it
+        // back for an ACK cost time to first token and decode throughput
         // (benches/README.md).
-        .serve_with_incoming_shutdown(
+        None => Box::pin(router.serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                // A dropped sender means run() is returning: close as well.
-                transport_closed.await.ok();
-            },
-        );
+            closed,
+        )),
+    };
     tokio::pin!(server);
 
     let grace = std::time::Duration::from_secs_f64(config.drain_grace_secs);
@@ -291,25 +293,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Server TLS from the configured PEM files; client certificates are required
-/// when a client CA is given.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        return Ok(None);
-    };
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path).map_err(|e| ServeError::Tls {
-            path: path.clone(),
-            message: format!("cannot read: {e}"),
-        })
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &config.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
 }
 
 async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {

@@ -26,19 +26,26 @@ fn pki(name: &str) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Names of their own: with rcgen's one default name for all three,
+    // OpenSSL (Python's ssl) takes the leaf for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "internvl test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
+    let mut server_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    server_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
     let client_key = KeyPair::generate().unwrap();
-    let client_cert = CertificateParams::new(vec!["client".to_string()])
-        .unwrap()
-        .signed_by(&client_key, &issuer)
-        .unwrap();
+    let mut client_params = CertificateParams::new(vec!["client".to_string()]).unwrap();
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "client");
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
     std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
     std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
     std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
@@ -204,4 +211,46 @@ async fn the_health_probe_speaks_mutual_tls() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("error: "), "{stderr}");
     server.stop().await;
+}
+
+/// The one TLS port serves the OpenAI-compatible API to HTTP/1.1 clients
+/// too (tonic's own acceptor offered only h2 in ALPN, which refused them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_api_over_tls_takes_http1_clients() {
+    let pki = pki("openai-tls");
+    let mut config = tiny_config();
+    config.tls_cert = Some(pki.dir.join("server.pem"));
+    config.tls_key = Some(pki.dir.join("server.key"));
+    let server = start_unready(config).await;
+    // Ready once gRPC, over the same TLS port, answers.
+    let channel = tls_channel(server.addr, &pki, false).await.unwrap();
+    let mut client = InternVlClient::new(channel);
+    let mut ready = false;
+    for _ in 0..400 {
+        match client.get_model_info(with_key(None)).await {
+            Ok(_) => {
+                ready = true;
+                break;
+            }
+            Err(s) if s.code() == Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert!(ready, "never ready");
+    let summary = run_python_client(
+        "openai_tls.py",
+        vec![
+            format!("https://localhost:{}/v1", server.addr.port()),
+            pki.dir.join("ca.pem").display().to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(summary["completion_tokens"], 3, "{summary}");
+    assert_eq!(
+        summary["http_versions"],
+        serde_json::json!(["HTTP/1.1"]),
+        "{summary}"
+    );
 }
