@@ -23,6 +23,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::engine::{
     EngineError, FinishReason, GenerateEvent, GeneratedToken, Usage, UNTIL_CONTEXT_FULL,
@@ -549,13 +550,23 @@ fn request_id(headers: &HeaderMap) -> String {
         .to_string()
 }
 
+/// The call's span, as gRPC calls get theirs (`service/trace.rs`).
+fn span(method: &'static str, headers: &HeaderMap) -> tracing::Span {
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    crate::service::trace::span_for(method, traceparent)
+}
+
 async fn chat(State(api): State<OpenAi>, headers: HeaderMap, body: Bytes) -> Response {
     let arrived = Instant::now();
     let metrics = api.metrics.clone();
-    let result = start_chat(&api, &headers, &body, arrived).await;
+    let span = span("ChatCompletions", &headers);
+    let result = start_chat(&api, &headers, &body, arrived)
+        .instrument(span.clone())
+        .await;
     match result {
         Ok(response) => response,
         Err(error) => {
+            span.record("outcome", format!("{:?}", error.grpc));
             metrics.http_request("ChatCompletions", error.grpc);
             error.into_response()
         }
@@ -825,8 +836,12 @@ fn embed_input(value: &Value, param: &str) -> Result<proto::EmbedInput, ApiError
 
 async fn embeddings(State(api): State<OpenAi>, headers: HeaderMap, body: Bytes) -> Response {
     let arrived = Instant::now();
-    let result = run_embeddings(&api, &headers, &body, arrived).await;
+    let span = span("Embeddings", &headers);
+    let result = run_embeddings(&api, &headers, &body, arrived)
+        .instrument(span.clone())
+        .await;
     let code = result.as_ref().map_or_else(|e| e.grpc, |_| Code::Ok);
+    span.record("outcome", format!("{code:?}"));
     api.metrics.http_request("Embeddings", code);
     match result {
         Ok(body) => axum::Json(body).into_response(),

@@ -10,6 +10,13 @@ use tracing::Span;
 /// The span of a call to `method`, with the trace id of its `traceparent`
 /// header when that header is well-formed.
 pub fn request_span(method: &'static str, metadata: &MetadataMap) -> Span {
+    let traceparent = metadata.get("traceparent").and_then(|v| v.to_str().ok());
+    span_for(method, traceparent)
+}
+
+/// [`request_span`] from a `traceparent` value however the transport carried
+/// it (the HTTP API reads it from a header map).
+pub fn span_for(method: &'static str, traceparent: Option<&str>) -> Span {
     let span = tracing::info_span!(
         "request",
         method,
@@ -19,7 +26,6 @@ pub fn request_span(method: &'static str, metadata: &MetadataMap) -> Span {
         prompt_tokens = Empty,
         completion_tokens = Empty,
     );
-    let traceparent = metadata.get("traceparent").and_then(|v| v.to_str().ok());
     if let Some(trace_id) = traceparent.and_then(trace_id) {
         span.record("trace_id", trace_id);
     }
