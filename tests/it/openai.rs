@@ -180,3 +180,57 @@ async fn the_sdk_retries_a_429_until_a_slot_frees() {
     assert!(refused >= 1.0, "no 429 was answered: {text}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_answers_503_and_the_sdk_retries_it() {
+    let metrics = metrics_addr();
+    let mut config = tiny_config();
+    config.drain_grace_secs = 600.0;
+    config.metrics_listen = Some(metrics.to_string());
+    let mut server = start(config).await;
+    // A running stream keeps the replica draining while the SDK asks.
+    let mut client = server.client().await;
+    let mut running = client
+        .generate(greedy(vec![user(vec![text("Count.")])], 8000))
+        .await
+        .unwrap()
+        .into_inner();
+    running.message().await.unwrap().expect("first delta");
+    server.begin_shutdown();
+    let mut health = server.health().await;
+    for _ in 0..200 {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if status.ok()
+            == Some(tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let summary = run_python_client(
+        "openai_unavailable.py",
+        vec![format!("http://{}/v1", server.addr)],
+    )
+    .await;
+    assert_eq!(summary["status"], 503, "{summary}");
+    assert_eq!(summary["type"], "InternalServerError", "{summary}");
+    // Once, then the SDK's two retries: three 503s counted.
+    let text = scrape_metrics(metrics).await;
+    assert!(
+        text.contains(
+            r#"internvl_requests_total{code="Unavailable",method="ChatCompletions",protocol="http"} 3"#
+        ),
+        "{text}"
+    );
+    drop(running);
+    tokio::time::timeout(std::time::Duration::from_secs(60), server.handle)
+        .await
+        .expect("the server exits once the stream is gone")
+        .unwrap()
+        .unwrap();
+}
