@@ -234,3 +234,88 @@ async fn a_draining_replica_answers_503_and_the_sdk_retries_it() {
         .unwrap()
         .unwrap();
 }
+
+/// `internvl_slots{phase=…}` in a scrape.
+fn slots(text: &str, phase: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("internvl_slots{{phase=\"{phase}\"}} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sse_reader_holds_back_only_its_own_stream() {
+    use tokio::io::AsyncWriteExt;
+    let metrics = metrics_addr();
+    let mut config = tiny_config();
+    config.parallel = 2;
+    config.metrics_listen = Some(metrics.to_string());
+    let server = start(config).await;
+
+    // A client that asks for a long stream and never reads, with a small
+    // receive buffer so that the stall reaches the server at once.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(server.addr).await.unwrap();
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        // Room left in the KV pool for the other stream (admission reserves
+        // prompt + max_tokens).
+        "max_tokens": 3000, "stream": true, "ignore_eos": true,
+        // Big chunks (about 2 KB a token), more than the sockets' buffers hold.
+        "logprobs": true, "top_logprobs": 20,
+    })
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(body.as_bytes()).await.unwrap();
+    // Its sequence ends up waiting for it.
+    let mut held = false;
+    for _ in 0..200 {
+        if slots(&scrape_metrics(metrics).await, "held_by_client") == 1.0 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        held,
+        "the stalled stream's slot never waited for its client"
+    );
+
+    // Another stream is answered in full meanwhile.
+    let mut client = server.client().await;
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        generate_ok(&mut client, greedy(vec![user(vec![text("Hello!")])], 500)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the other stream is held back"));
+    assert_eq!(other.ids.len(), 500);
+    assert_eq!(
+        slots(&scrape_metrics(metrics).await, "held_by_client"),
+        1.0,
+        "the stalled one is still waiting"
+    );
+
+    // The stalled client leaves: its slot is freed.
+    drop(stalled);
+    let mut freed = false;
+    for _ in 0..200 {
+        let text = scrape_metrics(metrics).await;
+        if slots(&text, "held_by_client") == 0.0 && slots(&text, "generating") == 0.0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        freed,
+        "the stalled stream's slot was not freed when it left"
+    );
+    server.stop().await;
+}
