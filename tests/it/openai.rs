@@ -159,25 +159,30 @@ async fn the_sdk_retries_a_429_until_a_slot_frees() {
     config.queue_depth = 1;
     config.metrics_listen = Some(metrics.to_string());
     let server = start(config).await;
-    let summary = run_python_client(
-        "openai_retry.py",
-        vec![format!("http://{}/v1", server.addr)],
-    )
-    .await;
+    let refused = || async {
+        let text = scrape_metrics(metrics).await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    r#"internvl_requests_total{code="ResourceExhausted",method="ChatCompletions",protocol="http"} "#,
+                )
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let base = format!("http://{}/v1", server.addr);
+    let python = run_python_client("openai_retry.py", vec![base.clone()]).await;
     // The third request met a full queue, and the SDK's retries, paced by
-    // the server's Retry-After, got it answered.
-    assert_eq!(summary["third"]["finish_reason"], "length", "{summary}");
-    let text = scrape_metrics(metrics).await;
-    let refused = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                r#"internvl_requests_total{code="ResourceExhausted",method="ChatCompletions",protocol="http"} "#,
-            )
-        })
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    assert!(refused >= 1.0, "no 429 was answered: {text}");
+    // the server's retry-after-ms, got it answered.
+    assert_eq!(python["third"]["finish_reason"], "length", "{python}");
+    let after_python = refused().await;
+    assert!(after_python >= 1.0, "no 429 was answered to Python");
+    let node = run_node("openai_retry.mjs", vec![base]).await;
+    assert_eq!(node["third"]["finish_reason"], "length", "{node}");
+    assert!(
+        refused().await > after_python,
+        "no 429 was answered to Node"
+    );
     server.stop().await;
 }
 
