@@ -972,6 +972,32 @@ mod tests {
     }
 
     #[test]
+    fn parts_become_proto_parts() {
+        let low = json!({"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}});
+        match part(&low, "p").unwrap().part {
+            Some(proto::content::Part::Image(image)) => {
+                assert_eq!((image.url.as_str(), image.max_tiles), ("data:x", 1));
+            }
+            other => panic!("{other:?}"),
+        }
+        let video = json!({"type": "video_url", "video_url": {"url": "https://v/clip.mp4"}});
+        assert!(matches!(
+            part(&video, "p").unwrap().part,
+            Some(proto::content::Part::Video(v)) if v.url == "https://v/clip.mp4"
+        ));
+        let bad = json!({"type": "image_url", "image_url": {"url": "data:x", "detail": "max"}});
+        assert_eq!(
+            part(&bad, "p").unwrap_err().param.as_deref(),
+            Some("p.image_url.detail")
+        );
+        let audio = json!({"type": "input_audio", "input_audio": {}});
+        assert_eq!(
+            part(&audio, "p").unwrap_err().param.as_deref(),
+            Some("p.type")
+        );
+    }
+
+    #[test]
     fn model_ids_are_catalog_names_or_file_names() {
         assert_eq!(
             model_id("/models/tiny-internvl3-f32.gguf"),
