@@ -137,6 +137,35 @@ async fn official_sdks_stream_validate_embed_and_see_errors() {
 
     let python = run_python_client("openai_client.py", args.clone()).await;
     check_common(&python, &grpc, &model);
+    // The embeddings extension (a chat-style input with an image) gives what
+    // gRPC's Embed gives for the same parts.
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(proto::EmbedRequest {
+        inputs: vec![proto::EmbedInput {
+            content: vec![image(image_bytes("square_448.png")), text("A photo.")],
+        }],
+        pooling: proto::Pooling::Mean as i32,
+        normalize: true,
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let want = client.embed(request).await.unwrap().into_inner().embeddings;
+    let got: Vec<f64> = python["image_embedding"]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(got.len(), want[0].values.len());
+    for (g, w) in got.iter().zip(&want[0].values) {
+        assert_eq!(*g as f32, *w, "HTTP and gRPC embeddings differ");
+    }
+    assert_eq!(
+        python["image_embedding"]["prompt_tokens"].as_u64(),
+        Some(u64::from(want[0].tokens))
+    );
     let node = run_node("openai_client.mjs", args).await;
     check_common(&node, &grpc, &model);
 

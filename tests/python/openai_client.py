@@ -122,6 +122,24 @@ summary["embeddings"] = {
     "prompt_tokens": floats.usage.prompt_tokens,
 }
 
+# The extension: a chat-style input with an image.
+with_image = client.embeddings.create(
+    model=MODEL,
+    input=[
+        {
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_url}},
+                {"type": "text", "text": "A photo."},
+            ]
+        }
+    ],
+    encoding_format="float",
+)
+summary["image_embedding"] = {
+    "values": with_image.data[0].embedding,
+    "prompt_tokens": with_image.usage.prompt_tokens,
+}
+
 summary["bad_image"] = error_of(
     lambda: client.chat.completions.create(
         model=MODEL,
