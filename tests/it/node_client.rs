@@ -11,16 +11,10 @@ use std::path::Path;
 use common::*;
 use serde_json::Value;
 
-/// Runs `tests/node/client.js`; fails at once, in one line, when Node or the
-/// packages `scripts/setup` installs are missing.
-async fn run_node_client(addr: String, metrics: std::net::SocketAddr) -> Value {
+/// Runs `tests/node/client.js` against `addr`.
+async fn run_grpc_js_client(addr: String, metrics: std::net::SocketAddr) -> Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let node_dir = root.join("tests/node");
-    if !node_dir.join("node_modules/@grpc/grpc-js").exists() {
-        panic!("this test needs tests/node/node_modules (@grpc/grpc-js): run scripts/setup");
-    }
     let args = vec![
-        node_dir.join("client.js").display().to_string(),
         root.join("proto").display().to_string(),
         addr,
         fixture("images/square_448.png").display().to_string(),
@@ -29,18 +23,7 @@ async fn run_node_client(addr: String, metrics: std::net::SocketAddr) -> Value {
             .display()
             .to_string(),
     ];
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("node").args(&args).output()
-    })
-    .await
-    .expect("node task")
-    .unwrap_or_else(|e| panic!("this test needs node ({e}): run scripts/setup"));
-    assert!(
-        output.status.success(),
-        "node client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("the node client prints JSON")
+    run_node_client("client.js", "@grpc/grpc-js", args).await
 }
 
 /// Requests in flight and slots in use, as the server's metrics say.
@@ -66,7 +49,7 @@ async fn node_grpc_js_client_streams_embeds_cancels_and_sees_errors() {
         ..tiny_config()
     })
     .await;
-    let summary = run_node_client(server.addr.to_string(), metrics).await;
+    let summary = run_grpc_js_client(server.addr.to_string(), metrics).await;
     // CANCELLED and DEADLINE_EXCEEDED are grpc-js's own words; what the
     // server did is what its metrics said 300 ms after the client gave up:
     // the 8000-token streams (seconds of decoding each) had stopped.

@@ -5,8 +5,6 @@
 //! stream the client abandons (the slot is freed), and the SDK's own retry
 //! on 429. The same greedy request over HTTP and gRPC gives the same tokens.
 
-use std::path::Path;
-
 use serde_json::Value;
 
 use crate::common;
@@ -17,31 +15,6 @@ const KEY: &str = "sk-internvl-test";
 
 fn metrics_addr() -> std::net::SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
-/// Runs `tests/node/<script>` with `args`; parses the JSON it prints.
-async fn run_node(script: &str, args: Vec<String>) -> Value {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let node_dir = root.join("tests/node");
-    if !node_dir.join("node_modules/openai").exists() {
-        panic!("this test needs tests/node/node_modules (openai): run scripts/setup");
-    }
-    let script = node_dir.join(script);
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("node")
-            .arg(script)
-            .args(&args)
-            .output()
-    })
-    .await
-    .expect("node task")
-    .unwrap_or_else(|e| panic!("this test needs node ({e}): run scripts/setup"));
-    assert!(
-        output.status.success(),
-        "node client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("the node client prints JSON")
 }
 
 /// The greedy image question both SDKs stream, asked over gRPC: its tokens'
@@ -166,7 +139,7 @@ async fn official_sdks_stream_validate_embed_and_see_errors() {
         python["image_embedding"]["prompt_tokens"].as_u64(),
         Some(u64::from(want[0].tokens))
     );
-    let node = run_node("openai_client.mjs", args).await;
+    let node = run_node_client("openai_client.mjs", "openai", args).await;
     check_common(&node, &grpc, &model);
 
     // Each protocol counted under its own label.
@@ -206,7 +179,7 @@ async fn the_sdk_retries_a_429_until_a_slot_frees() {
     assert_eq!(python["third"]["finish_reason"], "length", "{python}");
     let after_python = refused().await;
     assert!(after_python >= 1.0, "no 429 was answered to Python");
-    let node = run_node("openai_retry.mjs", vec![base]).await;
+    let node = run_node_client("openai_retry.mjs", "openai", vec![base]).await;
     assert_eq!(node["third"]["finish_reason"], "length", "{node}");
     assert!(
         refused().await > after_python,

@@ -10,8 +10,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tonic::Code;
 
 use crate::common;
@@ -57,35 +55,6 @@ fn field_of(status: &tonic::Status) -> Option<String> {
         .message()
         .split_once(": ")
         .map(|(field, _)| field.to_string())
-}
-
-/// A loopback HTTP/1.1 server answering every path with `body`.
-async fn serve_bytes(body: Arc<Vec<u8>>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let ok = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = socket.write_all(ok.as_bytes()).await;
-                let _ = socket.write_all(&body).await;
-            });
-        }
-    });
-    port
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

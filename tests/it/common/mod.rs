@@ -658,3 +658,70 @@ pub async fn serving_watch(
     );
     watch
 }
+
+/// Runs `tests/node/<script>` with `args` and parses the JSON it prints;
+/// fails at once, in one line, when Node or the `package` that
+/// `scripts/setup` installs for it is missing.
+pub async fn run_node_client(script: &str, package: &str, args: Vec<String>) -> Value {
+    let node_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    if !node_dir.join("node_modules").join(package).exists() {
+        panic!("this test needs tests/node/node_modules ({package}): run scripts/setup");
+    }
+    let script = node_dir.join(script);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(script)
+            .args(&args)
+            .output()
+    })
+    .await
+    .expect("node task")
+    .unwrap_or_else(|e| panic!("this test needs node ({e}): run scripts/setup"));
+    assert!(
+        output.status.success(),
+        "node client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the node client prints JSON")
+}
+
+/// A loopback HTTP/1.1 server answering every request with `body`; its port.
+pub async fn serve_bytes(body: std::sync::Arc<Vec<u8>>) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                if read_request_head(&mut socket).await.is_none() {
+                    return;
+                }
+                let ok = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(ok.as_bytes()).await;
+                let _ = socket.write_all(&body).await;
+            });
+        }
+    });
+    port
+}
+
+/// An HTTP/1.1 request's head, read byte by byte up to its blank line (the
+/// loopback servers answer one request per connection); `None` if the
+/// client left first.
+pub async fn read_request_head(socket: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
