@@ -164,6 +164,10 @@ impl Fetcher {
             .dns_resolver(CheckedResolver)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
+            // No kept connections: fetches are few and to many hosts, and a
+            // pooled connection the server has closed fails the next fetch
+            // (seen in tests/it/media.rs as "connection reset by peer").
+            .pool_max_idle_per_host(0)
             .connect_timeout(timeout)
             .user_agent(concat!("internvl-grpc/", env!("CARGO_PKG_VERSION")))
             .build()

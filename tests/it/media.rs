@@ -54,13 +54,13 @@ async fn media_server(image: Arc<Vec<u8>>) -> (u16, Arc<AtomicU64>) {
                     }
                     "/redirect-in" => {
                         let _ = socket
-                            .write_all(b"HTTP/1.1 302 Found\r\nlocation: /image.png\r\ncontent-length: 0\r\n\r\n")
+                            .write_all(b"HTTP/1.1 302 Found\r\nlocation: /image.png\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                             .await;
                     }
                     "/redirect-out" => {
                         let to = format!("http://localhost:{port}/image.png");
                         let _ = socket
-                            .write_all(format!("HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                            .write_all(format!("HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())
                             .await;
                     }
                     "/huge" => {

@@ -326,3 +326,27 @@ async fn a_stalled_sse_reader_holds_back_only_its_own_stream() {
     );
     server.stop().await;
 }
+
+/// `max_new_tokens` 4294967295 (what an HTTP request without `max_tokens`
+/// becomes) generates until the context is full, and no further.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_limit_generation_fills_the_context() {
+    let mut config = tiny_config();
+    config.n_ctx = 512;
+    config.parallel = 1;
+    let server = start(config).await;
+    let mut client = server.client().await;
+    let reply = generate_ok(
+        &mut client,
+        greedy(vec![user(vec![text("Count.")])], u32::MAX),
+    )
+    .await;
+    let done = reply.done.unwrap();
+    let usage = done.usage.unwrap();
+    assert_eq!(done.finish_reason, proto::FinishReason::Length as i32);
+    assert_eq!(
+        usage.prompt_tokens + usage.completion_tokens,
+        512,
+        "{usage:?}"
+    );
+}
