@@ -328,25 +328,44 @@ async fn a_stalled_sse_reader_holds_back_only_its_own_stream() {
 }
 
 /// `max_new_tokens` 4294967295 (what an HTTP request without `max_tokens`
-/// becomes) generates until the context is full, and no further.
+/// becomes) generates until the request's share of the context is full:
+/// the whole context with one slot, half of it with two, so that two such
+/// requests run together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_token_limit_generation_fills_the_context() {
-    let mut config = tiny_config();
-    config.n_ctx = 512;
-    config.parallel = 1;
-    let server = start(config).await;
-    let mut client = server.client().await;
-    let reply = generate_ok(
-        &mut client,
-        greedy(vec![user(vec![text("Count.")])], u32::MAX),
-    )
-    .await;
-    let done = reply.done.unwrap();
-    let usage = done.usage.unwrap();
-    assert_eq!(done.finish_reason, proto::FinishReason::Length as i32);
-    assert_eq!(
-        usage.prompt_tokens + usage.completion_tokens,
-        512,
-        "{usage:?}"
-    );
+async fn without_a_token_limit_generation_fills_its_share_of_the_context() {
+    for parallel in [1u32, 2] {
+        let mut config = tiny_config();
+        config.n_ctx = 512;
+        config.parallel = parallel;
+        let server = start(config).await;
+        let client = server.client().await;
+        let asks: Vec<_> = (0..parallel)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let request = greedy(vec![user(vec![text("Count.")])], u32::MAX);
+                    generate_ok(&mut client, request).await
+                })
+            })
+            .collect();
+        for ask in asks {
+            let reply = ask.await.unwrap();
+            let done = reply.done.unwrap();
+            let usage = done.usage.unwrap();
+            assert_eq!(done.finish_reason, proto::FinishReason::Length as i32);
+            assert_eq!(
+                usage.prompt_tokens + usage.completion_tokens,
+                512 / parallel,
+                "{parallel} slots: {usage:?}"
+            );
+            // Run together, not one after the other.
+            if parallel == 2 {
+                assert!(
+                    done.timings.unwrap().queue_ms < 1000.0,
+                    "the second waited for the first"
+                );
+            }
+        }
+        server.stop().await;
+    }
 }

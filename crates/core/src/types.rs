@@ -61,7 +61,7 @@ pub struct GenerateRequest {
     /// How to pick tokens.
     pub sampling: SamplingParams,
     /// Most tokens to generate (> 0); [`UNTIL_CONTEXT_FULL`] = as many as
-    /// the context holds after the prompt.
+    /// the request's share of the context holds after the prompt.
     pub max_new_tokens: u32,
     /// Stop sequences.
     pub stop: Vec<String>,
@@ -80,7 +80,8 @@ pub struct GenerateRequest {
 }
 
 /// `max_new_tokens` meaning "until the context is full" (the OpenAI API's
-/// absent `max_tokens`).
+/// absent `max_tokens`): up to an equal share of the context (`n_ctx /
+/// parallel`) when the prompt fits in one, else up to the whole context.
 pub const UNTIL_CONTEXT_FULL: u32 = u32::MAX;
 
 /// Why generation ended.

@@ -261,6 +261,7 @@ impl Engine {
         // image decoded is refused before either.
         let loaded = self.loaded()?;
         let n_ctx = loaded.info.context_size;
+        let parallel = loaded.info.parallel.max(1);
         if request.max_new_tokens == 0 {
             return Err(EngineError::invalid("max_new_tokens", "must be at least 1"));
         }
@@ -311,7 +312,16 @@ impl Engine {
             ));
         }
         if until_full {
-            request.max_new_tokens = n_ctx - prompt.prompt_tokens;
+            // An equal share of the shared KV pool when the prompt fits in
+            // one: admission reserves prompt + max_new_tokens, so the whole
+            // context would keep every other request waiting.
+            let share = n_ctx / parallel;
+            let room = if prompt.prompt_tokens < share {
+                share
+            } else {
+                n_ctx
+            };
+            request.max_new_tokens = room - prompt.prompt_tokens;
         }
         if prompt.prompt_tokens + request.max_new_tokens > n_ctx {
             return Err(EngineError::invalid(
