@@ -642,23 +642,20 @@ async fn collect(
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
     let mut entries = Vec::new();
+    // Errors are counted by `chat`, which answers them.
     while let Some(event) = events.recv().await {
-        match event.map_err(ApiError::from) {
-            Err(error) => {
-                metrics.http_request("ChatCompletions", error.grpc);
-                return Err(error);
-            }
-            Ok(GenerateEvent::Delta { text: t, tokens }) => {
+        match event.map_err(ApiError::from)? {
+            GenerateEvent::Delta { text: t, tokens } => {
                 text.push_str(&t);
                 if want_logprobs {
                     entries.extend(logprobs(&tokens));
                 }
             }
-            Ok(GenerateEvent::Done {
+            GenerateEvent::Done {
                 finish_reason: reason,
                 usage: counts,
                 timings,
-            }) => {
+            } => {
                 metrics.generation(&counts, &timings);
                 metrics.http_request("ChatCompletions", Code::Ok);
                 let body = json!({
@@ -678,11 +675,9 @@ async fn collect(
             }
         }
     }
-    let error = ApiError::from(EngineError::Fault(
+    Err(ApiError::from(EngineError::Fault(
         "the reply stopped before its end".into(),
-    ));
-    metrics.http_request("ChatCompletions", error.grpc);
-    Err(error)
+    )))
 }
 
 /// The streamed reply: a role chunk, a chunk per engine delta, the finish

@@ -490,15 +490,24 @@ impl VideoDecoder {
             }
             frames
         };
+        // Read to the end, keeping the start: a process blocked on a full
+        // stderr pipe would never finish its frames.
         let read_errors = async {
             let mut kept = Vec::new();
-            let _ = (&mut stderr)
-                .take(STDERR_BYTES as u64)
-                .read_to_end(&mut kept)
-                .await;
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let room = STDERR_BYTES.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..n.min(room)]);
+            }
             kept
         };
         let (frames, complaints) = tokio::join!(read_frames, read_errors);
+        // Closed before waiting: a process with more to write gets a broken
+        // pipe and ends, rather than waiting on us until the timeout.
+        drop(stdout);
         let status = child
             .wait()
             .await
