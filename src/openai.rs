@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -556,7 +557,37 @@ fn span(method: &'static str, headers: &HeaderMap) -> tracing::Span {
     crate::service::trace::span_for(method, traceparent)
 }
 
-async fn chat(State(api): State<OpenAi>, headers: HeaderMap, body: Bytes) -> Response {
+/// A body axum refused (past `max_message_bytes`, or not read whole) as
+/// OpenAI's error.
+fn body_error(rejection: BytesRejection) -> ApiError {
+    ApiError {
+        status: rejection.status(),
+        kind: "invalid_request_error",
+        code: None,
+        message: format!("request body: {}", rejection.body_text()),
+        param: None,
+        retry_after_ms: None,
+        grpc: if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Code::ResourceExhausted
+        } else {
+            Code::InvalidArgument
+        },
+    }
+}
+
+async fn chat(
+    State(api): State<OpenAi>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let error = body_error(rejection);
+            api.metrics.http_request("ChatCompletions", error.grpc);
+            return error.into_response();
+        }
+    };
     let arrived = Instant::now();
     let metrics = api.metrics.clone();
     let span = span("ChatCompletions", &headers);
@@ -829,7 +860,19 @@ fn embed_input(value: &Value, param: &str) -> Result<proto::EmbedInput, ApiError
     Ok(proto::EmbedInput { content })
 }
 
-async fn embeddings(State(api): State<OpenAi>, headers: HeaderMap, body: Bytes) -> Response {
+async fn embeddings(
+    State(api): State<OpenAi>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let error = body_error(rejection);
+            api.metrics.http_request("Embeddings", error.grpc);
+            return error.into_response();
+        }
+    };
     let arrived = Instant::now();
     let span = span("Embeddings", &headers);
     let result = run_embeddings(&api, &headers, &body, arrived)

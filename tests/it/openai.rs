@@ -375,3 +375,35 @@ async fn without_a_token_limit_generation_fills_its_share_of_the_context() {
         server.stop().await;
     }
 }
+
+/// A body past `max_message_bytes` is refused with 413 in OpenAI's error
+/// body, not a bare status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_413_in_openais_shape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = tiny_config();
+    config.max_message_bytes = 64 * 1024;
+    let server = start(config).await;
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "x".repeat(100_000)}],
+        "max_tokens": 2,
+    })
+    .to_string();
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer before it has read all of the body.
+    let _ = socket.write_all(body.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let json = &answer[answer.find('{').expect("a JSON body")..];
+    let error: serde_json::Value = serde_json::from_str(json.trim()).expect(json);
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    server.stop().await;
+}
