@@ -11,14 +11,17 @@
 //! INTERNVL_BENCH_REPEATS (9), INTERNVL_BENCH_THREADS.
 
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use internvl_grpc::config::Config;
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
 
 use common::{env_or, median, model_pair, threads};
+use server::{serve, Served};
 
 const PROMPT: &str = "Describe the history of the bicycle in a few sentences.";
 
@@ -93,24 +96,12 @@ async fn main() {
         parallel: 1,
         ..Config::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(internvl_grpc::run(config, listener, async move {
-        stopped.await.ok();
-    }));
-    let mut grpc = loop {
-        if let Ok(c) = InternVlClient::connect(format!("http://{addr}")).await {
-            if c.clone()
-                .get_model_info(proto::GetModelInfoRequest {})
-                .await
-                .is_ok()
-            {
-                break c;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let Served {
+        addr,
+        client: mut grpc,
+        stop,
+        server,
+    } = serve(config).await;
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -7,6 +7,8 @@
 //! INTERNVL_BENCH_REPEATS (3).
 
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
 use internvl_llama::{self as llama, BatchToken, Context, Model, Outputs, Vision};
 
 use common::{env_or, fixtures, median, model_pair, threads};
+use server::{serve, Served};
 
 struct Setup {
     model: PathBuf,
@@ -242,24 +245,13 @@ fn variant(png: &[u8], seed: usize) -> Vec<u8> {
 }
 
 async fn service(s: &Setup, tile_png: Vec<u8>) -> (Figures, f64, Prompts, UnderLoad) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(internvl_grpc::run(config(s), listener, async move {
-        stopped.await.ok();
-    }));
-    let mut client = loop {
-        if let Ok(c) = InternVlClient::connect(format!("http://{addr}")).await {
-            if c.clone()
-                .get_model_info(proto::GetModelInfoRequest {})
-                .await
-                .is_ok()
-            {
-                break c.max_decoding_message_size(64 << 20);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let Served {
+        client,
+        stop,
+        server,
+        ..
+    } = serve(config(s)).await;
+    let mut client = client.max_decoding_message_size(64 << 20);
     let request = |content: Vec<proto::Content>, n: u32| proto::GenerateRequest {
         messages: vec![proto::Message {
             role: "user".into(),

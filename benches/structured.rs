@@ -10,8 +10,10 @@
 //! INTERNVL_BENCH_REPEATS (2).
 
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use internvl_grpc::config::Config;
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
@@ -19,6 +21,7 @@ use proto::response_format::Format;
 use tonic::transport::Channel;
 
 use common::{env_or, median, model_pair, threads};
+use server::{serve, Served};
 
 /// An order of exactly eight lines: a reply of about a hundred tokens
 /// whatever the weights, so both runs decode the same amount.
@@ -180,35 +183,6 @@ async fn burst(
     out
 }
 
-/// A server on 127.0.0.1:0 with `config`: its client and its stop signal.
-async fn serve(
-    config: Config,
-) -> (
-    InternVlClient<Channel>,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), internvl_grpc::ServeError>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(internvl_grpc::run(config, listener, async move {
-        stopped.await.ok();
-    }));
-    let client = loop {
-        if let Ok(c) = InternVlClient::connect(format!("http://{addr}")).await {
-            if c.clone()
-                .get_model_info(proto::GetModelInfoRequest {})
-                .await
-                .is_ok()
-            {
-                break c;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    (client, stop, server)
-}
-
 fn main() {
     let (model, mmproj) = model_pair();
     let threads = threads();
@@ -225,8 +199,18 @@ fn main() {
     rt.block_on(async move {
         // Two servers, one with jump-forward and one without; only one works
         // at a time.
-        let (client, stop, server) = serve(config.clone()).await;
-        let (stepping, stop_stepping, stepping_server) = serve(Config {
+        let Served {
+            client,
+            stop,
+            server,
+            ..
+        } = serve(config.clone()).await;
+        let Served {
+            client: stepping,
+            stop: stop_stepping,
+            server: stepping_server,
+            ..
+        } = serve(Config {
             jump_forward: false,
             ..config
         })
