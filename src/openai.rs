@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
-use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tonic::Code;
@@ -557,9 +557,8 @@ fn span(method: &'static str, headers: &HeaderMap) -> tracing::Span {
     crate::service::trace::span_for(method, traceparent)
 }
 
-/// A body axum refused (past `max_message_bytes`, or not read whole) as
-/// OpenAI's error.
-fn body_error(rejection: BytesRejection) -> ApiError {
+/// A body axum refused, as OpenAI's error.
+fn body_error(rejection: &BytesRejection) -> ApiError {
     ApiError {
         status: rejection.status(),
         kind: "invalid_request_error",
@@ -580,14 +579,6 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => {
-            let error = body_error(rejection);
-            api.metrics.http_request("ChatCompletions", error.grpc);
-            return error.into_response();
-        }
-    };
     let arrived = Instant::now();
     let metrics = api.metrics.clone();
     let span = span("ChatCompletions", &headers);
@@ -607,9 +598,11 @@ async fn chat(
 async fn start_chat(
     api: &OpenAi,
     headers: &HeaderMap,
-    body: &Bytes,
+    body: &Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
+    // A body axum refused is answered first, as before any other check.
+    let body = body.as_ref().map_err(body_error)?;
     api.authorize(headers)?;
     let request: ChatRequest = parse(body)?;
     api.check_model(request.model.as_deref())?;
@@ -739,10 +732,11 @@ fn sse(
         Value::Null,
         Value::Null,
     );
-    struct Stream {
+    // The engine's events until their end has been sent.
+    struct Pending {
         events: Option<crate::engine::GenerateEvents>,
     }
-    let state = Stream {
+    let state = Pending {
         events: Some(events),
     };
     let body = stream::unfold(state, move |mut state| {
@@ -803,12 +797,6 @@ fn sse(
     let body = stream::iter([Ok(Event::default().data(first.to_string()))])
         .chain(body)
         .chain(stream::iter([Ok(Event::default().data("[DONE]"))]));
-    sse_response(body)
-}
-
-fn sse_response(
-    body: impl Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
-) -> Response {
     Sse::new(body).into_response()
 }
 
@@ -865,14 +853,6 @@ async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => {
-            let error = body_error(rejection);
-            api.metrics.http_request("Embeddings", error.grpc);
-            return error.into_response();
-        }
-    };
     let arrived = Instant::now();
     let span = span("Embeddings", &headers);
     let result = run_embeddings(&api, &headers, &body, arrived)
@@ -890,9 +870,11 @@ async fn embeddings(
 async fn run_embeddings(
     api: &OpenAi,
     headers: &HeaderMap,
-    body: &Bytes,
+    body: &Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<Value, ApiError> {
+    // A body axum refused is answered first, as before any other check.
+    let body = body.as_ref().map_err(body_error)?;
     api.authorize(headers)?;
     let request: EmbeddingsRequest = parse(body)?;
     api.check_model(request.model.as_deref())?;
