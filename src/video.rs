@@ -298,9 +298,11 @@ impl VideoDecoder {
             .acquire()
             .await
             .map_err(|_| EngineError::ShuttingDown)?;
+        // Written once; the probe and the decode each read their own handle.
+        let input = Self::input(data)?;
         let work = async {
-            let probe = self.probe(ffprobe, data, field).await?;
-            self.frames(ffmpeg, data, sampling, &probe, field).await
+            let probe = self.probe(ffprobe, &input, field).await?;
+            self.frames(ffmpeg, &input, sampling, &probe, field).await
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -329,6 +331,17 @@ impl VideoDecoder {
         Ok(file)
     }
 
+    /// A handle on `input` for one process's stdin, at the file's start.
+    fn stdin(input: &std::fs::File) -> Result<std::fs::File, EngineError> {
+        let mut handle = input
+            .try_clone()
+            .map_err(|e| EngineError::Fault(format!("in-memory file for a video: {e}")))?;
+        handle
+            .rewind()
+            .map_err(|e| EngineError::Fault(format!("in-memory file for a video: {e}")))?;
+        Ok(handle)
+    }
+
     fn input_args() -> Vec<String> {
         [
             "-protocol_whitelist",
@@ -342,7 +355,12 @@ impl VideoDecoder {
         .to_vec()
     }
 
-    async fn probe(&self, ffprobe: &Path, data: &[u8], field: &str) -> Result<Stream, EngineError> {
+    async fn probe(
+        &self,
+        ffprobe: &Path,
+        input: &std::fs::File,
+        field: &str,
+    ) -> Result<Stream, EngineError> {
         let mut args = vec!["-v".into(), "error".into()];
         args.extend(Self::input_args());
         args.extend(
@@ -360,7 +378,7 @@ impl VideoDecoder {
             .map(String::from),
         );
         let output = self
-            .command(ffprobe, &args, Self::input(data)?)
+            .command(ffprobe, &args, Self::stdin(input)?)
             .output()
             .await
             .map_err(|e| failure(field, MediaFailure::Unavailable, format!("ffprobe: {e}")))?;
@@ -383,7 +401,7 @@ impl VideoDecoder {
     async fn frames(
         &self,
         ffmpeg: &Path,
-        data: &[u8],
+        input: &std::fs::File,
         sampling: Sampling,
         stream: &Stream,
         field: &str,
@@ -472,7 +490,7 @@ impl VideoDecoder {
             .map(String::from),
         );
         let mut child = self
-            .command(ffmpeg, &args, Self::input(data)?)
+            .command(ffmpeg, &args, Self::stdin(input)?)
             .spawn()
             .map_err(|e| failure(field, MediaFailure::Unavailable, format!("ffmpeg: {e}")))?;
         let mut stdout = child.stdout.take().expect("piped");
