@@ -232,6 +232,10 @@ pub(crate) struct Lifecycle {
     pub(crate) in_flight: watch::Sender<usize>,
     /// Moving average of how long a request holds a slot, in microseconds.
     service_us: AtomicU64,
+    /// When the soonest running request is expected to end, in microseconds
+    /// after `epoch` (0: nothing tells), as the engine thread last saw it.
+    next_free_us: AtomicU64,
+    epoch: Instant,
     /// Slots that run requests at once.
     parallel: u64,
     /// Requests in flight at most: slots plus queue.
@@ -254,6 +258,8 @@ impl Lifecycle {
             aborting: AtomicBool::new(false),
             in_flight: watch::Sender::new(0),
             service_us: AtomicU64::new(0),
+            next_free_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             parallel: u64::from(parallel),
             capacity,
             phases: Default::default(),
@@ -297,11 +303,43 @@ impl Lifecycle {
         self.service_us.store(new, Ordering::Relaxed);
     }
 
-    /// About how long until a full queue moves by one: a slot frees up every
-    /// average service time divided by the slots, bounded to a sane range.
+    /// How long requests have held a slot, on average; `None` before the first ends.
+    pub(crate) fn typical_service(&self) -> Option<Duration> {
+        match self.service_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Records how soon the engine thread expects a running request to end
+    /// (`worker::slots::next_free`).
+    pub(crate) fn set_next_free(&self, within: Option<Duration>) {
+        let at = within.map_or(0, |d| {
+            let at = self.epoch.elapsed() + d;
+            (at.as_micros().min(u128::from(u64::MAX)) as u64).max(1)
+        });
+        self.next_free_us.store(at, Ordering::Relaxed);
+    }
+
+    /// About how long until a full queue moves by one: until the soonest
+    /// running request is expected to end, or, where nothing tells, the
+    /// average service time divided by the slots; bounded to a sane range.
+    /// Clients wait what it says (OpenAI's SDKs exactly this long, then give
+    /// up after two more refusals), so it errs late: half again and
+    /// `RETRY_MIN` past the expected end. The estimate is the pace so far,
+    /// and on a loaded machine the pace slows: in the SDK retry test, with
+    /// two spinning processes on two cores, the end came 30 % later than
+    /// expected.
     pub(crate) fn retry_after(&self) -> Duration {
-        let per_slot = self.service_us.load(Ordering::Relaxed) / self.parallel.max(1);
-        Duration::from_micros(per_slot).clamp(RETRY_MIN, RETRY_MAX)
+        let expected = match self.next_free_us.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_micros(at).saturating_sub(self.epoch.elapsed())),
+        }
+        .map(|d| d + d / 2 + RETRY_MIN);
+        let hint = expected.unwrap_or_else(|| {
+            Duration::from_micros(self.service_us.load(Ordering::Relaxed) / self.parallel.max(1))
+        });
+        hint.clamp(RETRY_MIN, RETRY_MAX)
     }
 }
 
@@ -392,5 +430,29 @@ mod tests {
         assert_eq!(lifecycle.retry_after(), Duration::from_millis(500));
         lifecycle.record_service_time(Duration::from_secs(3600));
         assert!(lifecycle.retry_after() <= RETRY_MAX);
+    }
+
+    #[test]
+    fn the_retry_hint_is_the_expected_end_of_a_running_request_where_known() {
+        let lifecycle = Lifecycle::new(4, 8);
+        lifecycle.record_service_time(Duration::from_millis(40));
+        lifecycle.set_next_free(Some(Duration::from_secs(5)));
+        // 5 s, half again and RETRY_MIN.
+        let hint = lifecycle.retry_after();
+        assert!(
+            hint > Duration::from_millis(7400) && hint <= Duration::from_millis(7550),
+            "{hint:?}"
+        );
+        // Counted from when it was published, not from when it is read.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(lifecycle.retry_after() <= Duration::from_millis(7300));
+        lifecycle.set_next_free(None);
+        assert_eq!(
+            lifecycle.retry_after(),
+            RETRY_MIN,
+            "40 ms / 4 slots, bounded"
+        );
+        lifecycle.set_next_free(Some(Duration::from_secs(3600)));
+        assert_eq!(lifecycle.retry_after(), RETRY_MAX);
     }
 }

@@ -1,7 +1,7 @@
 //! A Generate request in a slot: its sampler and text stream, each sampled
 //! token streamed as it comes, and the closing events.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -106,6 +106,14 @@ impl GenerateSeq {
             out: Outbox::new(events, in_flight),
             span,
         }
+    }
+
+    /// About how long until it reaches `max_new_tokens`, at the pace its
+    /// tokens have come so far; unknown before its second token.
+    pub(super) fn time_to_limit(&self) -> Option<Duration> {
+        let paced = self.completion.checked_sub(1).filter(|&n| n > 0)?;
+        let per_token = self.decode_started?.elapsed() / paced;
+        per_token.checked_mul(self.request.max_new_tokens.saturating_sub(self.completion))
     }
 }
 

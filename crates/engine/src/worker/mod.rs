@@ -385,8 +385,12 @@ impl Worker {
         }
     }
 
-    /// Tells handles, logs and metrics how many slots are in each phase.
+    /// Tells handles, logs and metrics how many slots are in each phase,
+    /// and the handles how soon a place in flight may free (their retry hint).
     fn publish_phases(&self) {
+        let running = self.slots.iter().filter_map(slots::Slot::progress);
+        self.lifecycle
+            .set_next_free(slots::next_free(running, self.lifecycle.typical_service()));
         let counts = slots::phase_counts(&self.slots, |hash| self.vision.available(hash));
         if counts != self.lifecycle.phases() {
             tracing::debug!(

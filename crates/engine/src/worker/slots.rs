@@ -1,7 +1,7 @@
 //! The slot table: one KV sequence of the context per slot, what its cells
 //! hold, the sequence running in it, and the phase that follows from both.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::embed::EmbedSeq;
 use super::generate::GenerateSeq;
@@ -108,6 +108,16 @@ impl Slot {
         }
     }
 
+    /// For a running request: how long it has held the slot, and how long
+    /// until its token limit at its own pace (a stream past its second token).
+    pub(super) fn progress(&self) -> Option<(Duration, Option<Duration>)> {
+        let to_limit = match self.sequence.as_ref()? {
+            Sequence::Generate(g) => g.time_to_limit(),
+            Sequence::Embed(_) => None,
+        };
+        Some((self.admitted.elapsed(), to_limit))
+    }
+
     /// Its phase; `tile_ready` tells whether a tile's embeddings are at hand.
     pub(super) fn phase(&self, tile_ready: impl Fn(&TileHash) -> bool) -> Phase {
         match &self.sequence {
@@ -124,6 +134,29 @@ impl Slot {
             Some(Sequence::Generate(_)) => Phase::Generating,
         }
     }
+}
+
+/// About how long until the first of the running requests ends, which frees
+/// a place in flight; `None` when nothing tells. Each request is `(in its
+/// slot so far, time to its token limit at its own pace)`. `typical` is how
+/// long requests have held a slot: one younger than that is expected to end
+/// then (most end on their own before the limit), an older one by its limit.
+pub(super) fn next_free(
+    running: impl IntoIterator<Item = (Duration, Option<Duration>)>,
+    typical: Option<Duration>,
+) -> Option<Duration> {
+    running
+        .into_iter()
+        .filter_map(|(elapsed, to_limit)| {
+            let expected = typical
+                .and_then(|t| t.checked_sub(elapsed))
+                .filter(|d| !d.is_zero());
+            match (expected, to_limit) {
+                (Some(e), Some(l)) => Some(e.min(l)),
+                (e, l) => e.or(l),
+            }
+        })
+        .min()
 }
 
 /// How many of `phases` are in each phase, in [`Phase::ALL`] order.
@@ -168,6 +201,30 @@ mod tests {
         assert!(names
             .iter()
             .all(|n| n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+    }
+
+    #[test]
+    fn a_place_frees_when_the_soonest_running_request_ends() {
+        let s = Duration::from_secs;
+        // Nothing running, or nothing known: no estimate.
+        assert_eq!(next_free([], Some(s(2))), None);
+        assert_eq!(next_free([(s(5), None)], Some(s(2))), None);
+        assert_eq!(next_free([(s(5), None)], None), None);
+        // Older than typical: its token limit at its own pace says when.
+        assert_eq!(next_free([(s(5), Some(s(7)))], Some(s(2))), Some(s(7)));
+        // Younger than typical: expected at the typical time, or at its
+        // limit if that is sooner.
+        assert_eq!(next_free([(s(1), Some(s(7)))], Some(s(4))), Some(s(3)));
+        assert_eq!(next_free([(s(1), None)], Some(s(4))), Some(s(3)));
+        assert_eq!(next_free([(s(1), Some(s(2)))], Some(s(4))), Some(s(2)));
+        // The soonest of several.
+        assert_eq!(
+            next_free(
+                [(s(9), Some(s(30))), (s(5), Some(s(6))), (s(0), None)],
+                Some(s(8))
+            ),
+            Some(s(3))
+        );
     }
 
     #[test]
