@@ -135,6 +135,12 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let settings = config.engine_settings()?;
+    if let Some(why) = std::thread::available_parallelism()
+        .ok()
+        .and_then(|cpus| config.threads_warning(cpus.get()))
+    {
+        tracing::warn!("{why}");
+    }
     let hub = HubOptions {
         cache_dir: config.hf_cache.clone(),
         offline: config.offline,

@@ -161,6 +161,42 @@ fn sigterm_drains_and_exits_cleanly() {
     assert!(rest.iter().any(|l| l.contains("drained")), "{rest:?}");
 }
 
+/// A replica given more threads than the CPUs it may use (here pinned to one
+/// by `taskset`, as a cgroup CPU limit or a CPU set would) says so at start.
+#[test]
+fn more_threads_than_cpus_is_warned_of_at_start() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let mut child = Command::new("taskset")
+        .args(["--cpu-list", "0", env!("CARGO_BIN_EXE_internvl-grpc")])
+        .args(["serve", "--listen", "127.0.0.1:0", "--model", "tiny"])
+        .args(["--threads", "2"])
+        .env("INTERNVL_CACHE_DIR", test_cache_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("taskset (util-linux) runs the binary");
+    let mut warning = None;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("CPUs this process may use") {
+            warning = Some(line.clone());
+        }
+        if line.contains("ready") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = warning.expect("no warning before ready");
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("threads = 2")
+            && warning.contains("may use (1)"),
+        "{warning}"
+    );
+}
+
 /// The fuzzers' GGUF seeds (fuzz/seeds, written by fuzz/make_seeds.py) are
 /// whole files that pass every check, so fuzzing starts on the success path
 /// rather than at the first refusal.

@@ -802,6 +802,21 @@ impl Config {
         Ok(self.to_engine_settings())
     }
 
+    /// Why `threads` is too many for the `cpus` this process may run on
+    /// (`std::thread::available_parallelism`, which reads the cgroup's CPU
+    /// limit), if it is. Not an error: the model still runs, far slower.
+    pub fn threads_warning(&self, cpus: usize) -> Option<String> {
+        (self.threads as usize > cpus).then(|| {
+            format!(
+                "threads = {} is more than the CPUs this process may use ({cpus}): ggml's \
+                 threads spin while they wait for each other, so each step stalls \
+                 until the extra ones are scheduled; set threads to at most {cpus} \
+                 (0 takes them all)",
+                self.threads
+            )
+        })
+    }
+
     /// Conversion only: `validate` has kept the rules.
     fn to_engine_settings(&self) -> EngineSettings {
         let threads = if self.threads == 0 {
@@ -871,6 +886,20 @@ mod tests {
 
     fn no_env() -> impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> {
         std::iter::empty()
+    }
+
+    #[test]
+    fn more_threads_than_cpus_is_warned_of() {
+        let mut c = Config::default();
+        assert_eq!(c.threads_warning(2), None, "0 takes what there is");
+        c.threads = 2;
+        assert_eq!(c.threads_warning(2), None);
+        c.threads = 3;
+        let why = c.threads_warning(2).expect("3 threads on 2 CPUs");
+        assert!(
+            why.contains("threads = 3") && why.contains("may use (2)"),
+            "{why}"
+        );
     }
 
     #[test]
