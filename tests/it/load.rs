@@ -15,7 +15,7 @@ const QUEUE: usize = 24;
 const TOKENS: u32 = 16;
 const TIME_LIMIT_S: u32 = 300;
 
-async fn load(addr: String, stubs: std::path::PathBuf, concurrency: u32, requests: u32) -> Value {
+async fn load(addr: String, stubs: &std::path::Path, concurrency: u32, requests: u32) -> Value {
     let mut args = vec![stubs.display().to_string(), addr];
     args.extend([concurrency, requests, TOKENS, TIME_LIMIT_S].map(|n| n.to_string()));
     let summary = run_python_client("load_client.py", args).await;
@@ -38,7 +38,7 @@ async fn capacity_is_served_and_overload_is_refused_cleanly() {
 
     let at_capacity = load(
         server.addr.to_string(),
-        stubs.clone(),
+        stubs.path(),
         capacity,
         8 * capacity,
     )
@@ -47,7 +47,13 @@ async fn capacity_is_served_and_overload_is_refused_cleanly() {
     assert_eq!(codes.len(), 1, "only OK at capacity: {codes:?}");
     assert_eq!(codes["OK"], 8 * capacity);
 
-    let overload = load(server.addr.to_string(), stubs, 3 * capacity, 24 * capacity).await;
+    let overload = load(
+        server.addr.to_string(),
+        stubs.path(),
+        3 * capacity,
+        24 * capacity,
+    )
+    .await;
     let codes = overload["codes"].as_object().unwrap();
     let ok = codes.get("OK").and_then(Value::as_u64).unwrap_or(0);
     let refused = codes

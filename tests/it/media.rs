@@ -116,7 +116,11 @@ fn ask(part: proto::Content) -> proto::GenerateRequest {
 async fn images_by_url_answer_as_by_bytes_and_refusals_name_the_field_and_key() {
     let bytes = image_bytes("small_64x48.png");
     let (port, huge_written) = media_server(Arc::new(bytes.clone())).await;
-    let base = std::env::temp_dir().join(format!("internvl-media-it-{}", std::process::id()));
+    let scratch = tempfile::Builder::new()
+        .prefix("internvl-media-it-")
+        .tempdir()
+        .unwrap();
+    let base = scratch.path();
     let root = base.join("root");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("small.png"), &bytes).unwrap();
@@ -266,10 +270,11 @@ async fn images_by_url_answer_as_by_bytes_and_refusals_name_the_field_and_key() 
     assert!(counted.image_tokens > 0);
 
     // A Python grpcio client sends an image URL: the tokens of the bytes.
+    let stubs = python_stubs();
     let summary = run_python_client(
         "generate_client.py",
         vec![
-            python_stubs().display().to_string(),
+            stubs.path().display().to_string(),
             server.addr.to_string(),
             format!("http://127.0.0.1:{port}/image.png"),
         ],
@@ -289,7 +294,6 @@ async fn images_by_url_answer_as_by_bytes_and_refusals_name_the_field_and_key() 
     // Still serving.
     generate_ok(&mut client, ask(image(bytes))).await;
     server.stop().await;
-    std::fs::remove_dir_all(&base).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

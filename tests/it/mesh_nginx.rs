@@ -88,7 +88,8 @@ async fn served(replica: &Replica) -> u64 {
 struct Nginx {
     child: std::process::Child,
     port: u16,
-    _dir: PathBuf,
+    /// Removed after nginx is killed (fields drop after `drop`).
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Nginx {
@@ -133,8 +134,11 @@ async fn nginx(replicas: &[&Replica]) -> Nginx {
         conf = conf.replace(line, &ours);
     }
     assert!(!conf.contains("10.0.0."), "every example server replaced");
-    let dir = std::env::temp_dir().join(format!("internvl-nginx-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix("internvl-nginx-")
+        .tempdir()
+        .unwrap();
+    let dir = scratch.path().to_path_buf();
     std::fs::write(dir.join("internvl-grpc.conf"), conf).unwrap();
     std::fs::write(
         dir.join("nginx.conf"),
@@ -160,7 +164,7 @@ async fn nginx(replicas: &[&Replica]) -> Nginx {
             .spawn()
             .expect("nginx starts"),
         port,
-        _dir: dir.clone(),
+        _dir: scratch,
     };
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -13,7 +13,7 @@ async fn python_grpcio_client_streams_generate() {
     let addr = server.addr.to_string();
     let summary = run_python_client(
         "generate_client.py",
-        vec![stubs.display().to_string(), addr],
+        vec![stubs.path().display().to_string(), addr],
     )
     .await;
 
@@ -48,7 +48,6 @@ async fn python_grpcio_client_streams_generate() {
         summary["text"]
     );
     server.stop().await;
-    std::fs::remove_dir_all(stubs).ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +58,7 @@ async fn python_grpcio_client_asks_for_json() {
     let summary = run_python_client(
         "structured_client.py",
         vec![
-            stubs.display().to_string(),
+            stubs.path().display().to_string(),
             server.addr.to_string(),
             schema.to_string(),
         ],

@@ -2,8 +2,6 @@
 
 use crate::common;
 
-use std::path::PathBuf;
-
 use common::*;
 use internvl_grpc::service::proto::{self, intern_vl_client::InternVlClient};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -12,7 +10,8 @@ use tonic::Code;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 struct Pki {
-    dir: PathBuf,
+    /// Removed when the test ends.
+    dir: tempfile::TempDir,
     ca_pem: String,
     client_cert_pem: String,
     client_key_pem: String,
@@ -21,8 +20,10 @@ struct Pki {
 /// A CA, a server and a client certificate in a directory of their own
 /// (`name` keeps tests running at once apart).
 fn pki(name: &str) -> Pki {
-    let dir = std::env::temp_dir().join(format!("internvl-pki-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("internvl-pki-{name}-"))
+        .tempdir()
+        .unwrap();
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -46,11 +47,11 @@ fn pki(name: &str) -> Pki {
         .distinguished_name
         .push(rcgen::DnType::CommonName, "client");
     let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), server_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("client.pem"), client_cert.pem()).unwrap();
-    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("server.pem"), server_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("client.pem"), client_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
     Pki {
         dir,
         ca_pem: ca_cert.pem(),
@@ -63,9 +64,9 @@ fn pki(name: &str) -> Pki {
 /// client certificates its CA signed.
 fn mutual_tls(pki: &Pki) -> internvl_grpc::config::Config {
     let mut config = tiny_config();
-    config.tls_cert = Some(pki.dir.join("server.pem"));
-    config.tls_key = Some(pki.dir.join("server.key"));
-    config.tls_client_ca = Some(pki.dir.join("ca.pem"));
+    config.tls_cert = Some(pki.dir.path().join("server.pem"));
+    config.tls_key = Some(pki.dir.path().join("server.key"));
+    config.tls_client_ca = Some(pki.dir.path().join("ca.pem"));
     config
 }
 
@@ -156,7 +157,6 @@ async fn mutual_tls_and_api_keys() {
     };
     assert!(!served_plaintext, "a plaintext client was served");
     server.stop().await;
-    std::fs::remove_dir_all(pki.dir).ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +164,7 @@ async fn the_health_probe_speaks_mutual_tls() {
     let pki = pki("probe");
     let config = mutual_tls(&pki);
     let server = start_unready(config).await;
-    let path = |name: &str| pki.dir.join(name).display().to_string();
+    let path = |name: &str| pki.dir.path().join(name).display().to_string();
     let probe = |extra: Vec<String>| {
         let mut args = vec![
             "health".to_string(),
@@ -219,8 +219,8 @@ async fn the_health_probe_speaks_mutual_tls() {
 async fn the_openai_api_over_tls_takes_http1_clients() {
     let pki = pki("openai-tls");
     let mut config = tiny_config();
-    config.tls_cert = Some(pki.dir.join("server.pem"));
-    config.tls_key = Some(pki.dir.join("server.key"));
+    config.tls_cert = Some(pki.dir.path().join("server.pem"));
+    config.tls_key = Some(pki.dir.path().join("server.key"));
     let server = start_unready(config).await;
     // Ready once gRPC, over the same TLS port, answers.
     let channel = tls_channel(server.addr, &pki, false).await.unwrap();
@@ -243,7 +243,7 @@ async fn the_openai_api_over_tls_takes_http1_clients() {
         "openai_tls.py",
         vec![
             format!("https://localhost:{}/v1", server.addr.port()),
-            pki.dir.join("ca.pem").display().to_string(),
+            pki.dir.path().join("ca.pem").display().to_string(),
         ],
     )
     .await;

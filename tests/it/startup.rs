@@ -31,10 +31,16 @@ fn serve_with_cache(model: &str, mmproj: &str, cache: &std::path::Path) -> (bool
     )
 }
 
-fn scratch(name: &str, bytes: &[u8]) -> String {
-    let dir = std::env::temp_dir().join(format!("internvl-startup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// A directory for a test's files, removed when it drops.
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("internvl-startup-")
+        .tempdir()
+        .unwrap()
+}
+
+fn scratch(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> String {
+    let path = dir.path().join(name);
     std::fs::write(&path, bytes).unwrap();
     path.display().to_string()
 }
@@ -48,15 +54,17 @@ fn missing_and_corrupt_files_fail_start_up_naming_the_file() {
     let model_bytes = std::fs::read(&model).unwrap();
     let mmproj_bytes = std::fs::read(&mmproj).unwrap();
 
-    let not_gguf = scratch("not-gguf.gguf", b"this is not a model at all");
+    let dir = scratch_dir();
+    let not_gguf = scratch(&dir, "not-gguf.gguf", b"this is not a model at all");
     let truncated_model = scratch(
+        &dir,
         "truncated-model.gguf",
         &model_bytes[..model_bytes.len() / 3],
     );
-    let truncated_mmproj = scratch("truncated-mmproj.gguf", &mmproj_bytes[..4096]);
+    let truncated_mmproj = scratch(&dir, "truncated-mmproj.gguf", &mmproj_bytes[..4096]);
     let mut lying = model_bytes.clone();
     lying[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-    let lying_counts = scratch("lying-counts.gguf", &lying);
+    let lying_counts = scratch(&dir, "lying-counts.gguf", &lying);
     let cases = [
         (
             "/nonexistent/model.gguf".to_string(),
@@ -104,7 +112,8 @@ fn a_cache_directory_that_cannot_be_written_fails_start_up_naming_it() {
         .display()
         .to_string();
     // A file where the directory should be: unwritable for root as well.
-    let blocker = scratch("cache-is-a-file", b"");
+    let dir = scratch_dir();
+    let blocker = scratch(&dir, "cache-is-a-file", b"");
     let (ok, stderr) = serve_with_cache(&model, &mmproj, std::path::Path::new(&blocker));
     assert!(!ok, "start-up with an unusable cache must fail");
     let last = stderr.lines().last().unwrap_or_default();

@@ -904,9 +904,8 @@ mod tests {
 
     #[test]
     fn layers_override_in_order() {
-        let dir = std::env::temp_dir().join(format!("internvl-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
         std::fs::write(&file, "n_ctx = 1024\nn_batch = 1024\nthreads = 3\n").unwrap();
         // Environment beats the file; flags beat the environment.
         std::env::set_var("INTERNVL_N_BATCH", "600");
@@ -1082,12 +1081,10 @@ mod tests {
         for key in keys() {
             assert!(printed.contains(&key.name), "{} is not printed", key.name);
         }
-        let dir = std::env::temp_dir().join(format!("internvl-defaults-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("defaults.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("defaults.toml");
         std::fs::write(&file, &printed).unwrap();
         let loaded = Config::load_with_env(Some(&file), &[], no_env());
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(loaded.unwrap(), Config::default());
     }
 

@@ -444,18 +444,15 @@ pub fn python() -> PathBuf {
     python
 }
 
-/// Python grpcio stubs generated from `proto/` into a fresh directory.
-pub fn python_stubs() -> PathBuf {
+/// Python grpcio stubs generated from `proto/` into a fresh directory,
+/// removed when the returned handle drops.
+pub fn python_stubs() -> tempfile::TempDir {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let stubs = std::env::temp_dir().join(format!(
-        "internvl-py-stubs-{}-{}",
-        std::process::id(),
-        std::thread::current()
-            .name()
-            .unwrap_or("main")
-            .replace("::", "-")
-    ));
-    std::fs::create_dir_all(&stubs).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("internvl-py-stubs-")
+        .tempdir()
+        .unwrap();
+    let stubs = dir.path();
     let protoc = std::process::Command::new(python())
         .args(["-m", "grpc_tools.protoc", "-I"])
         .arg(root.join("proto"))
@@ -469,7 +466,7 @@ pub fn python_stubs() -> PathBuf {
         "grpc_tools.protoc failed: {}",
         String::from_utf8_lossy(&protoc.stderr)
     );
-    stubs
+    dir
 }
 
 /// Runs `tests/python/<script>` with `args` in its own process (off the async
