@@ -149,12 +149,6 @@ pub async fn run_with_metrics(
     let (model, mmproj) = (config.model.clone(), config.mmproj.clone());
     let engine = Engine::spawn(settings, move || models::resolve(&model, &mmproj, &hub))?;
 
-    let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
     let metrics = std::sync::Arc::new(metrics::Metrics::default());
     let _metrics_task = metrics_listener.map(|l| {
         if let Ok(addr) = l.local_addr() {
@@ -166,52 +160,10 @@ pub async fn run_with_metrics(
             engine.clone(),
         )))
     });
-    let fetcher = media::Fetcher::new(&config).map_err(ServeError::Media)?;
-    let videos = video::VideoDecoder::new(&config);
-    // Video files are an option of the deployment: one whose FFmpeg or
-    // sandbox cannot run still serves everything else, says why once here,
-    // and answers each video file with FAILED_PRECONDITION and that reason.
-    match videos.check().await {
-        Ok(version) => tracing::info!(ffmpeg = %version, "video files on"),
-        Err(why) => tracing::warn!("video files off: {why}"),
-    }
-    let handlers = InternVlService::new(
-        engine.clone(),
-        config.request_limits(),
-        metrics.clone(),
-        std::sync::Arc::new(fetcher),
-        std::sync::Arc::new(videos),
-    );
-    let service = InternVlServer::new(handlers.clone())
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
-    let mut keys = ApiKeys::new(&config.api_keys);
-    let probe_keys = if config.open_health_and_reflection {
-        ApiKeys::open()
-    } else {
-        keys.clone()
-    };
+    let (routes, reporter) = routes(&config, &engine, metrics).await?;
     let tls = tls::server_config(&config)?;
-    let builder = Server::builder();
-
     let (close_transport, transport_closed) = tokio::sync::oneshot::channel::<()>();
-    let http_api = openai::OpenAi::new(
-        handlers,
-        keys.clone(),
-        metrics.clone(),
-        openai::model_id(&config.model),
-        config.max_message_bytes,
-    );
-    let grpc = tonic::service::Routes::new(InterceptedService::new(health, probe_keys.clone()))
-        .add_service(InterceptedService::new(reflection, probe_keys))
-        // Arrival is stamped before the body is read: deadlines count from it.
-        .add_service(InterceptedService::new(service, move |request| {
-            keys.call(request).map(service::deadline::stamp_arrival)
-        }));
-    // One port, two protocols: gRPC by its service paths, the OpenAI API
-    // under /v1/ (HTTP/1.1 or HTTP/2).
-    let routes = tonic::service::Routes::from(grpc.into_axum_router().merge(http_api.router()));
-    let router = builder.accept_http1(true).add_routes(routes);
+    let router = Server::builder().accept_http1(true).add_routes(routes);
     // A dropped sender means run() is returning: close as well.
     let closed = async move {
         transport_closed.await.ok();
@@ -286,6 +238,65 @@ pub async fn run_with_metrics(
         }
     }
     Ok(())
+}
+
+/// The port's services, and the health reporter (NOT_SERVING until the
+/// model is loaded): health and reflection (open, or behind the API keys),
+/// the InternVL service behind the API keys, and the OpenAI API under
+/// `/v1/` on the same handlers.
+async fn routes(
+    config: &Config,
+    engine: &Engine,
+    metrics: std::sync::Arc<metrics::Metrics>,
+) -> Result<(tonic::service::Routes, tonic_health::server::HealthReporter), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let fetcher = media::Fetcher::new(config).map_err(ServeError::Media)?;
+    let videos = video::VideoDecoder::new(config);
+    // Video files are an option of the deployment: one whose FFmpeg or
+    // sandbox cannot run still serves everything else, says why once here,
+    // and answers each video file with FAILED_PRECONDITION and that reason.
+    match videos.check().await {
+        Ok(version) => tracing::info!(ffmpeg = %version, "video files on"),
+        Err(why) => tracing::warn!("video files off: {why}"),
+    }
+    let handlers = InternVlService::new(
+        engine.clone(),
+        config.request_limits(),
+        metrics.clone(),
+        std::sync::Arc::new(fetcher),
+        std::sync::Arc::new(videos),
+    );
+    let service = InternVlServer::new(handlers.clone())
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let mut keys = ApiKeys::new(&config.api_keys);
+    let probe_keys = if config.open_health_and_reflection {
+        ApiKeys::open()
+    } else {
+        keys.clone()
+    };
+    let http_api = openai::OpenAi::new(
+        handlers,
+        keys.clone(),
+        metrics,
+        openai::model_id(&config.model),
+        config.max_message_bytes,
+    );
+    let grpc = tonic::service::Routes::new(InterceptedService::new(health, probe_keys.clone()))
+        .add_service(InterceptedService::new(reflection, probe_keys))
+        // Arrival is stamped before the body is read: deadlines count from it.
+        .add_service(InterceptedService::new(service, move |request| {
+            keys.call(request).map(service::deadline::stamp_arrival)
+        }));
+    // One port, two protocols: gRPC by its service paths, the OpenAI API
+    // under /v1/ (HTTP/1.1 or HTTP/2).
+    let routes = tonic::service::Routes::from(grpc.into_axum_router().merge(http_api.router()));
+    Ok((routes, reporter))
 }
 
 /// How long a replica whose engine failed waits for its last answers to

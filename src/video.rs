@@ -398,6 +398,8 @@ impl VideoDecoder {
             .ok_or_else(|| invalid(field, "has no video stream"))
     }
 
+    /// The frames [`Self::plan`] picks from `input` (probed as `stream`),
+    /// decoded by one ffmpeg run; fewer than asked for is refused, naming them.
     async fn frames(
         &self,
         ffmpeg: &Path,
@@ -406,89 +408,13 @@ impl VideoDecoder {
         stream: &Stream,
         field: &str,
     ) -> Result<Vec<RgbImage>, EngineError> {
-        let (Some(width), Some(height)) = (stream.width, stream.height) else {
-            return Err(invalid(field, "the video stream has no frame size"));
-        };
-        if width == 0
-            || height == 0
-            || width > self.limits.max_side
-            || height > self.limits.max_side
-            || u64::from(width) * u64::from(height) > self.limits.max_pixels
-        {
-            return Err(invalid(
-                field,
-                format!(
-                    "frames are {width}x{height}; at most {} pixels a side and {} in all",
-                    self.limits.max_side, self.limits.max_pixels
-                ),
-            ));
-        }
-        // PyAV's `stream.frames` when the container counts them (MP4);
-        // else (WebM, where PyAV reads 0) the packets demuxed.
-        let count = |n: &Option<String>| n.as_deref().and_then(|n| n.parse::<usize>().ok());
-        let total = count(&stream.nb_frames)
-            .filter(|n| *n > 0)
-            .or_else(|| count(&stream.nb_read_packets))
-            .unwrap_or(0);
-        let source_fps = stream.avg_frame_rate.as_deref().and_then(rate);
-        let indices = sampling.indices(total, source_fps, field)?;
-        if indices.len() > self.max_frames {
-            return Err(EngineError::invalid(
-                format!("{field}.fps"),
-                format!(
-                    "samples {} frames; at most {} per request (max_images_per_request)",
-                    indices.len(),
-                    self.max_frames
-                ),
-            ));
-        }
+        let Plan {
+            width,
+            height,
+            indices,
+        } = self.plan(sampling, stream, field)?;
         let frame_bytes = width as usize * height as usize * 3;
-        let decoded = (frame_bytes * indices.len()) as u64;
-        if decoded > self.max_decoded_bytes {
-            return Err(failure(
-                field,
-                MediaFailure::TooLarge,
-                format!(
-                    "{} frames of {width}x{height} are {} MiB as RGB, more than \
-                     media_video_max_decoded_mb ({}); sample fewer frames",
-                    indices.len(),
-                    decoded.div_ceil(1024 * 1024),
-                    self.max_decoded_bytes / (1024 * 1024)
-                ),
-            ));
-        }
-
-        let select = indices
-            .iter()
-            .map(|i| format!("eq(n,{i})"))
-            .collect::<Vec<_>>()
-            .join("+");
-        let mut args = vec!["-v".into(), "error".into(), "-nostdin".into()];
-        args.extend(Self::input_args());
-        args.extend(
-            [
-                // PyAV does not apply a rotation tag either.
-                "-noautorotate",
-                "-i",
-                "/dev/stdin",
-                "-map",
-                "0:v:0",
-                "-vf",
-                &format!("select='{select}'"),
-                "-fps_mode",
-                "passthrough",
-                // PyAV's `to_ndarray(format="rgb24")` converts with bilinear
-                // swscale; same-size YUV to RGB is bit-exact with it here.
-                "-sws_flags",
-                "bilinear",
-                "-f",
-                "rawvideo",
-                "-pix_fmt",
-                "rgb24",
-                "pipe:1",
-            ]
-            .map(String::from),
-        );
+        let args = Self::decode_args(&indices);
         let mut child = self
             .command(ffmpeg, &args, Self::stdin(input)?)
             .spawn()
@@ -552,6 +478,111 @@ impl VideoDecoder {
         }
         Ok(frames)
     }
+
+    /// The frames to decode, after the checks the probe allows before any
+    /// decoding: the frame size, the sample against the frame count, the
+    /// request's image limit and `media_video_max_decoded_mb`.
+    fn plan(&self, sampling: Sampling, stream: &Stream, field: &str) -> Result<Plan, EngineError> {
+        let (Some(width), Some(height)) = (stream.width, stream.height) else {
+            return Err(invalid(field, "the video stream has no frame size"));
+        };
+        if width == 0
+            || height == 0
+            || width > self.limits.max_side
+            || height > self.limits.max_side
+            || u64::from(width) * u64::from(height) > self.limits.max_pixels
+        {
+            return Err(invalid(
+                field,
+                format!(
+                    "frames are {width}x{height}; at most {} pixels a side and {} in all",
+                    self.limits.max_side, self.limits.max_pixels
+                ),
+            ));
+        }
+        // PyAV's `stream.frames` when the container counts them (MP4);
+        // else (WebM, where PyAV reads 0) the packets demuxed.
+        let count = |n: &Option<String>| n.as_deref().and_then(|n| n.parse::<usize>().ok());
+        let total = count(&stream.nb_frames)
+            .filter(|n| *n > 0)
+            .or_else(|| count(&stream.nb_read_packets))
+            .unwrap_or(0);
+        let source_fps = stream.avg_frame_rate.as_deref().and_then(rate);
+        let indices = sampling.indices(total, source_fps, field)?;
+        if indices.len() > self.max_frames {
+            return Err(EngineError::invalid(
+                format!("{field}.fps"),
+                format!(
+                    "samples {} frames; at most {} per request (max_images_per_request)",
+                    indices.len(),
+                    self.max_frames
+                ),
+            ));
+        }
+        let decoded = (width as usize * height as usize * 3 * indices.len()) as u64;
+        if decoded > self.max_decoded_bytes {
+            return Err(failure(
+                field,
+                MediaFailure::TooLarge,
+                format!(
+                    "{} frames of {width}x{height} are {} MiB as RGB, more than \
+                     media_video_max_decoded_mb ({}); sample fewer frames",
+                    indices.len(),
+                    decoded.div_ceil(1024 * 1024),
+                    self.max_decoded_bytes / (1024 * 1024)
+                ),
+            ));
+        }
+        Ok(Plan {
+            width,
+            height,
+            indices,
+        })
+    }
+
+    /// ffmpeg's arguments to write the frames at `indices` of the first
+    /// video stream on stdin, and only those, as raw RGB24 on stdout.
+    fn decode_args(indices: &[usize]) -> Vec<String> {
+        let select = indices
+            .iter()
+            .map(|i| format!("eq(n,{i})"))
+            .collect::<Vec<_>>()
+            .join("+");
+        let mut args = vec!["-v".into(), "error".into(), "-nostdin".into()];
+        args.extend(Self::input_args());
+        args.extend(
+            [
+                // PyAV does not apply a rotation tag either.
+                "-noautorotate",
+                "-i",
+                "/dev/stdin",
+                "-map",
+                "0:v:0",
+                "-vf",
+                &format!("select='{select}'"),
+                "-fps_mode",
+                "passthrough",
+                // PyAV's `to_ndarray(format="rgb24")` converts with bilinear
+                // swscale; same-size YUV to RGB is bit-exact with it here.
+                "-sws_flags",
+                "bilinear",
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "pipe:1",
+            ]
+            .map(String::from),
+        );
+        args
+    }
+}
+
+/// What [`VideoDecoder::plan`] allows: the frame size and which frames.
+struct Plan {
+    width: u32,
+    height: u32,
+    indices: Vec<usize>,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Loading: resolve the model files, check them in Rust, load the language
 //! model, the (corrected) vision encoder and the context.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,6 +26,7 @@ use internvl_core::position_rows::{self, VisionFile};
 use internvl_core::prompt::ChatTemplate;
 use internvl_core::settings::EngineSettings;
 use internvl_core::types::{ModelInfo, ModelPaths};
+use internvl_core::vision::TileSpec;
 
 fn token_text(model: &Model, id: i32) -> String {
     String::from_utf8_lossy(&model.token_bytes(id, true)).into_owned()
@@ -74,6 +76,9 @@ fn vocabulary(model: &Arc<Model>) -> Vocabulary {
 }
 
 impl Worker {
+    /// Resolves and checks the files, then loads the language model, the
+    /// vision encoder and the context, in that order: the context's settings
+    /// depend on where the model's layers went.
     pub(super) fn load<F>(
         settings: &EngineSettings,
         resolve: F,
@@ -90,33 +95,7 @@ impl Worker {
         let (model, mut load_log) =
             llama::capture_logs(|| Model::load(&paths.model, &settings.model));
         let model = Arc::new(model?);
-        let file_error = |message: &str| EngineError::ModelFile {
-            path: paths.model.clone(),
-            message: message.to_string(),
-        };
-        let template_source = model
-            .chat_template()
-            .ok_or_else(|| file_error("has no tokenizer.chat_template"))?;
-        let special = |key: &str| {
-            model
-                .meta(key)
-                .and_then(|id| id.parse::<i32>().ok())
-                .filter(|&id| model.is_valid_token(id))
-                .map(|id| token_text(&model, id))
-                .unwrap_or_default()
-        };
-        let template = ChatTemplate::new(
-            template_source.clone(),
-            special("tokenizer.ggml.bos_token_id"),
-            special("tokenizer.ggml.eos_token_id"),
-        )?;
-        for marker in ["<img>", "</img>"] {
-            if model.tokenize(marker, false, true)?.len() != 1 {
-                return Err(file_error(&format!(
-                    "vocabulary has no {marker} token: not an InternVL model"
-                )));
-            }
-        }
+        let (template, template_source) = chat_template(&model, &paths.model)?;
         let formats = {
             let model = model.clone();
             FormatCompiler::new(move || vocabulary(&model), settings.formats.clone())
@@ -128,69 +107,24 @@ impl Worker {
             [id] => *id,
             _ => -1,
         };
-        let vision_file = position_rows::prepare(&paths.mmproj, settings.cache_dir.as_deref())?;
-        if let VisionFile::Corrected {
-            derived, created, ..
-        } = &vision_file
-        {
-            info!(
-                mmproj = %paths.mmproj.display(),
-                corrected = %derived.display(),
-                written_now = created,
-                "vision position rows corrected: llama.cpp adds row i to patch i, this file keeps the class token's row first (converter layout)"
-            );
-        }
-        let (encoder, vision_log) = TileEncoder::start(
-            vision_file.path(),
-            model.clone(),
-            &settings.vision,
-            spec.tile_size,
-            lifecycle.bell.clone(),
-        )?;
+        let (encoder, vision_log) =
+            start_encoder(&paths.mmproj, &model, settings, spec, &lifecycle)?;
         load_log.extend(vision_log);
-        let on_gpu = Placement::from_log(&load_log).all_layers_on_local_gpus();
-        let context_params = llama::context_params(settings, on_gpu);
-        info!(
-            flash_attn = ?context_params.flash_attn,
-            cache_type_k = ?context_params.type_k,
-            cache_type_v = ?context_params.type_v,
-            "language model context"
-        );
-        let (context, context_log) =
-            llama::capture_logs(|| Context::new(model.clone(), &context_params));
+        let (context, context_log) = new_context(&model, settings, &load_log);
         let context = context?;
         load_log.extend(context_log);
         let placement = Placement {
             devices: llama::devices::devices(),
             ..Placement::from_log(&load_log)
         };
-        let name = model.meta("general.name").unwrap_or_else(|| {
-            paths
-                .model
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned()
-        });
         let parallel = context.n_seq_max();
         let info = ModelInfo {
-            name,
-            architecture: model.meta("general.architecture").unwrap_or_default(),
-            context_size: context.n_ctx(),
-            training_context_size: model.n_ctx_train().max(0) as u32,
-            vocab_size: model.n_vocab() as u32,
-            embedding_size: model.n_embd() as u32,
             tiles: spec,
             projector,
-            quantization: model.description(),
             chat_template: template_source,
             offload: placement.summary(),
             placement: placement.clone(),
-            parallel: parallel as u32,
-            cpu_kernels: cpu_kernels::describe(
-                llama::system_info(),
-                llama::cpu_backend_file().as_deref(),
-            ),
+            ..describe(&model, &paths, &context)
         };
         info!(
             model = %paths.model.display(),
@@ -237,5 +171,116 @@ impl Worker {
             ),
         };
         Ok((worker, loaded))
+    }
+}
+
+/// The model file's chat template (and its source), with the BOS and EOS
+/// texts it names. An InternVL vocabulary has `<img>` and `</img>` as single
+/// tokens; a file without them is refused here, naming it.
+fn chat_template(model: &Model, path: &Path) -> Result<(ChatTemplate, String), EngineError> {
+    let file_error = |message: &str| EngineError::ModelFile {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    };
+    let source = model
+        .chat_template()
+        .ok_or_else(|| file_error("has no tokenizer.chat_template"))?;
+    let special = |key: &str| {
+        model
+            .meta(key)
+            .and_then(|id| id.parse::<i32>().ok())
+            .filter(|&id| model.is_valid_token(id))
+            .map(|id| token_text(model, id))
+            .unwrap_or_default()
+    };
+    let template = ChatTemplate::new(
+        source.clone(),
+        special("tokenizer.ggml.bos_token_id"),
+        special("tokenizer.ggml.eos_token_id"),
+    )?;
+    for marker in ["<img>", "</img>"] {
+        if model.tokenize(marker, false, true)?.len() != 1 {
+            return Err(file_error(&format!(
+                "vocabulary has no {marker} token: not an InternVL model"
+            )));
+        }
+    }
+    Ok((template, source))
+}
+
+/// The vision encoder's thread on `mmproj`, or on its copy with the position
+/// rows in llama.cpp's order where the converter's layout needs that; and
+/// llama.cpp's load lines.
+fn start_encoder(
+    mmproj: &Path,
+    model: &Arc<Model>,
+    settings: &EngineSettings,
+    spec: TileSpec,
+    lifecycle: &Lifecycle,
+) -> Result<(TileEncoder, Vec<String>), EngineError> {
+    let vision_file = position_rows::prepare(mmproj, settings.cache_dir.as_deref())?;
+    if let VisionFile::Corrected {
+        derived, created, ..
+    } = &vision_file
+    {
+        info!(
+            mmproj = %mmproj.display(),
+            corrected = %derived.display(),
+            written_now = created,
+            "vision position rows corrected: llama.cpp adds row i to patch i, this file keeps the class token's row first (converter layout)"
+        );
+    }
+    TileEncoder::start(
+        vision_file.path(),
+        model.clone(),
+        &settings.vision,
+        spec.tile_size,
+        lifecycle.bell.clone(),
+    )
+}
+
+/// The language model's context, its settings chosen by where the load
+/// lines say the layers went; and llama.cpp's lines while creating it.
+fn new_context(
+    model: &Arc<Model>,
+    settings: &EngineSettings,
+    load_log: &[String],
+) -> (Result<Context, EngineError>, Vec<String>) {
+    let on_gpu = Placement::from_log(load_log).all_layers_on_local_gpus();
+    let params = llama::context_params(settings, on_gpu);
+    info!(
+        flash_attn = ?params.flash_attn,
+        cache_type_k = ?params.type_k,
+        cache_type_v = ?params.type_v,
+        "language model context"
+    );
+    llama::capture_logs(|| Context::new(model.clone(), &params))
+}
+
+/// What the model and context say of themselves; the caller adds the tiles,
+/// the template and the placement.
+fn describe(model: &Model, paths: &ModelPaths, context: &Context) -> ModelInfo {
+    let name = model.meta("general.name").unwrap_or_else(|| {
+        paths
+            .model
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    });
+    ModelInfo {
+        name,
+        architecture: model.meta("general.architecture").unwrap_or_default(),
+        context_size: context.n_ctx(),
+        training_context_size: model.n_ctx_train().max(0) as u32,
+        vocab_size: model.n_vocab() as u32,
+        embedding_size: model.n_embd() as u32,
+        quantization: model.description(),
+        parallel: context.n_seq_max() as u32,
+        cpu_kernels: cpu_kernels::describe(
+            llama::system_info(),
+            llama::cpu_backend_file().as_deref(),
+        ),
+        ..ModelInfo::default()
     }
 }
