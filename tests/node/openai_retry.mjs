@@ -12,7 +12,7 @@ const MODEL = (await plain.models.list()).data[0].id;
 const long = () => plain.chat.completions.create({
   model: MODEL,
   messages: [{ role: 'user', content: 'Count to a thousand.' }],
-  max_tokens: 3000,
+  max_tokens: 8000,
   ignore_eos: true,
 });
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -22,7 +22,7 @@ holders.push(long());
 await sleep(300);
 // The SDK paces its tries by the server's retry-after-ms, so the hint must
 // cover the slot holder's rest (as tests/python/openai_retry.py says).
-const patient = new OpenAI({ baseURL, apiKey: 'unused', maxRetries: 4, timeout: 120000 });
+const patient = new OpenAI({ baseURL, apiKey: 'unused', maxRetries: 8, timeout: 120000 });
 const started = Date.now();
 const third = await patient.chat.completions.create({
   model: MODEL, messages: [{ role: 'user', content: 'Hi' }], max_tokens: 4,
