@@ -29,8 +29,8 @@ for holder in holders:
     time.sleep(0.3)
 
 # The SDK paces its tries by the server's retry-after-ms, so the hint must
-# cover the slot holder's rest (about a second here): with the old hints
-# (50 ms) eight tries were spent in half a second. Eight, not the SDK's
+# cover the slot holder's rest (its 8000 tokens take seconds): with the old
+# hints (50 ms) eight tries were spent before it ended. Eight, not the SDK's
 # default two: the hint is the holder's pace so far, and on a machine whose
 # load keeps changing (CI building beside the tests) that pace misleads.
 patient = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=8, timeout=120)
