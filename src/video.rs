@@ -438,14 +438,11 @@ impl VideoDecoder {
         // stderr pipe would never finish its frames.
         let read_errors = async {
             let mut kept = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut chunk).await {
-                if n == 0 {
-                    break;
-                }
-                let room = STDERR_BYTES.saturating_sub(kept.len());
-                kept.extend_from_slice(&chunk[..n.min(room)]);
-            }
+            let _ = (&mut stderr)
+                .take(STDERR_BYTES as u64)
+                .read_to_end(&mut kept)
+                .await;
+            let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
             kept
         };
         let (frames, complaints) = tokio::join!(read_frames, read_errors);
