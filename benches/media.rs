@@ -96,7 +96,7 @@ async fn main() {
     println!("media bench: {cores} cores, {repeats} repeats, medians");
 
     for sandbox in [false, true] {
-        let decoder = decoder(sandbox);
+        let mut decoder = decoder(sandbox);
         let version = decoder.check().await.expect("ffmpeg runs");
         let mut times = Vec::new();
         for _ in 0..repeats {
@@ -131,7 +131,11 @@ async fn main() {
             let mut times = Vec::new();
             for _ in 0..repeats {
                 let started = Instant::now();
-                let frames = decoder.decode(data, eight, "video").await.expect("decodes");
+                let mut media = internvl_core::media_budget::MediaHold::unbounded();
+                let frames = decoder
+                    .decode(data, eight, "video", &mut media)
+                    .await
+                    .expect("decodes");
                 times.push(ms(started));
                 assert_eq!(frames.len(), 8);
             }

@@ -163,7 +163,12 @@ pub async fn run_with_metrics(
     let (routes, reporter) = routes(&config, &engine, metrics).await?;
     let tls = tls::server_config(&config)?;
     let (close_transport, transport_closed) = tokio::sync::oneshot::channel::<()>();
-    let router = Server::builder().accept_http1(true).add_routes(routes);
+    // One connection opens at most this many calls at once; each is admitted
+    // or refused on its own, but none costs anything before its turn.
+    let router = Server::builder()
+        .accept_http1(true)
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        .add_routes(routes);
     // A dropped sender means run() is returning: close as well.
     let closed = async move {
         transport_closed.await.ok();
@@ -256,7 +261,7 @@ async fn routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let fetcher = media::Fetcher::new(config).map_err(ServeError::Media)?;
-    let videos = video::VideoDecoder::new(config);
+    let mut videos = video::VideoDecoder::new(config);
     // Video files are an option of the deployment: one whose FFmpeg or
     // sandbox cannot run still serves everything else, says why once here,
     // and answers each video file with FAILED_PRECONDITION and that reason.
@@ -274,7 +279,7 @@ async fn routes(
     let service = InternVlServer::new(handlers.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let mut keys = ApiKeys::new(&config.api_keys);
+    let mut keys = ApiKeys::new(&config.all_api_keys()?);
     let probe_keys = if config.open_health_and_reflection {
         ApiKeys::open()
     } else {
@@ -286,6 +291,7 @@ async fn routes(
         metrics,
         openai::model_id(&config.model),
         config.max_message_bytes,
+        std::time::Duration::from_secs_f64(config.http_body_timeout_secs),
     );
     let grpc = tonic::service::Routes::new(InterceptedService::new(health, probe_keys.clone()))
         .add_service(InterceptedService::new(reflection, probe_keys))

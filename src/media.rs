@@ -13,7 +13,7 @@
 //! - to use no proxy from the environment, which would bypass those checks.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -313,7 +313,9 @@ impl Fetcher {
                 .map_err(|r| refused(field, r))?;
             let (url, host, port) = match target {
                 Target::Data(bytes) if hop == 0 => return capped(bytes, field, limit),
-                Target::File(path) if hop == 0 => return read_file(&path, field, limit).await,
+                Target::File { root, relative } if hop == 0 => {
+                    return read_file(root, relative, field, limit).await
+                }
                 Target::Remote { url, host, port } => (url, host, port),
                 _ => {
                     return Err(failure(
@@ -438,20 +440,89 @@ fn capped(bytes: Vec<u8>, field: &str, limit: &Limit) -> Result<Vec<u8>, EngineE
     Ok(bytes)
 }
 
-async fn read_file(path: &Path, field: &str, limit: &Limit) -> Result<Vec<u8>, EngineError> {
-    use tokio::io::AsyncReadExt;
-    let unreadable = |e: std::io::Error| {
-        failure(
+/// Reads `relative` beneath `root`: opened with `openat2` and
+/// `RESOLVE_BENEATH` from the root's descriptor (no `..`, absolute link or
+/// magic link may lead out, whatever was swapped in since the policy's
+/// check), non-blocking (a FIFO or device does not hold the open), and
+/// read only if it is a regular file.
+async fn read_file(
+    root: PathBuf,
+    relative: PathBuf,
+    field: &str,
+    limit: &Limit,
+) -> Result<Vec<u8>, EngineError> {
+    use std::io::Read;
+    let max = limit.bytes;
+    let opened = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, FileError> {
+        let file = open_beneath(&root, &relative)?;
+        let mut bytes = Vec::new();
+        std::fs::File::from(file)
+            .take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(FileError::Io)?;
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| EngineError::Fault(format!("reading a media file: {e}")))?;
+    match opened {
+        Ok(bytes) => capped(bytes, field, limit),
+        Err(FileError::Io(e)) => Err(failure(
             field,
             MediaFailure::Unreachable,
             format!("cannot read the file: {e}"),
-        )
-    };
-    let file = tokio::fs::File::open(path).await.map_err(unreadable)?;
-    let mut bytes = Vec::new();
-    file.take(limit.bytes + 1)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(unreadable)?;
-    capped(bytes, field, limit)
+        )),
+        Err(FileError::Outside) => Err(failure(
+            field,
+            MediaFailure::Refused,
+            "the file is outside media_root".to_string(),
+        )),
+        Err(FileError::NotRegular(kind)) => Err(failure(
+            field,
+            MediaFailure::Refused,
+            format!("not a regular file ({kind}); only files are read under media_root"),
+        )),
+    }
+}
+
+/// Why a file under `media_root` was not read.
+enum FileError {
+    Io(std::io::Error),
+    /// Resolving it led out of the root.
+    Outside,
+    /// A FIFO, socket, device or directory.
+    NotRegular(&'static str),
+}
+
+fn open_beneath(root: &Path, relative: &Path) -> Result<rustix::fd::OwnedFd, FileError> {
+    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+    let io = |e: rustix::io::Errno| FileError::Io(e.into());
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    let file = rustix::fs::openat2(
+        &dir,
+        relative,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| {
+        if e == rustix::io::Errno::XDEV {
+            FileError::Outside
+        } else {
+            io(e)
+        }
+    })?;
+    let kind = FileType::from_raw_mode(rustix::fs::fstat(&file).map_err(io)?.st_mode);
+    match kind {
+        FileType::RegularFile => Ok(file),
+        FileType::Fifo => Err(FileError::NotRegular("a FIFO")),
+        FileType::Directory => Err(FileError::NotRegular("a directory")),
+        FileType::Socket => Err(FileError::NotRegular("a socket")),
+        FileType::CharacterDevice | FileType::BlockDevice => Err(FileError::NotRegular("a device")),
+        _ => Err(FileError::NotRegular("not a file")),
+    }
 }

@@ -29,6 +29,7 @@ use std::time::Duration;
 use image::RgbImage;
 use internvl_api::config::Config;
 use internvl_core::error::{EngineError, MediaFailure};
+use internvl_core::media_budget::MediaHold;
 use internvl_core::{ChatMessage, DecodeLimits, Part, Sampling, VideoSource};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
@@ -163,8 +164,19 @@ impl VideoDecoder {
 
     /// Runs FFmpeg once as requests will, so a deployment whose FFmpeg or
     /// sandbox cannot run learns it at start, not from its first video.
-    /// Returns FFmpeg's version line, or why video files are off.
-    pub async fn check(&self) -> Result<String, String> {
+    /// Returns FFmpeg's version line, or why video files are off; when they
+    /// are, every video file is answered FAILED_PRECONDITION with that
+    /// reason (decided here, once: a sandbox that cannot start is the
+    /// deployment's fault, not the file's).
+    pub async fn check(&mut self) -> Result<String, String> {
+        let checked = self.try_run().await;
+        if let Err(why) = &checked {
+            self.programs = Err(why.clone());
+        }
+        checked
+    }
+
+    async fn try_run(&self) -> Result<String, String> {
         let (ffmpeg, _) = self.programs.as_ref().map_err(Clone::clone)?;
         let input = Self::input(&[]).map_err(|e| e.to_string())?;
         let output = self
@@ -251,31 +263,45 @@ impl VideoDecoder {
         command
     }
 
-    /// Decodes every video file among the parts of `messages`.
-    pub async fn messages(&self, messages: &mut [ChatMessage]) -> Result<(), EngineError> {
+    /// Decodes every video file among the parts of `messages`, their frames
+    /// taken from the request's `media` share first.
+    pub async fn messages(
+        &self,
+        messages: &mut [ChatMessage],
+        media: &mut MediaHold,
+    ) -> Result<(), EngineError> {
         for (m, message) in messages.iter_mut().enumerate() {
             let field = format!("messages[{m}]");
-            self.parts(&mut message.parts, &field).await?;
+            self.parts(&mut message.parts, &field, media).await?;
         }
         Ok(())
     }
 
     /// Decodes every video file among an Embed request's `inputs`.
-    pub async fn embed_inputs(&self, inputs: &mut [Vec<Part>]) -> Result<(), EngineError> {
+    pub async fn embed_inputs(
+        &self,
+        inputs: &mut [Vec<Part>],
+        media: &mut MediaHold,
+    ) -> Result<(), EngineError> {
         for (i, parts) in inputs.iter_mut().enumerate() {
-            self.parts(parts, &format!("inputs[{i}]")).await?;
+            self.parts(parts, &format!("inputs[{i}]"), media).await?;
         }
         Ok(())
     }
 
-    async fn parts(&self, parts: &mut [Part], field: &str) -> Result<(), EngineError> {
+    async fn parts(
+        &self,
+        parts: &mut [Part],
+        field: &str,
+        media: &mut MediaHold,
+    ) -> Result<(), EngineError> {
         for (c, part) in parts.iter_mut().enumerate() {
             let Part::Video(video) = part else { continue };
             let VideoSource::File(data) = &video.source else {
                 continue;
             };
             let field = format!("{field}.content[{c}].video");
-            let frames = self.decode(data, video.sampling, &field).await?;
+            let frames = self.decode(data, video.sampling, &field, media).await?;
             video.source = VideoSource::Sampled(frames);
         }
         Ok(())
@@ -288,6 +314,7 @@ impl VideoDecoder {
         data: &[u8],
         sampling: Sampling,
         field: &str,
+        media: &mut MediaHold,
     ) -> Result<Vec<RgbImage>, EngineError> {
         let (ffmpeg, ffprobe) = self
             .programs
@@ -302,7 +329,8 @@ impl VideoDecoder {
         let input = Self::input(data)?;
         let work = async {
             let probe = self.probe(ffprobe, &input, field).await?;
-            self.frames(ffmpeg, &input, sampling, &probe, field).await
+            self.frames(ffmpeg, &input, sampling, &probe, field, media)
+                .await
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -407,6 +435,7 @@ impl VideoDecoder {
         sampling: Sampling,
         stream: &Stream,
         field: &str,
+        media: &mut MediaHold,
     ) -> Result<Vec<RgbImage>, EngineError> {
         let Plan {
             width,
@@ -414,6 +443,10 @@ impl VideoDecoder {
             indices,
         } = self.plan(sampling, stream, field)?;
         let frame_bytes = width as usize * height as usize * 3;
+        media.take(
+            (frame_bytes * indices.len()) as u64,
+            &format!("{field}.data"),
+        )?;
         let args = Self::decode_args(&indices);
         let mut child = self
             .command(ffmpeg, &args, Self::stdin(input)?)
@@ -505,17 +538,7 @@ impl VideoDecoder {
             .or_else(|| count(&stream.nb_read_packets))
             .unwrap_or(0);
         let source_fps = stream.avg_frame_rate.as_deref().and_then(rate);
-        let indices = sampling.indices(total, source_fps, field)?;
-        if indices.len() > self.max_frames {
-            return Err(EngineError::invalid(
-                format!("{field}.fps"),
-                format!(
-                    "samples {} frames; at most {} per request (max_images_per_request)",
-                    indices.len(),
-                    self.max_frames
-                ),
-            ));
-        }
+        let indices = sampling.indices(total, source_fps, self.max_frames, field)?;
         let decoded = (width as usize * height as usize * 3 * indices.len()) as u64;
         if decoded > self.max_decoded_bytes {
             return Err(failure(

@@ -11,7 +11,10 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use internvl_core::prompt::{build_chat_prompt, ChatMessage, ChatTemplate, Part, Role, TextTokenizer};
+use internvl_core::media_budget::MediaHold;
+use internvl_core::prompt::{
+    build_chat_prompt, ChatMessage, ChatTemplate, Part, PromptBudget, Role, TextTokenizer,
+};
 use internvl_core::vision::{DecodeLimits, TileSpec};
 use internvl_core::{gguf, EngineError};
 use libfuzzer_sys::fuzz_target;
@@ -73,7 +76,9 @@ fuzz_target!(|data: &[u8]| {
         max_pixels: 1 << 20,
         max_alloc: 64 << 20,
     };
-    match build_chat_prompt(&Bytes, template(), spec, limits, &messages) {
+    let mut media = MediaHold::unbounded();
+    let budget = PromptBudget::UNBOUNDED;
+    match build_chat_prompt(&Bytes, template(), spec, limits, budget, &mut media, &messages) {
         Ok(prompt) => assert!(prompt.prompt_tokens > 0),
         Err(EngineError::InvalidArgument { field, .. }) => assert!(field.starts_with("messages")),
         Err(EngineError::Template(message)) => assert!(!message.is_empty()),

@@ -1,10 +1,52 @@
-//! API keys: `authorization: Bearer <key>` metadata, compared in constant time.
+//! API keys: `authorization: Bearer <key>` metadata, compared in constant
+//! time; and the [`Caller`] a key identifies, whose requests share cached
+//! prefixes and image encodings only with each other.
 
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
+
+use crate::engine::CachePartition;
+
+/// Who sent a request, as far as reuse is concerned: a digest of the API
+/// key it presented (no key where the service is open). Requests reuse
+/// each other's KV cells and tile encodings only within one partition, so
+/// one caller's `cached_tokens` says nothing of another's prompts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    key: [u8; 32],
+}
+
+impl Caller {
+    fn of_key(key: &[u8]) -> Self {
+        Self {
+            key: Sha256::new()
+                .chain_update(b"internvl-grpc api key\0")
+                .chain_update(key)
+                .finalize()
+                .into(),
+        }
+    }
+
+    /// The partition of this caller's requests with `cache_salt` (empty =
+    /// none): tenants sharing one key keep apart by sending different salts.
+    pub fn partition(&self, cache_salt: &str) -> CachePartition {
+        if cache_salt.is_empty() {
+            return CachePartition(self.key);
+        }
+        CachePartition(
+            Sha256::new()
+                .chain_update(self.key)
+                .chain_update(b"\0cache_salt\0")
+                .chain_update(cache_salt.as_bytes())
+                .finalize()
+                .into(),
+        )
+    }
+}
 
 /// The keys a caller may present; empty means the service is open.
 #[derive(Clone, Default)]
@@ -38,27 +80,41 @@ impl ApiKeys {
 
 impl ApiKeys {
     /// Checks an `authorization` value (gRPC metadata or an HTTP header):
-    /// why it is refused, if it is.
-    pub fn check(&self, authorization: Option<&str>) -> Result<(), &'static str> {
+    /// the caller it identifies, or why it is refused.
+    pub fn caller(&self, authorization: Option<&str>) -> Result<Caller, &'static str> {
         if self.keys.is_empty() {
-            return Ok(());
+            return Ok(Caller::of_key(b""));
         }
         let presented = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or("authorization: expected \"Bearer <api key>\"")?;
         if self.accepts(presented.as_bytes()) {
-            Ok(())
+            Ok(Caller::of_key(presented.as_bytes()))
         } else {
             Err("authorization: unknown API key")
         }
     }
 }
 
+/// The caller a gRPC call was authenticated as (the interceptor puts it in
+/// the request's extensions).
+pub fn caller_of<T>(request: &Request<T>) -> Caller {
+    request
+        .extensions()
+        .get::<Caller>()
+        .copied()
+        // Only calls past the interceptor reach a handler; an open service
+        // has the one anonymous caller.
+        .unwrap_or_else(|| Caller::of_key(b""))
+}
+
 impl Interceptor for ApiKeys {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization");
-        self.check(header.and_then(|v| v.to_str().ok()))
+        let caller = self
+            .caller(header.and_then(|v| v.to_str().ok()))
             .map_err(Status::unauthenticated)?;
+        request.extensions_mut().insert(caller);
         Ok(request)
     }
 }
@@ -92,5 +148,20 @@ mod tests {
         );
         assert_eq!(call(&keys, None), Err(tonic::Code::Unauthenticated));
         assert_eq!(call(&ApiKeys::open(), None), Ok(()));
+    }
+
+    #[test]
+    fn each_key_and_salt_is_a_partition_of_its_own() {
+        let keys = ApiKeys::new(&["alpha".into(), "beta-key".into()]);
+        let a = keys.caller(Some("Bearer alpha")).unwrap();
+        let b = keys.caller(Some("Bearer beta-key")).unwrap();
+        assert_ne!(a.partition(""), b.partition(""));
+        assert_eq!(
+            a.partition(""),
+            keys.caller(Some("Bearer alpha")).unwrap().partition("")
+        );
+        assert_ne!(a.partition(""), a.partition("tenant-1"));
+        assert_ne!(a.partition("tenant-1"), a.partition("tenant-2"));
+        assert_ne!(a.partition("tenant-1"), b.partition("tenant-1"));
     }
 }

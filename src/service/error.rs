@@ -28,7 +28,11 @@ pub fn status(error: EngineError) -> Status {
                 Code::DeadlineExceeded
             }
             EngineError::ClientGone => Code::Cancelled,
-            EngineError::QueueFull { retry_after_ms } => {
+            // The client's own doing, and nothing to retry here: the
+            // replica let go of what it held for it.
+            EngineError::StreamStalled { .. } => Code::Aborted,
+            EngineError::QueueFull { retry_after_ms }
+            | EngineError::MediaMemoryFull { retry_after_ms, .. } => {
                 // The hint travels twice: as pushback for retry policies, and as
                 // google.rpc.RetryInfo for clients that read status details.
                 let mut status = Status::with_error_details(

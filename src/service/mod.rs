@@ -22,6 +22,7 @@ use crate::engine::{Embedding, Engine, EngineError, GenerateEvent, GenerateEvent
 use crate::media::Fetcher;
 use crate::metrics::Metrics;
 use crate::video::VideoDecoder;
+use auth::Caller;
 pub use error::status;
 
 // The contract (proto, codec, validation) is the `internvl-api` crate's.
@@ -64,39 +65,59 @@ impl InternVlService {
         &self.limits
     }
 
-    /// A Generate request from its proto form to the engine's events: media
-    /// URLs fetched, validated, video files decoded, queued. Every transport
-    /// (gRPC here, the OpenAI-compatible HTTP API) starts a generation here,
-    /// so they refuse and answer alike.
+    /// A Generate request from its proto form to the engine's events: its
+    /// counts bounded, a place in flight taken, media URLs fetched,
+    /// validated, video files decoded, queued. Every transport (gRPC here,
+    /// the OpenAI-compatible HTTP API) starts a generation here, so they
+    /// refuse and answer alike.
     pub(crate) async fn start_generate(
         &self,
         mut message: proto::GenerateRequest,
+        caller: Caller,
         deadline: Option<Instant>,
     ) -> Result<GenerateEvents, EngineError> {
+        validation::bound_messages(&message.messages, &self.limits)?;
+        let mut admitted = self.engine.admit()?;
         let fetched = self.media.messages(&mut message.messages).await?;
-        let relabel = |e| fetched.relabel(e);
+        let relabel = |e| fetched.relabel(self.engine.hinted(e));
+        let cache_salt = message.cache_salt.clone();
         let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
         Span::current().record("request_id", request.request_id.as_str());
-        let videos = self.videos.messages(&mut request.messages).await;
+        let videos = self
+            .videos
+            .messages(&mut request.messages, admitted.media())
+            .await;
         videos.map_err(relabel)?;
         request.deadline = deadline;
-        self.engine.generate(request).await.map_err(relabel)
+        request.partition = caller.partition(&cache_salt);
+        self.engine
+            .generate(request, admitted)
+            .await
+            .map_err(relabel)
     }
 
     /// [`InternVlService::start_generate`] for Embed: the embeddings.
     pub(crate) async fn run_embed(
         &self,
         mut message: proto::EmbedRequest,
+        caller: Caller,
         deadline: Option<Instant>,
     ) -> Result<Vec<Embedding>, EngineError> {
+        validation::bound_embed(&message.inputs, &self.limits)?;
+        let mut admitted = self.engine.admit()?;
         let fetched = self.media.embed_inputs(&mut message.inputs).await?;
-        let relabel = |e| fetched.relabel(e);
+        let relabel = |e| fetched.relabel(self.engine.hinted(e));
+        let cache_salt = message.cache_salt.clone();
         let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
         Span::current().record("request_id", request.request_id.as_str());
-        let videos = self.videos.embed_inputs(&mut request.inputs).await;
+        let videos = self
+            .videos
+            .embed_inputs(&mut request.inputs, admitted.media())
+            .await;
         videos.map_err(relabel)?;
         request.deadline = deadline;
-        self.engine.embed(request).await.map_err(relabel)
+        request.partition = caller.partition(&cache_salt);
+        self.engine.embed(request, admitted).await.map_err(relabel)
     }
 
     /// Counts the outcome of a call and records it on the call's span.
@@ -160,9 +181,12 @@ impl InternVl for InternVlService {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let span = trace::request_span("Generate", request.metadata());
+        let caller = auth::caller_of(&request);
         let started = self
             .prepare(&span, request, |message, deadline| async move {
-                self.start_generate(message, deadline).await.map_err(status)
+                self.start_generate(message, caller, deadline)
+                    .await
+                    .map_err(status)
             })
             .await;
         let events = match started {
@@ -215,8 +239,10 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::EmbedRequest>,
     ) -> Result<Response<proto::EmbedResponse>, Status> {
+        let caller = auth::caller_of(&request);
         self.unary("Embed", request, |message, deadline| async move {
-            let embeddings = self.run_embed(message, deadline).await.map_err(status)?;
+            let embeddings = self.run_embed(message, caller, deadline).await;
+            let embeddings = embeddings.map_err(status)?;
             Ok(convert::embed_response(embeddings))
         })
         .await
@@ -227,15 +253,20 @@ impl InternVl for InternVlService {
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
         self.unary("CountTokens", request, |mut message, _| async move {
+            validation::bound_messages(&message.messages, &self.limits).map_err(status)?;
+            let mut admitted = self.engine.admit().map_err(status)?;
             let fetched = self.media.messages(&mut message.messages).await;
             let fetched = fetched.map_err(status)?;
-            let relabel = |e| status(fetched.relabel(e));
+            let relabel = |e| status(fetched.relabel(self.engine.hinted(e)));
             let mut messages =
                 validation::messages(message.messages, &self.limits).map_err(relabel)?;
-            let videos = self.videos.messages(&mut messages).await;
+            let videos = self.videos.messages(&mut messages, admitted.media()).await;
             videos.map_err(relabel)?;
             Ok(convert::count_response(
-                self.engine.count_tokens(messages).await.map_err(relabel)?,
+                self.engine
+                    .count_tokens(messages, &mut admitted)
+                    .await
+                    .map_err(relabel)?,
             ))
         })
         .await
@@ -246,7 +277,10 @@ impl InternVl for InternVlService {
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         self.unary("Tokenize", request, |message, _| async move {
-            let ids = self.engine.tokenize(message.text).await.map_err(status)?;
+            validation::bound_tokenize(&message.text, &self.limits).map_err(status)?;
+            let mut admitted = self.engine.admit().map_err(status)?;
+            let ids = self.engine.tokenize(message.text, &mut admitted).await;
+            let ids = ids.map_err(status)?;
             Ok(proto::TokenizeResponse { ids })
         })
         .await

@@ -1,6 +1,6 @@
 //! An engine that dies fails loudly: the real binary, built with the
 //! test-only `fault-injection` feature (a Generate with `FAULT_SEED` panics
-//! the engine thread at its fourth token), with two running streams, a
+//! the engine thread at its `FAULT_TOKEN`th token), with two running streams, a
 //! queued Generate and a queued Embed. Every one of them ends with INTERNAL,
 //! health turns NOT_SERVING, and the process exits non-zero so that its
 //! orchestrator restarts it.
@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use internvl_grpc::engine::FAULT_SEED;
+use internvl_grpc::engine::{FAULT_SEED, FAULT_TOKEN};
 use internvl_grpc::service::proto;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -25,7 +25,24 @@ fn long(seed: u64) -> proto::GenerateRequest {
         seed: Some(seed),
         ..Default::default()
     });
+    // Twenty alternatives a token fill a 4 KiB window in a few events.
+    request.top_logprobs = 20;
     request
+}
+
+/// A client on a connection of its own whose 4 KiB HTTP/2 window holds a
+/// stream it does not read after a few events (batching.rs's way).
+async fn holding_client(
+    url: &str,
+) -> proto::intern_vl_client::InternVlClient<tonic::transport::Channel> {
+    proto::intern_vl_client::InternVlClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .initial_stream_window_size(Some(4096))
+            .connect()
+            .await
+            .unwrap(),
+    )
 }
 
 /// The rest of a stream: how many more deltas, and the status it ended with.
@@ -61,14 +78,21 @@ async fn an_engine_panic_ends_every_call_with_internal_and_the_process_non_zero(
     let url = format!("http://127.0.0.1:{port}");
     let mut watch = serving_watch(&url, &mut server, &stderr, BOUND).await;
 
-    let client = internvl_grpc::service::proto::intern_vl_client::InternVlClient::connect(url)
+    let client =
+        internvl_grpc::service::proto::intern_vl_client::InternVlClient::connect(url.clone())
+            .await
+            .unwrap();
+    // Two running streams, both held by their clients after a first token
+    // (the faulty one long before its fault).
+    let mut running = holding_client(&url)
         .await
-        .unwrap();
-    // Two running streams, both held by their clients after a first token.
-    let mut running = client.clone().generate(long(1)).await.unwrap().into_inner();
+        .generate(long(1))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(running.message().await.unwrap().is_some());
-    let mut faulty = client
-        .clone()
+    let mut faulty = holding_client(&url)
+        .await
         .generate(long(FAULT_SEED))
         .await
         .unwrap()
@@ -98,11 +122,11 @@ async fn an_engine_panic_ends_every_call_with_internal_and_the_process_non_zero(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Reading on lets the faulty stream reach its fourth token.
+    // Reading on lets the faulty stream reach its fault.
     let (deltas, end) = rest(&mut faulty).await;
     assert_eq!(end, Err(Code::Internal), "after {deltas} more deltas");
     assert!(
-        deltas <= 3,
+        deltas < FAULT_TOKEN as usize,
         "{deltas} deltas after the first: past the fault"
     );
     let (_, end) = rest(&mut running).await;

@@ -13,6 +13,7 @@ mod catalog;
 mod drain;
 mod fault;
 mod health_probe;
+mod hostile;
 mod kubelet;
 mod load;
 mod malformed;

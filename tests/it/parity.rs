@@ -71,6 +71,7 @@ async fn embed_cases(family: &Family) {
                     pooling: pooling as i32,
                     normalize: false,
                     request_id: id.into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_or_else(|e| panic!("{id}: {e}"))

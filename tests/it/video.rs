@@ -59,7 +59,7 @@ fn field_of(status: &tonic::Status) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoded_frames_are_pyavs_bit_for_bit() {
-    let decoder = VideoDecoder::new(&tiny_config());
+    let mut decoder = VideoDecoder::new(&tiny_config());
     decoder.check().await.expect("FFmpeg runs in its sandbox");
     for name in CLIPS {
         let data = clip(name);
@@ -68,7 +68,11 @@ async fn decoded_frames_are_pyavs_bit_for_bit() {
             fps: 0.0,
         };
         let started = Instant::now();
-        let frames = decoder.decode(&data, every, "video").await.expect(name);
+        let mut media = internvl_core::media_budget::MediaHold::unbounded();
+        let frames = decoder
+            .decode(&data, every, "video", &mut media)
+            .await
+            .expect(name);
         let took = started.elapsed();
         assert_eq!(frames.len(), 16, "{name}");
         let mut max_diff = 0u8;
@@ -424,4 +428,45 @@ async fn a_deployment_without_ffmpeg_says_so_and_serves_the_rest() {
     )
     .await;
     assert_eq!(ok.ids.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ffmpeg_that_cannot_run_is_the_deployments_fault_decided_at_start() {
+    // FFmpeg and ffprobe that fail as a sandbox that cannot start does: the
+    // start-up check finds it, and every video file is FAILED_PRECONDITION
+    // with that reason, not INVALID_ARGUMENT ("not a decodable video").
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["ffmpeg", "ffprobe"] {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            "#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut config = tiny_config();
+    config.media_ffmpeg = dir.path().join("ffmpeg").display().to_string();
+    let server = start(config).await;
+    let mut client = server.client().await;
+    let status = client
+        .generate(ask(video(proto::Video {
+            data: clip("clip.mp4"),
+            ..Default::default()
+        })))
+        .await
+        .expect_err("FFmpeg cannot run");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("No permissions to create new namespace"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        field_of(&status).as_deref(),
+        Some("messages[0].content[0].video.data")
+    );
 }

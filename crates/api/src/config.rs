@@ -111,6 +111,10 @@ pub struct Config {
     pub queue_depth: usize,
     /// Events buffered per stream.
     pub stream_buffer: usize,
+    /// Seconds a streaming client may take no event while events wait for
+    /// it; then its stream ends (ABORTED, or the HTTP stream's error event)
+    /// and its slot and KV cells are freed for others.
+    pub stream_stall_secs: f64,
     /// Largest request message in bytes.
     pub max_message_bytes: usize,
     /// Largest image width or height accepted.
@@ -145,6 +149,10 @@ pub struct Config {
     pub format_max_lexer_states: usize,
     /// Accepted API keys (`authorization: Bearer <key>`); empty = no authentication.
     pub api_keys: Vec<String>,
+    /// A file of further API keys, one per line (blank lines and lines
+    /// starting with `#` skipped), read at start: a mounted Secret keeps
+    /// keys out of the command line and the environment.
+    pub api_keys_file: Option<PathBuf>,
     /// Health and reflection answer without an API key (for probes and tooling).
     pub open_health_and_reflection: bool,
     /// PEM certificate chain; with `tls_key`, serve TLS.
@@ -159,6 +167,26 @@ pub struct Config {
     pub max_top_logprobs: u32,
     /// Stop sequences per request.
     pub max_stop_sequences: usize,
+    /// Image tiles (thumbnails and video frames included) one request may
+    /// be cut into, across all its messages or Embed inputs; counted as
+    /// each image is tiled, so a request past it is refused before the rest
+    /// is decoded. Each tile is about 600 KB while the request is prepared.
+    pub max_tiles_per_request: u32,
+    /// Messages per Generate or CountTokens request.
+    pub max_messages: usize,
+    /// Content parts per request, across all its messages or Embed inputs.
+    pub max_content_parts: usize,
+    /// Inputs per Embed request.
+    pub max_embed_inputs: usize,
+    /// Largest Tokenize text, in bytes.
+    pub max_tokenize_bytes: usize,
+    /// Seconds an HTTP request body may take to arrive; a body still
+    /// arriving then is cut with 408. API keys are checked on the headers,
+    /// before any of the body is read.
+    pub http_body_timeout_secs: f64,
+    /// HTTP/2 streams (calls) one connection may have open at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
     /// Longest deadline honoured, in seconds; also the deadline of requests without one.
     pub max_deadline_secs: f64,
     /// Address of the Prometheus endpoint (`/metrics`), e.g. `0.0.0.0:9090`; unset = off.
@@ -196,6 +224,12 @@ pub struct Config {
     pub media_video_memory_mb: u64,
     /// Largest size of one video's sampled frames as RGB, in MiB.
     pub media_video_max_decoded_mb: u64,
+    /// MiB of decoded media (images, their tiles, sampled video frames) that
+    /// all requests in flight may hold together. A request takes its share
+    /// before it decodes anything; one that does not fit now gets
+    /// RESOURCE_EXHAUSTED with a retry hint, one that could never fit
+    /// INVALID_ARGUMENT. Fits the shipped pods' 5 GiB beside a 2B model.
+    pub media_memory_mb: u64,
 }
 
 impl Default for Config {
@@ -231,6 +265,7 @@ impl Default for Config {
             cache_type_v: KvCacheType::Auto,
             queue_depth: 64,
             stream_buffer: 32,
+            stream_stall_secs: 30.0,
             max_message_bytes: 32 * 1024 * 1024,
             max_image_side: 16_384,
             max_image_pixels: 64 * 1024 * 1024,
@@ -246,6 +281,7 @@ impl Default for Config {
             format_mask_fuel: FormatLimits::default().mask_fuel,
             format_max_lexer_states: FormatLimits::default().max_lexer_states,
             api_keys: Vec::new(),
+            api_keys_file: None,
             open_health_and_reflection: true,
             tls_cert: None,
             tls_key: None,
@@ -253,6 +289,13 @@ impl Default for Config {
             max_images_per_request: 16,
             max_top_logprobs: 20,
             max_stop_sequences: 16,
+            max_tiles_per_request: 128,
+            max_messages: 256,
+            max_content_parts: 512,
+            max_embed_inputs: 64,
+            max_tokenize_bytes: 1024 * 1024,
+            http_body_timeout_secs: 30.0,
+            max_concurrent_streams: 128,
             max_deadline_secs: 600.0,
             metrics_listen: None,
             media_allow: Vec::new(),
@@ -266,6 +309,7 @@ impl Default for Config {
             media_video_timeout_secs: 30.0,
             media_video_memory_mb: 1024,
             media_video_max_decoded_mb: 256,
+            media_memory_mb: 1024,
         }
     }
 }
@@ -601,8 +645,48 @@ impl Config {
             max_images: self.max_images_per_request,
             max_top_logprobs: self.max_top_logprobs,
             max_stop_sequences: self.max_stop_sequences,
+            max_messages: self.max_messages,
+            max_content_parts: self.max_content_parts,
+            max_embed_inputs: self.max_embed_inputs,
+            max_tokenize_bytes: self.max_tokenize_bytes,
             max_deadline: std::time::Duration::from_secs_f64(self.max_deadline_secs),
         }
+    }
+
+    /// Every accepted API key: `api_keys` and those of `api_keys_file`.
+    pub fn all_api_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let mut keys = self.api_keys.clone();
+        keys.extend(self.file_api_keys().map_err(|why| {
+            ConfigError::Invalid(vec![Problem {
+                key: "api_keys_file",
+                message: format!(
+                    "{}: {why}",
+                    self.api_keys_file
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display()
+                ),
+            }])
+        })?);
+        Ok(keys)
+    }
+
+    /// The keys of `api_keys_file` (none when unset).
+    fn file_api_keys(&self) -> Result<Vec<String>, String> {
+        let Some(path) = &self.api_keys_file else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let keys: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect();
+        if keys.is_empty() {
+            return Err("holds no key".into());
+        }
+        Ok(keys)
     }
 
     /// The limits on decoded images and video frames.
@@ -730,6 +814,34 @@ impl Config {
             "must be a positive number of seconds".into(),
         );
         check(
+            self.stream_stall_secs.is_finite() && self.stream_stall_secs > 0.0,
+            "stream_stall_secs",
+            "must be a positive number of seconds".into(),
+        );
+        check(
+            self.http_body_timeout_secs.is_finite() && self.http_body_timeout_secs > 0.0,
+            "http_body_timeout_secs",
+            "must be a positive number of seconds".into(),
+        );
+        for (value, key) in [
+            (self.max_tiles_per_request as usize, "max_tiles_per_request"),
+            (self.max_messages, "max_messages"),
+            (self.max_content_parts, "max_content_parts"),
+            (self.max_embed_inputs, "max_embed_inputs"),
+            (self.max_tokenize_bytes, "max_tokenize_bytes"),
+            (
+                self.max_concurrent_streams as usize,
+                "max_concurrent_streams",
+            ),
+        ] {
+            check(value > 0, key, "must be at least 1".into());
+        }
+        if let Some(file) = &self.api_keys_file {
+            if let Err(why) = self.file_api_keys() {
+                check(false, "api_keys_file", format!("{}: {why}", file.display()));
+            }
+        }
+        check(
             self.max_image_alloc_mb > 0,
             "max_image_alloc_mb",
             "must be at least 1".into(),
@@ -785,6 +897,7 @@ impl Config {
                 self.media_video_max_decoded_mb,
                 "media_video_max_decoded_mb",
             ),
+            (self.media_memory_mb, "media_memory_mb"),
         ] {
             check(value > 0, key, "must be at least 1".into());
         }
@@ -850,10 +963,13 @@ impl Config {
                 flash_attn: self.mmproj_flash_attn,
             },
             decode_limits: self.decode_limits(),
+            max_tiles_per_request: self.max_tiles_per_request,
             queue_depth: self.queue_depth,
             prefill_chunk: self.prefill_chunk as usize,
             jump_forward: self.jump_forward,
             stream_buffer: self.stream_buffer,
+            stream_stall: std::time::Duration::from_secs_f64(self.stream_stall_secs),
+            media_memory_bytes: self.media_memory_mb.saturating_mul(1024 * 1024),
             image_cache_bytes: self.image_cache_mb.saturating_mul(1024 * 1024),
             prefix_cache_bytes: self.prefix_cache_mb.saturating_mul(1024 * 1024),
             formats: FormatLimits {

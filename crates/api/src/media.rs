@@ -119,8 +119,16 @@ pub enum Target {
     },
     /// The bytes of a `data:` URL.
     Data(Vec<u8>),
-    /// A file under `media_root` (symlinks resolved).
-    File(PathBuf),
+    /// A file under `media_root`: the root (resolved) and the file's path
+    /// below it (symlinks resolved when checked). The reader opens it
+    /// beneath the root's descriptor, so a path swapped for a symlink after
+    /// this check still cannot leave the root.
+    File {
+        /// `media_root`, resolved.
+        root: PathBuf,
+        /// The file's path relative to `root`.
+        relative: PathBuf,
+    },
 }
 
 /// A deployment's media policy.
@@ -188,10 +196,12 @@ impl MediaPolicy {
                 let outside = || Refusal::OutsideRoot(url.path().to_string());
                 let root = root.canonicalize().map_err(|_| outside())?;
                 let resolved = path.canonicalize().map_err(|_| outside())?;
-                if resolved.starts_with(&root) && resolved != root {
-                    Ok(Target::File(resolved))
-                } else {
-                    Err(outside())
+                match resolved.strip_prefix(&root) {
+                    Ok(relative) if !relative.as_os_str().is_empty() => Ok(Target::File {
+                        relative: relative.to_path_buf(),
+                        root,
+                    }),
+                    _ => Err(outside()),
                 }
             }
             other => Err(Refusal::Scheme(other.to_string())),
@@ -464,7 +474,7 @@ mod tests {
         let url = |path: &Path| format!("file://{}", path.display());
         assert!(matches!(
             p.check_url(&url(&root.join("sub/a.png"))),
-            Ok(Target::File(_))
+            Ok(Target::File { .. })
         ));
         for outside in [
             url(&base.join("secret.png")),

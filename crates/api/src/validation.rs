@@ -18,6 +18,14 @@ pub struct Limits {
     pub max_top_logprobs: u32,
     /// Stop sequences per request.
     pub max_stop_sequences: usize,
+    /// Messages per Generate or CountTokens request.
+    pub max_messages: usize,
+    /// Content parts per request, across its messages or Embed inputs.
+    pub max_content_parts: usize,
+    /// Inputs per Embed request.
+    pub max_embed_inputs: usize,
+    /// Largest Tokenize text, in bytes.
+    pub max_tokenize_bytes: usize,
     /// Longest deadline honoured; requests without one get this one.
     pub max_deadline: std::time::Duration,
 }
@@ -28,6 +36,10 @@ impl Default for Limits {
             max_images: 16,
             max_top_logprobs: 20,
             max_stop_sequences: 16,
+            max_messages: 256,
+            max_content_parts: 512,
+            max_embed_inputs: 64,
+            max_tokenize_bytes: 1024 * 1024,
             max_deadline: std::time::Duration::from_secs(600),
         }
     }
@@ -191,8 +203,113 @@ fn parts(content: Vec<proto::Content>, field: &str) -> Result<Vec<Part>> {
         .collect()
 }
 
+/// `n` things of `field` against their limit, named by its key.
+fn at_most(field: &str, n: usize, max: usize, key: &str) -> Result<()> {
+    if n > max {
+        return Err(invalid(
+            field,
+            format!("{n} of them, at most {max} ({key})"),
+        ));
+    }
+    Ok(())
+}
+
+/// What the messages of a Generate or CountTokens call count (messages,
+/// content parts, images and video frames), checked before any URL is
+/// fetched or anything decoded: the cheapest refusals first.
+pub fn bound_messages(messages: &[proto::Message], limits: &Limits) -> Result<()> {
+    at_most(
+        "messages",
+        messages.len(),
+        limits.max_messages,
+        "max_messages",
+    )?;
+    let parts = messages.iter().map(|m| m.content.len()).sum();
+    at_most(
+        "messages",
+        parts,
+        limits.max_content_parts,
+        "max_content_parts",
+    )?;
+    bound_media(
+        messages.iter().flat_map(|m| m.content.iter()),
+        "messages",
+        limits,
+    )
+}
+
+/// What an Embed call counts (inputs, content parts, and images and video
+/// frames per input), checked as [`bound_messages`] is.
+pub fn bound_embed(inputs: &[proto::EmbedInput], limits: &Limits) -> Result<()> {
+    at_most(
+        "inputs",
+        inputs.len(),
+        limits.max_embed_inputs,
+        "max_embed_inputs",
+    )?;
+    let parts = inputs.iter().map(|i| i.content.len()).sum();
+    at_most(
+        "inputs",
+        parts,
+        limits.max_content_parts,
+        "max_content_parts",
+    )?;
+    for (i, input) in inputs.iter().enumerate() {
+        bound_media(input.content.iter(), &format!("inputs[{i}]"), limits)?;
+    }
+    Ok(())
+}
+
+/// A Tokenize text's size.
+pub fn bound_tokenize(text: &str, limits: &Limits) -> Result<()> {
+    if text.len() > limits.max_tokenize_bytes {
+        return Err(invalid(
+            "text",
+            format!(
+                "{} bytes, at most {} (max_tokenize_bytes)",
+                text.len(),
+                limits.max_tokenize_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Images and video frames among proto parts, counted as
+/// [`VideoInput::frames_hint`] counts them once validated.
+fn bound_media<'a>(
+    content: impl Iterator<Item = &'a proto::Content>,
+    field: &str,
+    limits: &Limits,
+) -> Result<()> {
+    use internvl_core::video::DEFAULT_FRAMES;
+    use proto::content::Part as P;
+    let n: usize = content
+        .map(|c| match &c.part {
+            Some(P::Image(_)) => 1,
+            Some(P::Video(v)) if v.num_frames > 0 => v.num_frames as usize,
+            Some(P::Video(v)) if !v.frames.is_empty() => {
+                v.frames.len().min(DEFAULT_FRAMES as usize)
+            }
+            Some(P::Video(_)) => DEFAULT_FRAMES as usize,
+            _ => 0,
+        })
+        .fold(0usize, usize::saturating_add);
+    if n > limits.max_images {
+        return Err(invalid(
+            field,
+            format!(
+                "{n} images and video frames, at most {} per request",
+                limits.max_images
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Messages of a Generate or CountTokens request (the engine refuses an empty list).
 pub fn messages(messages: Vec<proto::Message>, limits: &Limits) -> Result<Vec<ChatMessage>> {
+    bound_messages(&messages, limits)?;
     let messages = messages
         .into_iter()
         .enumerate()
@@ -286,6 +403,7 @@ pub fn generate(request: proto::GenerateRequest, limits: &Limits) -> Result<Gene
         }
     }
     check_request_id(&request.request_id)?;
+    check_cache_salt(&request.cache_salt)?;
     Ok(GenerateRequest {
         sampling: sampling(request.sampling)?,
         messages: messages(request.messages, limits)?,
@@ -297,6 +415,8 @@ pub fn generate(request: proto::GenerateRequest, limits: &Limits) -> Result<Gene
         request_id: request.request_id,
         deadline: None,
         response_format: request.response_format.map(response_format).transpose()?,
+        // The service sets it from the caller and `cache_salt`.
+        partition: Default::default(),
     })
 }
 
@@ -329,6 +449,17 @@ fn check_request_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// A `cache_salt` is hashed once per request: bounded all the same.
+fn check_cache_salt(salt: &str) -> Result<()> {
+    if salt.len() > MAX_REQUEST_ID_BYTES {
+        return Err(invalid(
+            "cache_salt",
+            format!("longer than {MAX_REQUEST_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// An Embed request (the engine refuses an empty list of inputs).
 pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedRequest> {
     let pooling = match proto::Pooling::try_from(request.pooling) {
@@ -341,6 +472,7 @@ pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedReque
             ))
         }
     };
+    bound_embed(&request.inputs, limits)?;
     let inputs = request
         .inputs
         .into_iter()
@@ -356,11 +488,13 @@ pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedReque
         })
         .collect::<Result<Vec<_>>>()?;
     check_request_id(&request.request_id)?;
+    check_cache_salt(&request.cache_salt)?;
     Ok(EmbedRequest {
         inputs,
         pooling,
         normalize: request.normalize,
         deadline: None,
         request_id: request.request_id,
+        partition: Default::default(),
     })
 }

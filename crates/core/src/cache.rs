@@ -6,6 +6,7 @@ use std::sync::Arc;
 use lru::LruCache;
 
 use super::prompt::{Prompt, PromptItem};
+use super::types::CachePartition;
 use super::vision::TileHash;
 
 /// Encoded tiles, bounded in bytes; the least recently used go first.
@@ -75,6 +76,8 @@ pub struct PrefixCache {
 
 /// One saved sequence.
 pub struct PrefixEntry {
+    /// Whose requests may reuse it.
+    pub partition: CachePartition,
     /// What its cells hold.
     pub items: Vec<KvItem>,
     /// llama.cpp's serialized cells.
@@ -93,13 +96,18 @@ impl PrefixCache {
         }
     }
 
-    /// The saved sequence sharing the longest prefix with `prompt`, and how
-    /// many items it shares ([`KvContents::reusable`] rules), if any.
-    pub fn best(&mut self, prompt: &[KvItem]) -> Option<(&PrefixEntry, usize)> {
+    /// The saved sequence of `partition` sharing the longest prefix with
+    /// `prompt`, and how many items it shares ([`reusable`] rules), if any.
+    pub fn best(
+        &mut self,
+        partition: &CachePartition,
+        prompt: &[KvItem],
+    ) -> Option<(&PrefixEntry, usize)> {
         let (index, reused) = self
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.partition == *partition)
             .map(|(i, e)| (i, reusable(&e.items, prompt)))
             .filter(|&(_, reused)| reused > 0)
             .max_by_key(|&(i, reused)| (reused, self.entries[i].last_used))?;
@@ -110,13 +118,15 @@ impl PrefixCache {
 
     /// Keeps a finished sequence's cells; entries it extends are dropped, then
     /// the least recently used until the budget holds.
-    pub fn insert(&mut self, items: Vec<KvItem>, state: Vec<u8>) {
+    pub fn insert(&mut self, partition: CachePartition, items: Vec<KvItem>, state: Vec<u8>) {
         if state.len() > self.budget || items.is_empty() {
             return;
         }
         let mut freed = 0;
         self.entries.retain(|e| {
-            let subsumed = e.items.len() <= items.len() && items.starts_with(&e.items);
+            let subsumed = e.partition == partition
+                && e.items.len() <= items.len()
+                && items.starts_with(&e.items);
             if subsumed {
                 freed += e.state.len();
             }
@@ -126,6 +136,7 @@ impl PrefixCache {
         self.clock += 1;
         self.bytes += state.len();
         self.entries.push(PrefixEntry {
+            partition,
             items,
             state,
             last_used: self.clock,
@@ -275,22 +286,41 @@ mod tests {
         assert!(cache.get(&[2; 32]).is_none() && cache.get(&[1; 32]).is_some());
     }
 
+    const P: CachePartition = CachePartition([0; 32]);
+
+    #[test]
+    fn prefix_cache_reuse_stays_within_a_partition() {
+        let t = KvItem::Token;
+        let (a, b) = (CachePartition([1; 32]), CachePartition([2; 32]));
+        let mut cache = PrefixCache::new(100);
+        cache.insert(a, vec![t(1), t(2), t(3)], vec![0; 10]);
+        assert!(cache.best(&b, &[t(1), t(2), t(3), t(4)]).is_none());
+        assert_eq!(cache.best(&a, &[t(1), t(2), t(3), t(4)]).unwrap().1, 3);
+        // Another partition's longer entry does not replace it.
+        cache.insert(b, vec![t(1), t(2), t(3), t(4)], vec![0; 10]);
+        assert_eq!(cache.sequences(), 2);
+        assert_eq!(
+            cache.best(&a, &[t(1), t(2), t(3), t(4), t(5)]).unwrap().1,
+            3
+        );
+    }
+
     #[test]
     fn prefix_cache_finds_the_longest_prefix_and_stays_within_budget() {
         let t = KvItem::Token;
         let mut cache = PrefixCache::new(100);
-        cache.insert(vec![t(1), t(2)], vec![0; 40]);
-        cache.insert(vec![t(1), t(3), t(4)], vec![0; 40]);
-        let (entry, reused) = cache.best(&[t(1), t(3), t(4), t(5)]).unwrap();
+        cache.insert(P, vec![t(1), t(2)], vec![0; 40]);
+        cache.insert(P, vec![t(1), t(3), t(4)], vec![0; 40]);
+        let (entry, reused) = cache.best(&P, &[t(1), t(3), t(4), t(5)]).unwrap();
         assert_eq!((entry.items.len(), reused), (3, 3));
         // Extending [1, 2] replaces it; then the budget drops the oldest.
-        cache.insert(vec![t(1), t(2), t(6)], vec![0; 40]);
+        cache.insert(P, vec![t(1), t(2), t(6)], vec![0; 40]);
         assert_eq!(cache.sequences(), 2);
-        cache.insert(vec![t(9)], vec![0; 40]);
+        cache.insert(P, vec![t(9)], vec![0; 40]);
         assert_eq!((cache.sequences(), cache.bytes()), (2, 80));
         // [1, 3, 4] was the least recently used: only [1, 2, 6] shares a token.
-        assert_eq!(cache.best(&[t(1), t(3), t(4), t(5)]).unwrap().1, 1);
-        assert!(cache.best(&[t(7), t(8)]).is_none());
+        assert_eq!(cache.best(&P, &[t(1), t(3), t(4), t(5)]).unwrap().1, 1);
+        assert!(cache.best(&P, &[t(7), t(8)]).is_none());
     }
 
     #[test]

@@ -65,6 +65,17 @@ pub enum EngineError {
         /// About how long until a queue place frees up.
         retry_after_ms: u64,
     },
+    /// The decoded media of the requests in flight leave too little of
+    /// `media_memory_mb` for this one's now; the client should retry.
+    #[error("decoding this request's media needs {needed_mb} MiB more of the {limit_mb} MiB that requests in flight may hold (media_memory_mb); retry in about {retry_after_ms} ms")]
+    MediaMemoryFull {
+        /// What the request was about to take.
+        needed_mb: u64,
+        /// `media_memory_mb`.
+        limit_mb: u64,
+        /// About how long until a request in flight ends.
+        retry_after_ms: u64,
+    },
     /// The server is draining: no new work, and work past the grace period is cut.
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
@@ -78,6 +89,13 @@ pub enum EngineError {
     /// call was prepared or queued); nothing of it is left running.
     #[error("deadline exceeded before the response began")]
     DeadlineBeforeResponse,
+    /// The client took no event of its stream for `stream_stall_secs` while
+    /// events waited; the stream was ended to free its slot.
+    #[error("the client took no event for {secs} s (stream_stall_secs); the stream was ended to free its slot")]
+    StreamStalled {
+        /// The stall time that passed.
+        secs: f64,
+    },
     /// The client went away; nothing is sent (internal to the engine).
     #[error("the client cancelled the request")]
     ClientGone,

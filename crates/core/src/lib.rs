@@ -20,6 +20,7 @@ pub mod gbnf;
 pub mod gguf;
 pub mod gguf_meta;
 mod json_numbers;
+pub mod media_budget;
 pub mod placement;
 pub mod position_rows;
 pub mod prompt;

@@ -8,6 +8,8 @@ use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
 use super::error::EngineError;
+use super::media_budget::MediaHold;
+use super::types::CachePartition;
 use super::video::{Sampling, DEFAULT_FRAMES};
 use super::vision::{self, DecodeLimits, TileSpec, TiledImage};
 use image::RgbImage;
@@ -155,6 +157,11 @@ pub enum PromptItem {
 }
 
 impl Prompt {
+    /// Tiles of every image and frame, thumbnails included.
+    pub fn tiles(&self) -> u32 {
+        self.grids.iter().map(|g| g.tiles).sum()
+    }
+
     /// The prompt flattened into tokens and tiles, in decode order.
     pub fn items(&self) -> Vec<PromptItem> {
         let mut items = Vec::with_capacity(self.prompt_tokens as usize);
@@ -166,6 +173,25 @@ impl Prompt {
             }
         }
         items
+    }
+
+    /// Keys its tiles to `partition`: a tile's hash becomes the hash of the
+    /// partition and its pixels' hash, so its encoding and its KV cells are
+    /// reused only by requests of the same partition, and whether another
+    /// caller sent the same image cannot be learnt from `cached_image_tiles`.
+    pub fn partition(&mut self, partition: &CachePartition) {
+        use sha2::{Digest, Sha256};
+        for piece in &mut self.pieces {
+            if let Piece::Image(tiled) = piece {
+                for hash in &mut Arc::make_mut(tiled).hashes {
+                    *hash = Sha256::new()
+                        .chain_update(partition.0)
+                        .chain_update(*hash)
+                        .finalize()
+                        .into();
+                }
+            }
+        }
     }
 
     /// The image a [`PromptItem::Tile`] points at, if it does.
@@ -389,30 +415,133 @@ pub trait TextTokenizer {
     ) -> Result<Vec<i32>, EngineError>;
 }
 
+/// What one request's prompt may grow to, checked as it is built: every
+/// tile costs memory (its RGB pixels, about 600 KB at 448×448) from the
+/// moment it is cut, so a request is stopped at the first tile or token
+/// past its budget, not after the whole prompt exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptBudget {
+    /// Tiles (thumbnails and video frames included) the request's images
+    /// may be cut into, across all its messages or inputs
+    /// (`max_tiles_per_request`).
+    pub max_tiles: u32,
+    /// Prompt positions (text tokens and image tokens) one prompt may hold:
+    /// the context.
+    pub max_tokens: u32,
+}
+
+impl PromptBudget {
+    /// No bound (tests and fuzz targets whose inputs are small).
+    pub const UNBOUNDED: Self = Self {
+        max_tiles: u32::MAX,
+        max_tokens: u32::MAX,
+    };
+}
+
+/// Bytes one tile's RGB pixels take.
+pub fn tile_bytes(spec: &TileSpec) -> u64 {
+    u64::from(spec.tile_size) * u64::from(spec.tile_size) * 3
+}
+
 /// Turns messages or embed inputs into a [`Prompt`]: decodes and tiles media,
 /// tokenizes text runs. Runs on a blocking thread, never on the engine thread.
 pub struct PromptBuilder<'a> {
     model: &'a dyn TextTokenizer,
     spec: TileSpec,
     limits: DecodeLimits,
+    budget: PromptBudget,
+    /// The request's share of `media_memory_mb`: every decode and every
+    /// tile takes from it first.
+    media: &'a mut MediaHold,
+    /// The field a prompt past its context is refused under (`messages`,
+    /// `inputs[2]`).
+    scope: String,
     text: String,
     pieces: Vec<Piece>,
     grids: Vec<ImageGrid>,
     text_tokens: u32,
+    tiles: u32,
 }
 
 impl<'a> PromptBuilder<'a> {
-    /// A builder for `model` with the encoder's tiling and the decode limits.
-    pub fn new(model: &'a dyn TextTokenizer, spec: TileSpec, limits: DecodeLimits) -> Self {
+    /// A builder for `model` with the encoder's tiling and the decode
+    /// limits, refusing under `scope` past `budget`.
+    pub fn new(
+        model: &'a dyn TextTokenizer,
+        spec: TileSpec,
+        limits: DecodeLimits,
+        budget: PromptBudget,
+        media: &'a mut MediaHold,
+        scope: &str,
+    ) -> Self {
         Self {
             model,
             spec,
             limits,
+            budget,
+            media,
+            scope: scope.to_string(),
             text: String::new(),
             pieces: Vec::new(),
             grids: Vec::new(),
             text_tokens: 0,
+            tiles: 0,
         }
+    }
+
+    /// Positions the prompt holds so far.
+    fn tokens(&self) -> u64 {
+        u64::from(self.text_tokens) + u64::from(self.tiles) * u64::from(self.spec.tokens_per_tile)
+    }
+
+    /// Refuses `tiles` more tiles for the media part at `field` when they
+    /// pass the request's tile budget or the context; called before the
+    /// tiles are cut (and, for frames a client sent, before they are
+    /// decoded).
+    fn reserve_tiles(&mut self, tiles: u32, field: &str) -> Result<(), EngineError> {
+        let total = self.tiles.saturating_add(tiles);
+        if total > self.budget.max_tiles {
+            return Err(EngineError::invalid(
+                field,
+                format!(
+                    "its {tiles} tiles make {total} in this request, more than \
+                     max_tiles_per_request ({})",
+                    self.budget.max_tiles
+                ),
+            ));
+        }
+        let tokens = self.tokens() + u64::from(tiles) * u64::from(self.spec.tokens_per_tile);
+        if tokens > u64::from(self.budget.max_tokens) {
+            return Err(self.past_context(tokens));
+        }
+        self.media
+            .take(u64::from(tiles) * tile_bytes(&self.spec), field)
+    }
+
+    /// Decodes an image or frame at `field`, its pixels taken from the
+    /// request's media budget before they are decoded.
+    fn decode(&mut self, data: &[u8], field: &str) -> Result<RgbImage, EngineError> {
+        let media = &mut *self.media;
+        // Named by `in_field` below, as the decoder's own refusals are.
+        vision::decode_rgb_with(data, &self.limits, |bytes| media.take(bytes, ""))
+            .map_err(|e| e.in_field(field))
+    }
+
+    fn past_context(&self, tokens: u64) -> EngineError {
+        EngineError::invalid(
+            self.scope.clone(),
+            format!(
+                "the prompt reaches {tokens} tokens ({} of them image tokens) before its end; \
+                 the context holds {}",
+                u64::from(self.tiles) * u64::from(self.spec.tokens_per_tile),
+                self.budget.max_tokens
+            ),
+        )
+    }
+
+    /// Tiles cut so far (what a request's later inputs have left).
+    pub fn tiles(&self) -> u32 {
+        self.tiles
     }
 
     fn flush_text(&mut self) -> Result<(), EngineError> {
@@ -422,7 +551,12 @@ impl<'a> PromptBuilder<'a> {
         let first = self.pieces.is_empty();
         let tokens = self.model.tokenize(&self.text, first, true)?;
         self.text.clear();
-        self.text_tokens += tokens.len() as u32;
+        self.text_tokens = self
+            .text_tokens
+            .saturating_add(u32::try_from(tokens.len()).unwrap_or(u32::MAX));
+        if self.tokens() > u64::from(self.budget.max_tokens) {
+            return Err(self.past_context(self.tokens()));
+        }
         self.pieces.push(Piece::Tokens(tokens));
         Ok(())
     }
@@ -430,6 +564,7 @@ impl<'a> PromptBuilder<'a> {
     fn push_tiles(&mut self, tiled: TiledImage) -> Result<(), EngineError> {
         self.text.push_str(IMAGE_START);
         self.flush_text()?;
+        self.tiles += tiled.tile_count();
         self.grids.push(ImageGrid {
             cols: tiled.cols,
             rows: tiled.rows,
@@ -458,8 +593,8 @@ impl<'a> PromptBuilder<'a> {
                 format!("min_tiles {min} is above max_tiles {max}"),
             ));
         }
-        let rgb = vision::decode_rgb(&image.data, &self.limits)
-            .map_err(|e| e.in_field(&format!("{field}.data")))?;
+        let rgb = self.decode(&image.data, &format!("{field}.data"))?;
+        self.reserve_tiles(vision::tile_count(&rgb, &self.spec, min, max), field)?;
         let tiled = vision::tile_image(&rgb, &self.spec, min, max);
         self.push_tiles(tiled)
     }
@@ -469,17 +604,20 @@ impl<'a> PromptBuilder<'a> {
         let sampled: Vec<RgbImage>;
         let frames: &[RgbImage] = match &video.source {
             VideoSource::Frames(encoded) => {
-                let indices = video.sampling.indices(encoded.len(), None, field)?;
+                let indices = video
+                    .sampling
+                    .indices(encoded.len(), None, encoded.len(), field)?;
+                self.reserve_tiles(indices.len() as u32, field)?;
                 sampled = indices
                     .into_iter()
-                    .map(|index| {
-                        vision::decode_rgb(&encoded[index], &self.limits)
-                            .map_err(|e| e.in_field(&format!("{field}.frames[{index}]")))
-                    })
+                    .map(|index| self.decode(&encoded[index], &format!("{field}.frames[{index}]")))
                     .collect::<Result<_, _>>()?;
                 &sampled
             }
-            VideoSource::Sampled(frames) => frames,
+            VideoSource::Sampled(frames) => {
+                self.reserve_tiles(frames.len() as u32, field)?;
+                frames
+            }
             VideoSource::File(_) => {
                 return Err(EngineError::Fault(format!(
                     "{field}.data: a video file reached the engine undecoded"
@@ -521,6 +659,8 @@ pub fn build_chat_prompt(
     template: &ChatTemplate,
     spec: TileSpec,
     limits: DecodeLimits,
+    budget: PromptBudget,
+    media: &mut MediaHold,
     messages: &[ChatMessage],
 ) -> Result<Prompt, EngineError> {
     for (mi, message) in messages.iter().enumerate() {
@@ -538,14 +678,14 @@ pub fn build_chat_prompt(
         }
     }
     let segments = template.render(messages)?;
-    let media: Vec<(usize, usize, &Part)> = messages
+    let parts: Vec<(usize, usize, &Part)> = messages
         .iter()
         .enumerate()
         .flat_map(|(mi, m)| m.parts.iter().enumerate().map(move |(pi, p)| (mi, pi, p)))
         .filter(|(_, _, p)| !matches!(p, Part::Text(_)))
         .collect();
-    let mut builder = PromptBuilder::new(model, spec, limits);
-    let mut next_media = media.iter();
+    let mut builder = PromptBuilder::new(model, spec, limits, budget, media, "messages");
+    let mut next_media = parts.iter();
     for segment in segments {
         match segment {
             Segment::Text(t) => builder.push_text(&t),
@@ -569,10 +709,12 @@ pub fn build_embed_prompt(
     model: &dyn TextTokenizer,
     spec: TileSpec,
     limits: DecodeLimits,
+    budget: PromptBudget,
+    media: &mut MediaHold,
     parts: &[Part],
     field: &str,
 ) -> Result<Prompt, EngineError> {
-    let mut builder = PromptBuilder::new(model, spec, limits);
+    let mut builder = PromptBuilder::new(model, spec, limits, budget, media, field);
     for (i, part) in parts.iter().enumerate() {
         match part {
             Part::Text(t) => builder.push_text(t),

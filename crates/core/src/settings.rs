@@ -21,13 +21,22 @@ pub struct EngineSettings {
     pub vision: VisionParams,
     /// Limits for decoding untrusted images.
     pub decode_limits: DecodeLimits,
+    /// Tiles one request's images and video frames may be cut into
+    /// (`max_tiles_per_request`).
+    pub max_tiles_per_request: u32,
     /// Requests waiting for a slot beyond those running.
     pub queue_depth: usize,
     /// Most prompt positions decoded per scheduler step, so running streams
     /// keep flowing while a new prompt is read.
     pub prefill_chunk: usize,
+    /// Bytes of decoded media (images, tiles, video frames) that requests in
+    /// flight may hold together.
+    pub media_memory_bytes: u64,
     /// Events buffered per stream before the engine waits for the client.
     pub stream_buffer: usize,
+    /// How long a client may take no event while its stream's events wait
+    /// before the stream is ended and its slot freed.
+    pub stream_stall: std::time::Duration,
     /// Bytes of encoded tiles kept for reuse (0 = none).
     pub image_cache_bytes: usize,
     /// Bytes of finished sequences' KV cells kept for prefix reuse (0 = none).

@@ -53,6 +53,12 @@ pub struct ModelInfo {
     pub cpu_kernels: String,
 }
 
+/// Whose cached work a request may reuse: KV cells and tile encodings are
+/// shared only between requests of one partition (the service derives it
+/// from the caller's API key and `cache_salt`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CachePartition(pub [u8; 32]);
+
 /// A validated Generate call.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -77,6 +83,8 @@ pub struct GenerateRequest {
     pub deadline: Option<Instant>,
     /// What the reply's text must be; `None` = free text.
     pub response_format: Option<ResponseFormat>,
+    /// Whose cached prefixes and images it may reuse.
+    pub partition: CachePartition,
 }
 
 /// `max_new_tokens` meaning "until the context is full" (the OpenAI API's
@@ -199,6 +207,8 @@ pub struct EmbedRequest {
     pub deadline: Option<Instant>,
     /// The caller's id for this request, for logs.
     pub request_id: String,
+    /// Whose cached image encodings it may reuse.
+    pub partition: CachePartition,
 }
 
 /// One pooled vector.
@@ -225,6 +235,13 @@ pub struct TokenCount {
 }
 
 /// In a build with the test-only `fault-injection` feature, a Generate with
-/// this seed panics the engine thread at its fourth token.
+/// this seed panics the engine thread at its [`FAULT_TOKEN`]th token.
 #[cfg(feature = "fault-injection")]
 pub const FAULT_SEED: u64 = 0xFA17_FA17;
+
+/// The token a [`FAULT_SEED`] Generate panics at: late enough that a client
+/// on a small HTTP/2 window holds its stream well before it (tonic pulls
+/// events as far as the window allows, so an early fault came before the
+/// test could hold anything).
+#[cfg(feature = "fault-injection")]
+pub const FAULT_TOKEN: u32 = 100;

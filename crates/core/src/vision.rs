@@ -86,6 +86,17 @@ impl TiledImage {
 /// Decodes untrusted bytes into RGB the way the reference does: EXIF orientation
 /// applied, then every mode converted through RGBA composited on white.
 pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, EngineError> {
+    decode_rgb_with(bytes, limits, |_| Ok(()))
+}
+
+/// [`decode_rgb`], calling `before` with the bytes the decoded image and its
+/// RGB copy will take, once the header is read and checked and before any
+/// pixel is decoded: a refusal there decodes nothing.
+pub fn decode_rgb_with(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    before: impl FnOnce(u64) -> Result<(), EngineError>,
+) -> Result<RgbImage, EngineError> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| EngineError::InvalidImage(format!("cannot read image bytes: {e}")))?;
@@ -128,6 +139,7 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Engin
     if format == ImageFormat::Jpeg {
         jpeg_complete(bytes).map_err(EngineError::InvalidImage)?;
     }
+    before(needed.saturating_add(u64::from(width) * u64::from(height) * 3))?;
     let orientation = decoder.orientation().ok();
     let mut image = DynamicImage::from_decoder(decoder)
         .map_err(|e| EngineError::InvalidImage(format!("cannot decode image: {e}")))?;
@@ -300,6 +312,22 @@ pub fn choose_grid(
         }
     }
     best
+}
+
+/// How many tiles [`tile_image`] cuts `image` into, thumbnail included,
+/// without cutting them.
+pub fn tile_count(image: &RgbImage, spec: &TileSpec, min_tiles: u32, max_tiles: u32) -> u32 {
+    let (cols, rows) = choose_grid(
+        image.width(),
+        image.height(),
+        min_tiles,
+        max_tiles,
+        spec.tile_size,
+    );
+    match cols * rows {
+        1 => 1,
+        n => n + 1,
+    }
 }
 
 /// Cuts an image into the reference's tiles: resize to the grid canvas, cut row

@@ -28,13 +28,14 @@ pub use constraint::{FormatLimits, ResponseFormat};
 pub use error::EngineError;
 pub use placement::{Buffer, BufferKind, Device, DeviceKind, Placement};
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput};
-pub use protocol::{EngineState, GenerateEvents, Loaded};
+pub use protocol::{Admission, EngineState, GenerateEvents, Loaded};
 pub use sampling::SamplingParams;
 pub use settings::{EngineSettings, FlashAttn, KvCacheType, SplitMode};
 pub use types::*;
 pub use vision::{DecodeLimits, TileSpec};
 pub use worker::SlotPhase;
 
+use internvl_core::media_budget::{MediaBudget, MediaHold};
 use prompt::Prompt;
 use protocol::{EmbedJob, GenerateJob, InFlight, Job, Lifecycle};
 
@@ -75,7 +76,9 @@ pub struct Engine {
     commands: mpsc::Sender<Job>,
     state: watch::Receiver<EngineState>,
     stream_buffer: usize,
+    stream_stall: Duration,
     lifecycle: Arc<Lifecycle>,
+    media_budget: Arc<MediaBudget>,
 }
 
 impl Engine {
@@ -91,6 +94,8 @@ impl Engine {
         let (commands, receiver) = mpsc::channel(capacity + 1);
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let stream_buffer = settings.stream_buffer.max(1);
+        let stream_stall = settings.stream_stall;
+        let settings_media = settings.media_memory_bytes;
         let lifecycle = Arc::new(Lifecycle::new(settings.context.n_seq_max, capacity));
         let worker_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
@@ -101,7 +106,9 @@ impl Engine {
             commands,
             state,
             stream_buffer,
+            stream_stall,
             lifecycle,
+            media_budget: MediaBudget::new(settings_media),
         })
     }
 
@@ -196,9 +203,13 @@ impl Engine {
         Ok(self.loaded()?.info.clone())
     }
 
+    /// Builds the prompt of `messages` on a blocking thread, its decoded
+    /// media taken from `media`, which then keeps only what the prompt's
+    /// tiles hold.
     async fn chat_prompt(
         &self,
         messages: Vec<ChatMessage>,
+        media: &mut MediaHold,
     ) -> Result<(Arc<Loaded>, Prompt), EngineError> {
         let loaded = self.loaded()?;
         if messages.is_empty() {
@@ -208,20 +219,62 @@ impl Engine {
             ));
         }
         let l = loaded.clone();
-        let prompt = tokio::task::spawn_blocking(move || {
-            prompt::build_chat_prompt(&*l.model, &l.template, l.spec, l.limits, &messages)
+        let mut hold = std::mem::take(media);
+        let (prompt, hold) = tokio::task::spawn_blocking(move || {
+            let budget = l.budget();
+            let prompt = prompt::build_chat_prompt(
+                &*l.model,
+                &l.template,
+                l.spec,
+                l.limits,
+                budget,
+                &mut hold,
+                &messages,
+            );
+            (prompt, hold)
         })
         .await
-        .map_err(|e| EngineError::Inference(format!("prompt preparation panicked: {e}")))??;
+        .map_err(|e| EngineError::Inference(format!("prompt preparation panicked: {e}")))?;
+        *media = hold;
+        let prompt = prompt.map_err(|e| self.hinted(e))?;
+        media.keep_only(u64::from(prompt.tiles()) * prompt::tile_bytes(&loaded.spec));
         Ok((loaded, prompt))
+    }
+
+    /// `error` with the retry hint filled in where it carries one.
+    pub fn hinted(&self, error: EngineError) -> EngineError {
+        match error {
+            EngineError::MediaMemoryFull {
+                needed_mb,
+                limit_mb,
+                ..
+            } => EngineError::MediaMemoryFull {
+                needed_mb,
+                limit_mb,
+                retry_after_ms: self.lifecycle.retry_after().as_millis() as u64,
+            },
+            other => other,
+        }
+    }
+
+    /// A place in flight for a request about to do work, or RESOURCE_EXHAUSTED
+    /// (with a retry hint) while the engine is full, UNAVAILABLE while it
+    /// drains. Taken first, before the request's media are fetched or
+    /// decoded: its place is held until it is answered, with the request's
+    /// share of `media_memory_mb` ([`Admission::media`]).
+    pub fn admit(&self) -> Result<Admission, EngineError> {
+        let mut place = self.take_place()?;
+        place.media = MediaHold::new(&self.media_budget);
+        Ok(Admission(place))
     }
 
     /// Counts a conversation's prompt positions without running the model.
     pub async fn count_tokens(
         &self,
         messages: Vec<ChatMessage>,
+        admitted: &mut Admission,
     ) -> Result<TokenCount, EngineError> {
-        let (loaded, prompt) = self.chat_prompt(messages).await?;
+        let (loaded, prompt) = self.chat_prompt(messages, admitted.media()).await?;
         let per_tile = loaded.spec.tokens_per_tile as usize;
         let input_ids = prompt
             .items()
@@ -242,7 +295,11 @@ impl Engine {
     }
 
     /// Token ids of plain text, special tokens recognised.
-    pub async fn tokenize(&self, text: String) -> Result<Vec<i32>, EngineError> {
+    pub async fn tokenize(
+        &self,
+        text: String,
+        _admitted: &mut Admission,
+    ) -> Result<Vec<i32>, EngineError> {
         let loaded = self.loaded()?;
         tokio::task::spawn_blocking(move || loaded.model.tokenize(&text, false, true))
             .await
@@ -255,6 +312,7 @@ impl Engine {
     pub async fn generate(
         &self,
         mut request: GenerateRequest,
+        mut admitted: Admission,
     ) -> Result<GenerateEvents, EngineError> {
         let arrived = Instant::now();
         // Cheapest first: what needs neither the format compiled nor an
@@ -298,7 +356,8 @@ impl Engine {
                 Some(compiled)
             }
         };
-        let (_, prompt) = self.chat_prompt(messages).await?;
+        let (_, mut prompt) = self.chat_prompt(messages, admitted.media()).await?;
+        prompt.partition(&request.partition);
         if request.deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(EngineError::DeadlineExceeded { completed: 0 });
         }
@@ -332,8 +391,10 @@ impl Engine {
                 ),
             ));
         }
-        let (events, receiver) = mpsc::channel(self.stream_buffer);
-        let in_flight = self.take_place()?;
+        // One place beyond the buffer, kept for the end of a stream whose
+        // client stopped reading (`Outbox`).
+        let (events, receiver) = mpsc::channel(self.stream_buffer + 1);
+        let in_flight = admitted.0;
         let job = GenerateJob {
             prompt,
             request,
@@ -343,6 +404,7 @@ impl Engine {
             in_flight,
             constraint,
             span: tracing::Span::current(),
+            stall: self.stream_stall,
         };
         self.submit(Job::Generate(Box::new(job)))?;
         Ok(GenerateEvents::new(
@@ -353,7 +415,11 @@ impl Engine {
     }
 
     /// Pooled final hidden states of each input.
-    pub async fn embed(&self, request: EmbedRequest) -> Result<Vec<Embedding>, EngineError> {
+    pub async fn embed(
+        &self,
+        request: EmbedRequest,
+        mut admitted: Admission,
+    ) -> Result<Vec<Embedding>, EngineError> {
         let loaded = self.loaded()?;
         if request.inputs.is_empty() {
             return Err(EngineError::invalid(
@@ -363,22 +429,39 @@ impl Engine {
         }
         let l = loaded.clone();
         let inputs = request.inputs;
-        let prompts = tokio::task::spawn_blocking(move || {
-            inputs
+        let partition = request.partition;
+        let mut hold = std::mem::take(admitted.media());
+        let (prompts, hold) = tokio::task::spawn_blocking(move || {
+            // The request's tiles are counted across its inputs: each input
+            // may use what the ones before it left.
+            let mut budget = l.budget();
+            let prompts = inputs
                 .iter()
                 .enumerate()
                 .map(|(i, parts)| {
                     let field = format!("inputs[{i}]");
-                    let p = prompt::build_embed_prompt(&*l.model, l.spec, l.limits, parts, &field)?;
+                    let p = prompt::build_embed_prompt(
+                        &*l.model, l.spec, l.limits, budget, &mut hold, parts, &field,
+                    )?;
                     if p.prompt_tokens == 0 {
                         return Err(EngineError::invalid(field, "input is empty"));
                     }
+                    budget.max_tiles -= p.grids.iter().map(|g| g.tiles).sum::<u32>();
+                    let mut p = p;
+                    p.partition(&partition);
                     Ok(p)
                 })
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>();
+            (prompts, hold)
         })
         .await
-        .map_err(|e| EngineError::Inference(format!("prompt preparation panicked: {e}")))??;
+        .map_err(|e| EngineError::Inference(format!("prompt preparation panicked: {e}")))?;
+        *admitted.media() = hold;
+        let prompts = prompts.map_err(|e| self.hinted(e))?;
+        let tiles: u32 = prompts.iter().map(Prompt::tiles).sum();
+        admitted
+            .media()
+            .keep_only(u64::from(tiles) * prompt::tile_bytes(&loaded.spec));
         let n_ctx = loaded.info.context_size;
         if let Some((i, p)) = prompts
             .iter()
@@ -394,7 +477,7 @@ impl Engine {
             ));
         }
         let (reply, result) = oneshot::channel();
-        let in_flight = self.take_place()?;
+        let in_flight = admitted.0;
         self.submit(Job::Embed(EmbedJob {
             prompts,
             pooling: request.pooling,

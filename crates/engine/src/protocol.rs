@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::llama::Model;
 use internvl_core::constraint::{Constraint, FormatCompiler};
 use internvl_core::error::EngineError;
-use internvl_core::prompt::{ChatTemplate, Prompt};
+use internvl_core::media_budget::MediaHold;
+use internvl_core::prompt::{ChatTemplate, Prompt, PromptBudget};
 use internvl_core::types::{Embedding, GenerateEvent, GenerateRequest, ModelInfo, Pooling};
 use internvl_core::vision::{DecodeLimits, TileSpec};
 
@@ -42,11 +43,23 @@ pub struct Loaded {
     pub(crate) template: ChatTemplate,
     pub(crate) spec: TileSpec,
     pub(crate) limits: DecodeLimits,
+    /// Tiles one request may have cut (`max_tiles_per_request`).
+    pub(crate) max_tiles: u32,
     pub(crate) info: ModelInfo,
     pub(crate) image_context_token: i32,
     /// Compiles `response_format`s against this model's vocabulary (read
     /// when the first one arrives).
     pub(crate) formats: FormatCompiler,
+}
+
+impl Loaded {
+    /// What one prompt may grow to: the request's tiles and the context.
+    pub(crate) fn budget(&self) -> PromptBudget {
+        PromptBudget {
+            max_tiles: self.max_tiles,
+            max_tokens: self.info.context_size,
+        }
+    }
 }
 
 /// A Generate call on its way to a slot.
@@ -64,6 +77,9 @@ pub(crate) struct GenerateJob {
     /// The caller's span (the service's per-request span): the engine's log
     /// lines about this request are written inside it.
     pub(crate) span: tracing::Span,
+    /// How long its client may take no event while events wait
+    /// (`stream_stall_secs`).
+    pub(crate) stall: Duration,
 }
 
 /// An Embed call on its way to a slot.
@@ -90,11 +106,31 @@ pub(crate) enum Job {
 /// this is dropped: when its job is refused, or its sequence is over and its
 /// last event (or Embed reply) is about to be handed over. Dropping is the
 /// one way a request stops counting, so no path can forget it.
-pub(crate) struct InFlight(Arc<Lifecycle>);
+pub(crate) struct InFlight {
+    lifecycle: Arc<Lifecycle>,
+    /// The request's share of `media_memory_mb`, given back with its place.
+    pub(crate) media: MediaHold,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        self.lifecycle
+            .in_flight
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A request's place in flight, taken before any of its work (fetching,
+/// decoding, tiling, tokenizing), so that what the engine cannot take is
+/// refused while it has cost nothing. Every call that does work takes one
+/// ([`crate::Engine::admit`]); Generate and Embed hand it to their job.
+pub struct Admission(pub(crate) InFlight);
+
+impl Admission {
+    /// The request's share of `media_memory_mb`: a video decoded before the
+    /// engine takes its frames from it.
+    pub fn media(&mut self) -> &mut MediaHold {
+        &mut self.0.media
     }
 }
 
@@ -272,7 +308,10 @@ impl Lifecycle {
     pub(crate) fn admit(self: &Arc<Self>) -> Option<InFlight> {
         self.in_flight
             .send_if_modified(|n| take_place(n, self.capacity))
-            .then(|| InFlight(self.clone()))
+            .then(|| InFlight {
+                lifecycle: self.clone(),
+                media: MediaHold::unbounded(),
+            })
     }
 
     pub(crate) fn aborting(&self) -> bool {

@@ -137,7 +137,8 @@ impl Worker {
                 }
                 let items = job.prompt.items();
                 let kv = kv_items(&job.prompt, &items);
-                let (reused, cached) = self.restore_prefix(index, &kv);
+                let partition = job.request.partition;
+                let (reused, cached) = self.restore_prefix(index, partition, &kv);
                 let seq = GenerateSeq::start(
                     *job,
                     items,

@@ -50,7 +50,7 @@ pub(super) struct GenerateSeq {
 /// The outbox of a job refused at admission (drain, deadline): it carries
 /// the error, unless the client has already left.
 pub(super) fn refused(job: GenerateJob, error: EngineError) -> Outbox {
-    let mut out = Outbox::new(job.events, job.in_flight);
+    let mut out = Outbox::new(job.events, job.in_flight, job.stall);
     if !matches!(error, EngineError::ClientGone) {
         out.pending.push_back(Err(error));
     }
@@ -78,6 +78,7 @@ impl GenerateSeq {
             in_flight,
             constraint,
             span,
+            stall,
         } = job;
         let mut sampler = TokenSampler::new(&request.sampling, n_vocab);
         sampler.accept_prompt(prompt.text_tokens());
@@ -103,7 +104,7 @@ impl GenerateSeq {
             jump_forward,
             decode_started: None,
             constraint,
-            out: Outbox::new(events, in_flight),
+            out: Outbox::new(events, in_flight, stall),
             span,
         }
     }
@@ -232,8 +233,10 @@ fn emit(
         g.decode_started = Some(Instant::now());
     }
     #[cfg(feature = "fault-injection")]
-    if g.request.sampling.seed == Some(internvl_core::types::FAULT_SEED) && g.completion == 4 {
-        panic!("fault injected at the fourth token");
+    if g.request.sampling.seed == Some(internvl_core::types::FAULT_SEED)
+        && g.completion == internvl_core::types::FAULT_TOKEN
+    {
+        panic!("fault injected at token {}", g.completion);
     }
     if !g.request.ignore_eos && model.is_eog(token) {
         return Some(Ok(FinishReason::Stop));

@@ -14,6 +14,7 @@ use tracing::warn;
 use crate::llama::Context;
 use internvl_core::cache::{KvContents, KvItem, PrefixCache};
 use internvl_core::error::EngineError;
+use internvl_core::types::CachePartition;
 use internvl_core::vision::TileHash;
 
 /// What the pool needs of llama.cpp's memory.
@@ -59,6 +60,16 @@ struct Cells {
     kv: KvContents,
     /// Positions of a tile decoded in part, beyond `kv`.
     partial: usize,
+    /// Whose requests may share these cells (set when a sequence starts).
+    partition: CachePartition,
+}
+
+impl Cells {
+    /// Holds nothing (the partition is kept).
+    fn empty(&mut self) {
+        self.kv.clear();
+        self.partial = 0;
+    }
 }
 
 /// llama.cpp's memory with the record of what it holds; slot `i` is
@@ -123,6 +134,11 @@ impl<M: KvMemory> KvPool<M> {
         self.cells[index].kv.items()
     }
 
+    /// Whose requests may share slot `index`'s cells.
+    pub(super) fn partition(&self, index: usize) -> &CachePartition {
+        &self.cells[index].partition
+    }
+
     /// Positions held by every slot together.
     pub(super) fn held(&self) -> usize {
         self.cells.iter().map(|c| c.kv.positions()).sum()
@@ -166,14 +182,16 @@ impl<M: KvMemory> KvPool<M> {
     /// Empties slot `index`; if llama.cpp cannot drop one sequence, empties
     /// every slot, so the record never claims cells that are gone.
     pub(super) fn clear(&mut self, index: usize) {
-        self.cells[index] = Cells::default();
+        // The partition stays: it is the running request's, set when it
+        // started, and a sequence cleared mid-way still saves under it.
+        self.cells[index].empty();
         if !self.memory.remove_from(self.seq(index), 0) {
             warn!(
                 seq = self.seq(index),
                 "could not clear a sequence; clearing the whole cache"
             );
             self.memory.clear();
-            self.cells.iter_mut().for_each(|c| *c = Cells::default());
+            self.cells.iter_mut().for_each(Cells::empty);
         }
     }
 
@@ -184,7 +202,8 @@ impl<M: KvMemory> KvPool<M> {
         if keep && cells.partial == 0 && !cells.kv.is_empty() && self.prefixes.enabled() {
             match self.memory.save_seq(self.seq(index)) {
                 Ok(state) => {
-                    self.prefixes.insert(cells.kv.items().to_vec(), state);
+                    let items = cells.kv.items().to_vec();
+                    self.prefixes.insert(cells.partition, items, state);
                     tracing::debug!(
                         bytes = self.prefixes.bytes(),
                         sequences = self.prefixes.sequences(),
@@ -197,20 +216,24 @@ impl<M: KvMemory> KvPool<M> {
         self.clear(index);
     }
 
-    /// Gives empty slot `index` the longest prefix of `kv` that running slot
-    /// `running.0` holds (its first `running.1` items, shared in place) or the
-    /// prefix cache saved (copied back, if the pool has room for all of it
-    /// while it is trimmed), whichever covers more; returns the items and
-    /// positions reused.
+    /// Starts slot `index` for a request of `partition`, giving it the
+    /// longest prefix of `kv` that running slot `running.0` of the same
+    /// partition holds (its first `running.1` items, shared in place) or the
+    /// prefix cache saved for that partition (copied back, if the pool has
+    /// room for all of it while it is trimmed), whichever covers more;
+    /// returns the items and positions reused.
     pub(super) fn restore_prefix(
         &mut self,
         index: usize,
+        partition: CachePartition,
         kv: &[KvItem],
         running: Option<(usize, usize)>,
     ) -> (usize, usize) {
         debug_assert!(self.cells[index].kv.is_empty() && self.cells[index].partial == 0);
+        self.cells[index].partition = partition;
+        let running = running.filter(|&(slot, _)| self.cells[slot].partition == partition);
         let (held, n_ctx, per_tile) = (self.held(), self.n_ctx(), self.tokens_per_tile);
-        let saved = self.prefixes.best(kv);
+        let saved = self.prefixes.best(&partition, kv);
         let saved_items = saved.as_ref().map_or(0, |&(_, reused)| reused);
         if let Some((source, reused)) = share_running(running, saved_items) {
             // Requests arriving together with the same system prompt or image
@@ -318,6 +341,7 @@ mod tests {
     }
 
     const PER_TILE: usize = 4;
+    const P: CachePartition = CachePartition([0; 32]);
     const TILE: [u8; 32] = [7; 32];
 
     fn pool(n_ctx: u32, slots: usize) -> KvPool<Fake> {
@@ -349,6 +373,23 @@ mod tests {
         let seq = pool.seq(index);
         pool.memory_mut().decode(seq, n);
         pool.record_tile_part(index, TILE, n)
+    }
+
+    #[test]
+    fn another_partitions_cells_are_never_reused() {
+        let (a, b) = (CachePartition([1; 32]), CachePartition([2; 32]));
+        let prompt: Vec<KvItem> = [1, 2, 3, 4].map(KvItem::Token).to_vec();
+        let mut p = pool(64, 3);
+        assert_eq!(p.restore_prefix(0, a, &prompt, None), (0, 0));
+        tokens(&mut p, 0, &[1, 2, 3, 4]);
+        // Running: slot 0 holds b's whole prefix, but is a's.
+        assert_eq!(p.restore_prefix(1, b, &prompt, Some((0, 3))), (0, 0));
+        assert_eq!(p.partition(1), &b);
+        // Saved: a's cells are not restored for b, and are for a.
+        p.save(0, true);
+        assert_eq!(p.restore_prefix(0, b, &prompt, None), (0, 0));
+        assert_eq!(p.restore_prefix(2, a, &prompt, None), (3, 3));
+        assert_mirrors(&p);
     }
 
     #[test]
@@ -408,7 +449,7 @@ mod tests {
             KvItem::Token(3),
             KvItem::Token(9),
         ];
-        assert_eq!(p.restore_prefix(1, &prompt, None), (3, 3));
+        assert_eq!(p.restore_prefix(1, P, &prompt, None), (3, 3));
         assert_eq!(p.items(1), &prompt[..3]);
         assert_mirrors(&p);
     }
@@ -421,11 +462,11 @@ mod tests {
         tokens(&mut p, 1, &[1, 2, 3, 4]);
         let prompt: Vec<KvItem> = [1, 2, 3, 5].map(KvItem::Token).to_vec();
         // The cache covers 2 items, the running slot 1 covers 3.
-        assert_eq!(p.restore_prefix(2, &prompt, Some((1, 3))), (3, 3));
+        assert_eq!(p.restore_prefix(2, P, &prompt, Some((1, 3))), (3, 3));
         assert_mirrors(&p);
         p.clear(2);
         // A tie goes to the cache.
-        assert_eq!(p.restore_prefix(2, &prompt, Some((1, 2))), (2, 2));
+        assert_eq!(p.restore_prefix(2, P, &prompt, Some((1, 2))), (2, 2));
         assert_mirrors(&p);
     }
 
@@ -437,7 +478,7 @@ mod tests {
         tokens(&mut p, 1, &[1, 2, 3]);
         p.memory_mut().refuse_share = true;
         let prompt: Vec<KvItem> = [1, 2, 3].map(KvItem::Token).to_vec();
-        assert_eq!(p.restore_prefix(2, &prompt, Some((1, 3))), (1, 1));
+        assert_eq!(p.restore_prefix(2, P, &prompt, Some((1, 3))), (1, 1));
         assert_mirrors(&p);
     }
 
@@ -448,7 +489,7 @@ mod tests {
         p.save(0, true);
         tokens(&mut p, 1, &[6, 7, 8, 9]);
         let prompt: Vec<KvItem> = [1, 2, 3, 4, 5].map(KvItem::Token).to_vec();
-        assert_eq!(p.restore_prefix(0, &prompt, None), (0, 0));
+        assert_eq!(p.restore_prefix(0, P, &prompt, None), (0, 0));
         assert_eq!(p.held(), 4);
         assert_mirrors(&p);
     }
@@ -470,7 +511,7 @@ mod tests {
         tokens(&mut p, 0, &[1, 2]);
         p.save(0, false);
         let prompt: Vec<KvItem> = [1, 2].map(KvItem::Token).to_vec();
-        assert_eq!(p.restore_prefix(1, &prompt, None), (0, 0));
+        assert_eq!(p.restore_prefix(1, P, &prompt, None), (0, 0));
         assert_mirrors(&p);
     }
 }

@@ -141,6 +141,7 @@ impl Worker {
             template,
             spec,
             limits: settings.decode_limits,
+            max_tiles: settings.max_tiles_per_request,
             info,
             image_context_token,
             formats,

@@ -3,6 +3,7 @@
 //! only that sequence.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -20,17 +21,50 @@ pub(super) struct Outbox {
     in_flight: Option<InFlight>,
     /// No event will be added: the last pending one ends the stream.
     closed: bool,
+    /// A place kept in the channel from the start, for the one event a
+    /// stalled stream still gets: why it ended.
+    last_word: Option<mpsc::OwnedPermit<EventResult>>,
+    /// How long the client may take no event while events wait.
+    stall: Duration,
+    /// Since when events have waited on a full channel.
+    full_since: Option<Instant>,
+    /// Ended for a client that stopped reading: nothing more is sent.
+    stalled: bool,
 }
 
 impl Outbox {
-    /// An empty outbox for a stream that counts as `in_flight`.
-    pub(super) fn new(events: mpsc::Sender<EventResult>, in_flight: InFlight) -> Self {
+    /// An empty outbox for a stream that counts as `in_flight`, ended when
+    /// its client takes no event for `stall` while events wait. The channel
+    /// must have room for one event beyond the stream's buffer: it is kept
+    /// for that ending.
+    pub(super) fn new(
+        events: mpsc::Sender<EventResult>,
+        in_flight: InFlight,
+        stall: Duration,
+    ) -> Self {
         Outbox {
+            last_word: events.clone().try_reserve_owned().ok(),
             events,
             pending: VecDeque::new(),
             in_flight: Some(in_flight),
             closed: false,
+            stall,
+            full_since: None,
+            stalled: false,
         }
+    }
+
+    /// Ends the stream of a client that stopped reading: what waits is
+    /// dropped, the kept place carries why, and the request stops counting.
+    fn stall_out(&mut self) -> EngineError {
+        let secs = self.stall.as_secs_f64();
+        self.stalled = true;
+        self.pending.clear();
+        self.in_flight = None;
+        if let Some(permit) = self.last_word.take() {
+            permit.send(Err(EngineError::StreamStalled { secs }));
+        }
+        EngineError::StreamStalled { secs }
     }
 
     /// Marks the stream's last event as added.
@@ -38,14 +72,22 @@ impl Outbox {
         self.closed = true;
     }
 
-    /// Hands over what the channel takes. `Err` when the client has left.
+    /// Hands over what the channel takes. `Err` when the client has left,
+    /// or has taken nothing for the stall time while events wait
+    /// ([`EngineError::StreamStalled`]: the stream is over, its slot to be
+    /// freed).
     pub(super) fn flush(&mut self) -> Result<(), EngineError> {
+        if self.stalled {
+            self.pending.clear();
+            return Err(EngineError::ClientGone);
+        }
         while !self.pending.is_empty() {
             let permit = match self.events.try_reserve() {
                 Ok(permit) => permit,
-                Err(mpsc::error::TrySendError::Full(())) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(())) => break,
                 Err(mpsc::error::TrySendError::Closed(())) => return Err(EngineError::ClientGone),
             };
+            self.full_since = None;
             let event = self.pending.pop_front().expect("checked above");
             if self.closed && self.pending.is_empty() {
                 // The request stops counting before its client can see the
@@ -55,6 +97,13 @@ impl Outbox {
                 self.in_flight = None;
             }
             permit.send(event);
+        }
+        if !self.pending.is_empty() {
+            // The channel is full: the client has not taken an event since.
+            let since = *self.full_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.stall {
+                return Err(self.stall_out());
+            }
         }
         if self.events.is_closed() {
             return Err(EngineError::ClientGone);
@@ -80,10 +129,58 @@ mod tests {
     use std::sync::Arc;
 
     fn outbox(capacity: usize) -> (Outbox, mpsc::Receiver<EventResult>, Arc<Lifecycle>) {
-        let (events, receiver) = mpsc::channel(capacity);
+        stalling(capacity, Duration::from_secs(60))
+    }
+
+    /// An outbox of `capacity` events (plus the kept place, as the engine
+    /// makes them) that ends after `stall` without a taken event.
+    fn stalling(
+        capacity: usize,
+        stall: Duration,
+    ) -> (Outbox, mpsc::Receiver<EventResult>, Arc<Lifecycle>) {
+        let (events, receiver) = mpsc::channel(capacity + 1);
         let lifecycle = Arc::new(Lifecycle::new(1, 1));
-        let out = Outbox::new(events, lifecycle.admit().unwrap());
+        let out = Outbox::new(events, lifecycle.admit().unwrap(), stall);
         (out, receiver, lifecycle)
+    }
+
+    #[test]
+    fn a_client_that_takes_nothing_is_let_go_and_told_why() {
+        let (mut out, mut receiver, lifecycle) = stalling(1, Duration::from_millis(30));
+        out.send(delta("a")).unwrap();
+        out.send(delta("b")).unwrap();
+        assert_eq!(out.pending.len(), 1, "the channel is full");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(matches!(
+            out.send(delta("c")),
+            Err(EngineError::StreamStalled { .. })
+        ));
+        assert_eq!(*lifecycle.in_flight.borrow(), 0, "its place is free");
+        assert!(out.flush().is_err(), "and nothing more is sent");
+        // The client, reading at last: what was delivered, then why it ended.
+        assert!(matches!(
+            receiver.try_recv(),
+            Ok(Ok(GenerateEvent::Delta { .. }))
+        ));
+        assert!(matches!(
+            receiver.try_recv(),
+            Ok(Err(EngineError::StreamStalled { .. }))
+        ));
+        drop(out);
+        assert!(receiver.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_client_that_keeps_reading_is_never_stalled() {
+        let (mut out, mut receiver, _) = stalling(1, Duration::from_millis(30));
+        for i in 0..6 {
+            out.send(delta(&i.to_string())).unwrap();
+            out.send(delta("x")).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            receiver.try_recv().unwrap().unwrap();
+            out.flush().unwrap();
+            receiver.try_recv().unwrap().unwrap();
+        }
     }
 
     fn delta(text: &str) -> EventResult {

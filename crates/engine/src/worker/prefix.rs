@@ -7,6 +7,7 @@
 use super::slots::Sequence;
 use super::state::Worker;
 use internvl_core::cache::{reusable, KvItem};
+use internvl_core::types::CachePartition;
 
 /// The candidate (slot, its items) holding the longest non-empty prefix of
 /// `kv`, and how many items of it.
@@ -23,18 +24,24 @@ pub(super) fn longest_prefix<'a>(
 
 impl Worker {
     /// Gives slot `index` the longest prefix of `kv` that a running sequence
-    /// holds or the prefix cache saved; returns the items and positions
-    /// reused.
-    pub(super) fn restore_prefix(&mut self, index: usize, kv: &[KvItem]) -> (usize, usize) {
-        let running = self.longest_running_prefix(index, kv);
-        self.pool.restore_prefix(index, kv, running)
+    /// of `partition` holds or the prefix cache saved for it; returns the
+    /// items and positions reused.
+    pub(super) fn restore_prefix(
+        &mut self,
+        index: usize,
+        partition: CachePartition,
+        kv: &[KvItem],
+    ) -> (usize, usize) {
+        let running = self.longest_running_prefix(index, &partition, kv);
+        self.pool.restore_prefix(index, partition, kv, running)
     }
 
-    /// The running generation (other than slot `index`) that holds the
-    /// longest prefix of `kv`, and how many items of it.
+    /// The running generation of `partition` (other than slot `index`)
+    /// that holds the longest prefix of `kv`, and how many items of it.
     pub(super) fn longest_running_prefix(
         &self,
         index: usize,
+        partition: &CachePartition,
         kv: &[KvItem],
     ) -> Option<(usize, usize)> {
         longest_prefix(
@@ -42,6 +49,7 @@ impl Worker {
                 .iter()
                 .enumerate()
                 .filter(|(i, s)| *i != index && matches!(s.sequence, Some(Sequence::Generate(_))))
+                .filter(|(i, _)| self.pool.partition(*i) == partition)
                 .map(|(i, _)| (i, self.pool.items(i))),
             kv,
         )

@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -30,8 +30,10 @@ use crate::engine::{
     EngineError, FinishReason, GenerateEvent, GeneratedToken, Usage, UNTIL_CONTEXT_FULL,
 };
 use crate::metrics::Metrics;
-use crate::service::auth::ApiKeys;
+use crate::service::auth::{ApiKeys, Caller};
 use crate::service::{proto, InternVlService};
+
+mod gate;
 
 /// What the HTTP routes share.
 #[derive(Clone)]
@@ -42,16 +44,19 @@ pub struct OpenAi {
     /// `GET /v1/models`' one id; a request naming another is refused.
     model: Arc<str>,
     max_body: usize,
+    body_timeout: std::time::Duration,
 }
 
 impl OpenAi {
-    /// The API over `service`, answering as `model`, checking `keys`.
+    /// The API over `service`, answering as `model`, checking `keys`,
+    /// reading bodies of at most `max_body` bytes within `body_timeout`.
     pub fn new(
         service: InternVlService,
         keys: ApiKeys,
         metrics: Arc<Metrics>,
         model: String,
         max_body: usize,
+        body_timeout: std::time::Duration,
     ) -> Self {
         Self {
             service,
@@ -59,32 +64,27 @@ impl OpenAi {
             metrics,
             model: model.into(),
             max_body,
+            body_timeout,
         }
     }
 
-    /// The routes, for the gRPC server's router.
+    /// The routes, for the gRPC server's router: every one behind
+    /// [`gate::gate`] (the key from the headers, then the bounded body).
     pub fn router(self) -> Router {
-        let limit = axum::extract::DefaultBodyLimit::max(self.max_body);
+        // The gate has read the body within max_body; axum's own default
+        // (2 MB) must not refuse it again.
+        let limit = axum::extract::DefaultBodyLimit::disable();
         Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .route("/v1/models/{id}", get(model))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                gate::gate,
+            ))
             .layer(limit)
             .with_state(self)
-    }
-
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-        self.keys.check(header).map_err(|why| ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            kind: "invalid_request_error",
-            code: Some("invalid_api_key".into()),
-            message: why.to_string(),
-            param: None,
-            retry_after_ms: None,
-            grpc: Code::Unauthenticated,
-        })
     }
 
     fn check_model(&self, named: Option<&str>) -> Result<(), ApiError> {
@@ -173,7 +173,8 @@ fn openai_param(field: &str) -> String {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         let retry_after_ms = match &error {
-            EngineError::QueueFull { retry_after_ms } => Some(*retry_after_ms),
+            EngineError::QueueFull { retry_after_ms }
+            | EngineError::MediaMemoryFull { retry_after_ms, .. } => Some(*retry_after_ms),
             _ => None,
         };
         // The one mapping gRPC uses; the HTTP status follows from its code.
@@ -278,6 +279,10 @@ struct ChatRequest {
     /// vLLM's extension: keep generating past the end-of-generation token.
     #[serde(default)]
     ignore_eos: bool,
+    /// vLLM's extension: reuse cached prefixes only with requests of the
+    /// same key and salt.
+    #[serde(default)]
+    cache_salt: String,
     // Known and not offered: refused by name rather than ignored.
     tools: Option<Value>,
     tool_choice: Option<Value>,
@@ -307,11 +312,59 @@ struct ChatMessage {
     content: Option<Content>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A message's content: a string, or a list of parts. Read without
+/// buffering (an untagged enum would hold the whole list as untyped values
+/// first): a list of anything but part objects is refused at its first
+/// element, whatever its length.
 enum Content {
     Text(String),
-    Parts(Vec<Value>),
+    Parts(Vec<RawPart>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Content;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Content, E> {
+                Ok(Content::Text(text.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Content, E> {
+                Ok(Content::Text(text))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Content, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element()? {
+                    parts.push(part);
+                }
+                Ok(Content::Parts(parts))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// One content part as sent; [`part`] checks what it must hold, naming the
+/// field.
+#[derive(Deserialize)]
+struct RawPart {
+    #[serde(rename = "type", default)]
+    kind: String,
+    text: Option<String>,
+    image_url: Option<MediaUrl>,
+    video_url: Option<MediaUrl>,
+}
+
+#[derive(Deserialize)]
+struct MediaUrl {
+    url: Option<String>,
+    detail: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -329,59 +382,50 @@ struct JsonSchema {
 
 /// One content part (`text`, `image_url`, `video_url`) as a proto part;
 /// `param` names it.
-fn part(value: &Value, param: &str) -> Result<proto::Content, ApiError> {
+fn part(value: &RawPart, param: &str) -> Result<proto::Content, ApiError> {
     use proto::content::Part;
-    let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
-    let url = |key: &str| -> Result<(String, Option<String>), ApiError> {
-        let object = value.get(key);
-        let url = object
-            .and_then(|o| o.get("url"))
-            .and_then(Value::as_str)
+    let url = |key: &str, media: &Option<MediaUrl>| -> Result<(String, Option<String>), ApiError> {
+        let media = media.as_ref();
+        let url = media
+            .and_then(|m| m.url.clone())
             .ok_or_else(|| bad_request(Some(&format!("{param}.{key}.url")), "a URL is required"))?;
-        let detail = object
-            .and_then(|o| o.get("detail"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        Ok((url.to_string(), detail))
+        Ok((url, media.and_then(|m| m.detail.clone())))
     };
-    let part = match kind {
-        "text" => Part::Text(
-            value
-                .get("text")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad_request(Some(&format!("{param}.text")), "a string is required"))?
-                .to_string(),
-        ),
-        "image_url" => {
-            let (url, detail) = url("image_url")?;
-            let max_tiles = match detail.as_deref() {
-                None | Some("auto") | Some("high") => 0,
-                // The reference's thumbnail: one tile of the whole image.
-                Some("low") => 1,
-                Some(other) => {
-                    return Err(bad_request(
-                        Some(&format!("{param}.image_url.detail")),
-                        format!("{other:?}: expected \"low\", \"high\" or \"auto\""),
-                    ))
-                }
-            };
-            Part::Image(proto::Image {
-                url,
-                max_tiles,
+    let part =
+        match value.kind.as_str() {
+            "text" => Part::Text(value.text.clone().ok_or_else(|| {
+                bad_request(Some(&format!("{param}.text")), "a string is required")
+            })?),
+            "image_url" => {
+                let (url, detail) = url("image_url", &value.image_url)?;
+                let max_tiles = match detail.as_deref() {
+                    None | Some("auto") | Some("high") => 0,
+                    // The reference's thumbnail: one tile of the whole image.
+                    Some("low") => 1,
+                    Some(other) => {
+                        return Err(bad_request(
+                            Some(&format!("{param}.image_url.detail")),
+                            format!("{other:?}: expected \"low\", \"high\" or \"auto\""),
+                        ))
+                    }
+                };
+                Part::Image(proto::Image {
+                    url,
+                    max_tiles,
+                    ..Default::default()
+                })
+            }
+            "video_url" => Part::Video(proto::Video {
+                url: url("video_url", &value.video_url)?.0,
                 ..Default::default()
-            })
-        }
-        "video_url" => Part::Video(proto::Video {
-            url: url("video_url")?.0,
-            ..Default::default()
-        }),
-        other => {
-            return Err(bad_request(
-                Some(&format!("{param}.type")),
-                format!("{other:?}: this API takes text, image_url and video_url parts"),
-            ))
-        }
-    };
+            }),
+            other => {
+                return Err(bad_request(
+                    Some(&format!("{param}.type")),
+                    format!("{other:?}: this API takes text, image_url and video_url parts"),
+                ))
+            }
+        };
     Ok(proto::Content { part: Some(part) })
 }
 
@@ -501,6 +545,7 @@ impl ChatRequest {
             response_format: response_format.map(|format| proto::ResponseFormat {
                 format: Some(format),
             }),
+            cache_salt: self.cache_salt.clone(),
         })
     }
 }
@@ -576,13 +621,14 @@ fn body_error(rejection: &BytesRejection) -> ApiError {
 
 async fn chat(
     State(api): State<OpenAi>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
     let metrics = api.metrics.clone();
     let span = span("ChatCompletions", &headers);
-    let result = start_chat(&api, &headers, &body, arrived)
+    let result = start_chat(&api, caller, &headers, &body, arrived)
         .instrument(span.clone())
         .await;
     match result {
@@ -597,13 +643,13 @@ async fn chat(
 
 async fn start_chat(
     api: &OpenAi,
+    caller: Caller,
     headers: &HeaderMap,
     body: &Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    // A body axum refused is answered first, as before any other check.
+    // The gate checked the key and read the body within its limits.
     let body = body.as_ref().map_err(body_error)?;
-    api.authorize(headers)?;
     let request: ChatRequest = parse(body)?;
     api.check_model(request.model.as_deref())?;
     let stream = request.stream;
@@ -616,7 +662,7 @@ async fn start_chat(
     let deadline = arrived.checked_add(api.service.limits().max_deadline);
     let events = crate::service::deadline::within_engine(
         deadline,
-        api.service.start_generate(message, deadline),
+        api.service.start_generate(message, caller, deadline),
     )
     .await?;
     let id = format!("chatcmpl-{:x}", rand_id());
@@ -808,6 +854,9 @@ struct EmbeddingsRequest {
     input: Value,
     encoding_format: Option<String>,
     dimensions: Option<u32>,
+    /// As the chat request's `cache_salt`.
+    #[serde(default)]
+    cache_salt: String,
 }
 
 /// One `input` entry: a string, or (this service's extension) a chat-style
@@ -850,12 +899,13 @@ fn embed_input(value: &Value, param: &str) -> Result<proto::EmbedInput, ApiError
 
 async fn embeddings(
     State(api): State<OpenAi>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
     let span = span("Embeddings", &headers);
-    let result = run_embeddings(&api, &headers, &body, arrived)
+    let result = run_embeddings(&api, caller, &body, arrived)
         .instrument(span.clone())
         .await;
     let code = result.as_ref().map_or_else(|e| e.grpc, |_| Code::Ok);
@@ -869,13 +919,12 @@ async fn embeddings(
 
 async fn run_embeddings(
     api: &OpenAi,
-    headers: &HeaderMap,
+    caller: Caller,
     body: &Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<Value, ApiError> {
-    // A body axum refused is answered first, as before any other check.
+    // The gate checked the key and read the body within its limits.
     let body = body.as_ref().map_err(body_error)?;
-    api.authorize(headers)?;
     let request: EmbeddingsRequest = parse(body)?;
     api.check_model(request.model.as_deref())?;
     if request.dimensions.is_some() {
@@ -906,12 +955,15 @@ async fn run_embeddings(
         inputs,
         pooling: proto::Pooling::Mean as i32,
         normalize: true,
+        cache_salt: request.cache_salt.clone(),
         ..Default::default()
     };
     let deadline = arrived.checked_add(api.service.limits().max_deadline);
-    let embeddings =
-        crate::service::deadline::within_engine(deadline, api.service.run_embed(message, deadline))
-            .await?;
+    let embeddings = crate::service::deadline::within_engine(
+        deadline,
+        api.service.run_embed(message, caller, deadline),
+    )
+    .await?;
     let tokens: u32 = embeddings.iter().map(|e| e.tokens).sum();
     let data: Vec<Value> = embeddings
         .into_iter()
@@ -940,23 +992,13 @@ fn model_object(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "internvl-grpc"})
 }
 
-async fn models(State(api): State<OpenAi>, headers: HeaderMap) -> Response {
-    let result = api.authorize(&headers);
-    api.metrics.http_request(
-        "Models",
-        result.as_ref().map_or_else(|e| e.grpc, |_| Code::Ok),
-    );
-    match result {
-        Ok(()) => axum::Json(json!({"object": "list", "data": [model_object(&api.model)]}))
-            .into_response(),
-        Err(error) => error.into_response(),
-    }
+async fn models(State(api): State<OpenAi>) -> Response {
+    api.metrics.http_request("Models", Code::Ok);
+    axum::Json(json!({"object": "list", "data": [model_object(&api.model)]})).into_response()
 }
 
-async fn model(State(api): State<OpenAi>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let result = api
-        .authorize(&headers)
-        .and_then(|()| api.check_model(Some(&id)));
+async fn model(State(api): State<OpenAi>, Path(id): Path<String>) -> Response {
+    let result = api.check_model(Some(&id));
     api.metrics.http_request(
         "Models",
         result.as_ref().map_or_else(|e| e.grpc, |_| Code::Ok),
@@ -991,10 +1033,25 @@ mod tests {
         assert_eq!(openai_param("stop[0]"), "stop[0]");
     }
 
+    fn raw(value: Value) -> RawPart {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_list_of_anything_but_parts_is_refused_at_its_first_element() {
+        let zeros = format!("[{}0]", "0,".repeat(100_000));
+        let err = serde_json::from_str::<Content>(&zeros).err().unwrap();
+        assert_eq!(err.column(), 2, "{err}");
+        assert!(matches!(
+            serde_json::from_str::<Content>("\"hi\"").unwrap(),
+            Content::Text(t) if t == "hi"
+        ));
+    }
+
     #[test]
     fn parts_become_proto_parts() {
         let low = json!({"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}});
-        match part(&low, "p").unwrap().part {
+        match part(&raw(low), "p").unwrap().part {
             Some(proto::content::Part::Image(image)) => {
                 assert_eq!((image.url.as_str(), image.max_tiles), ("data:x", 1));
             }
@@ -1002,17 +1059,17 @@ mod tests {
         }
         let video = json!({"type": "video_url", "video_url": {"url": "https://v/clip.mp4"}});
         assert!(matches!(
-            part(&video, "p").unwrap().part,
+            part(&raw(video), "p").unwrap().part,
             Some(proto::content::Part::Video(v)) if v.url == "https://v/clip.mp4"
         ));
         let bad = json!({"type": "image_url", "image_url": {"url": "data:x", "detail": "max"}});
         assert_eq!(
-            part(&bad, "p").unwrap_err().param.as_deref(),
+            part(&raw(bad), "p").unwrap_err().param.as_deref(),
             Some("p.image_url.detail")
         );
         let audio = json!({"type": "input_audio", "input_audio": {}});
         assert_eq!(
-            part(&audio, "p").unwrap_err().param.as_deref(),
+            part(&raw(audio), "p").unwrap_err().param.as_deref(),
             Some("p.type")
         );
     }
