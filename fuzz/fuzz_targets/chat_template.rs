@@ -78,7 +78,15 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut media = MediaHold::unbounded();
     let budget = PromptBudget::UNBOUNDED;
-    match build_chat_prompt(&Bytes, template(), spec, limits, budget, &mut media, &messages) {
+    match build_chat_prompt(
+        &Bytes,
+        template(),
+        spec,
+        limits,
+        budget,
+        &mut media,
+        &messages,
+    ) {
         Ok(prompt) => assert!(prompt.prompt_tokens > 0),
         Err(EngineError::InvalidArgument { field, .. }) => assert!(field.starts_with("messages")),
         Err(EngineError::Template(message)) => assert!(!message.is_empty()),

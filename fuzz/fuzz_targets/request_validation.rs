@@ -10,10 +10,10 @@
 #[path = "shared/formats.rs"]
 mod formats;
 
-use internvl_core::vision::decode_rgb;
-use internvl_core::{DecodeLimits, Part, VideoSource};
 use internvl_api::proto;
 use internvl_api::validation::{embed, generate, Limits};
+use internvl_core::vision::decode_rgb;
+use internvl_core::{DecodeLimits, Part, VideoSource};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -32,7 +32,11 @@ fn decode_images<'a>(parts: impl Iterator<Item = &'a Part>) {
                 VideoSource::Frames(frames) => {
                     // Sampling takes any accepted count without panicking,
                     // and every index it gives is a frame.
-                    if let Ok(indices) = video.sampling.indices(frames.len(), None, "v") {
+                    if let Ok(indices) =
+                        video
+                            .sampling
+                            .indices(frames.len(), None, frames.len(), "v")
+                    {
                         assert!(indices.iter().all(|&i| i < frames.len()));
                     }
                     frames.iter().map(|f| f.as_slice()).collect()
