@@ -11,7 +11,6 @@ mod batching;
 mod cancel;
 mod catalog;
 mod drain;
-mod fault;
 mod health_probe;
 mod hostile;
 mod kubelet;

@@ -233,15 +233,3 @@ pub struct TokenCount {
     /// `<IMG_CONTEXT>` id (-1 when the vocabulary has none).
     pub input_ids: Vec<i32>,
 }
-
-/// In a build with the test-only `fault-injection` feature, a Generate with
-/// this seed panics the engine thread at its [`FAULT_TOKEN`]th token.
-#[cfg(feature = "fault-injection")]
-pub const FAULT_SEED: u64 = 0xFA17_FA17;
-
-/// The token a [`FAULT_SEED`] Generate panics at: late enough that a client
-/// on a small HTTP/2 window holds its stream well before it (tonic pulls
-/// events as far as the window allows, so an early fault came before the
-/// test could hold anything).
-#[cfg(feature = "fault-injection")]
-pub const FAULT_TOKEN: u32 = 100;

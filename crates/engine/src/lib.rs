@@ -12,8 +12,18 @@
 #![forbid(unsafe_code)]
 
 mod encoder;
+#[cfg(test)]
+mod fault_test;
 mod protocol;
 mod worker;
+
+/// In this crate's own test build only, a Generate with this seed panics
+/// the engine thread at its [`FAULT_TOKEN`]th token (`fault_test.rs`).
+#[cfg(test)]
+const FAULT_SEED: u64 = 0xFA17_FA17;
+/// See [`FAULT_SEED`].
+#[cfg(test)]
+const FAULT_TOKEN: u32 = 8;
 
 use internvl_core::{constraint, error, placement, prompt, sampling, settings, types, vision};
 use internvl_llama as llama;
@@ -446,7 +456,7 @@ impl Engine {
                     if p.prompt_tokens == 0 {
                         return Err(EngineError::invalid(field, "input is empty"));
                     }
-                    budget.max_tiles -= p.grids.iter().map(|g| g.tiles).sum::<u32>();
+                    budget.max_tiles = budget.max_tiles.saturating_sub(p.tiles());
                     let mut p = p;
                     p.partition(&partition);
                     Ok(p)

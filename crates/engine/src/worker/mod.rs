@@ -214,10 +214,10 @@ impl Worker {
         let fault = || EngineError::Fault(why.to_string());
         for slot in &mut self.slots {
             match slot.sequence.take() {
-                Some(Sequence::Generate(g)) => {
-                    let mut out = g.out;
-                    // Err only when the client left or is behind: nothing to do.
-                    let _ = out.send(Err(fault()));
+                Some(Sequence::Generate(mut g)) => {
+                    // In the place the stream kept for its end, so a client
+                    // that is behind hears it too.
+                    g.out.end_with(fault());
                 }
                 Some(Sequence::Embed(e)) => {
                     let _ = e.job.reply.send(Err(fault()));

@@ -58,13 +58,27 @@ impl Outbox {
     /// dropped, the kept place carries why, and the request stops counting.
     fn stall_out(&mut self) -> EngineError {
         let secs = self.stall.as_secs_f64();
+        self.end_with(EngineError::StreamStalled { secs });
+        EngineError::StreamStalled { secs }
+    }
+
+    /// Ends the stream now with `error` (a stall, or the engine failing):
+    /// what the channel takes is handed over, the rest dropped, and `error`
+    /// goes in the place kept for it, so even a client that is behind hears
+    /// why once it reads on. Nothing is sent after it.
+    pub(super) fn end_with(&mut self, error: EngineError) {
+        let _ = self.hand_over();
         self.stalled = true;
         self.pending.clear();
         self.in_flight = None;
-        if let Some(permit) = self.last_word.take() {
-            permit.send(Err(EngineError::StreamStalled { secs }));
+        match self.last_word.take() {
+            Some(permit) => {
+                permit.send(Err(error));
+            }
+            None => {
+                let _ = self.events.try_send(Err(error));
+            }
         }
-        EngineError::StreamStalled { secs }
     }
 
     /// Marks the stream's last event as added.
@@ -81,6 +95,22 @@ impl Outbox {
             self.pending.clear();
             return Err(EngineError::ClientGone);
         }
+        self.hand_over()?;
+        if !self.pending.is_empty() {
+            // The channel is full: the client has not taken an event since.
+            let since = *self.full_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.stall {
+                return Err(self.stall_out());
+            }
+        }
+        if self.events.is_closed() {
+            return Err(EngineError::ClientGone);
+        }
+        Ok(())
+    }
+
+    /// Moves pending events into the channel while it takes them.
+    fn hand_over(&mut self) -> Result<(), EngineError> {
         while !self.pending.is_empty() {
             let permit = match self.events.try_reserve() {
                 Ok(permit) => permit,
@@ -97,16 +127,6 @@ impl Outbox {
                 self.in_flight = None;
             }
             permit.send(event);
-        }
-        if !self.pending.is_empty() {
-            // The channel is full: the client has not taken an event since.
-            let since = *self.full_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= self.stall {
-                return Err(self.stall_out());
-            }
-        }
-        if self.events.is_closed() {
-            return Err(EngineError::ClientGone);
         }
         Ok(())
     }
