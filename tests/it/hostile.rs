@@ -276,6 +276,33 @@ async fn embed_inputs_and_tokenize_text_are_bounded() {
     replica.assert_alive();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_fields_are_counted_before_they_are_decoded() {
+    let mut replica = Replica::start(&[]).await;
+    let mut client = replica.client().await;
+    // 19.5 MiB of empty content parts: 2 bytes each on the wire, about 80
+    // in memory once decoded.
+    let parts = 10_000_000;
+    let request = proto::CountTokensRequest {
+        messages: vec![user(vec![proto::Content::default(); parts])],
+    };
+    let base = replica.reset_peak();
+    let status = client
+        .count_tokens(keyed(request, KEY_A))
+        .await
+        .expect_err("ten million parts");
+    let grew = replica.growth_mib(base);
+    println!(
+        "empty content parts: peak RSS +{grew:.0} MiB: {}",
+        status.message()
+    );
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(field_of(&status), "content");
+    // The message itself is read (19.5 MiB), not decoded.
+    assert!(grew < 96.0, "peak RSS rose {grew:.0} MiB");
+    replica.assert_alive();
+}
+
 /// What one caller learns of another's prompt: the `cached_tokens` of its
 /// guesses.
 async fn cached_tokens(
