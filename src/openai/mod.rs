@@ -21,19 +21,19 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine as _;
 use futures_util::stream::{self, StreamExt};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tonic::Code;
 use tracing::Instrument;
 
-use crate::engine::{
-    EngineError, FinishReason, GenerateEvent, GeneratedToken, Usage, UNTIL_CONTEXT_FULL,
-};
+use crate::engine::{EngineError, FinishReason, GenerateEvent, GeneratedToken, Usage};
 use crate::metrics::Metrics;
 use crate::service::auth::{ApiKeys, Caller};
 use crate::service::{proto, InternVlService};
 
+mod body;
 mod gate;
+
+use body::{embed_input, ChatRequest, EmbedInputs, EmbeddingsRequest};
 
 /// What the HTTP routes share.
 #[derive(Clone)]
@@ -256,299 +256,6 @@ fn now_secs() -> u64 {
 }
 
 // ---- chat completions -------------------------------------------------------
-
-#[derive(Deserialize)]
-struct ChatRequest {
-    model: Option<String>,
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<i64>,
-    stop: Option<Stop>,
-    frequency_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
-    logprobs: Option<bool>,
-    top_logprobs: Option<u32>,
-    response_format: Option<ResponseFormat>,
-    n: Option<u32>,
-    /// vLLM's extension: keep generating past the end-of-generation token.
-    #[serde(default)]
-    ignore_eos: bool,
-    /// vLLM's extension: reuse cached prefixes only with requests of the
-    /// same key and salt.
-    #[serde(default)]
-    cache_salt: String,
-    // Known and not offered: refused by name rather than ignored.
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
-    functions: Option<Value>,
-    function_call: Option<Value>,
-    logit_bias: Option<Value>,
-    audio: Option<Value>,
-    prediction: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: Option<Content>,
-}
-
-/// A message's content: a string, or a list of parts. Read without
-/// buffering (an untagged enum would hold the whole list as untyped values
-/// first): a list of anything but part objects is refused at its first
-/// element, whatever its length.
-enum Content {
-    Text(String),
-    Parts(Vec<RawPart>),
-}
-
-impl<'de> Deserialize<'de> for Content {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Content;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or a list of content parts")
-            }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Content, E> {
-                Ok(Content::Text(text.to_string()))
-            }
-            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Content, E> {
-                Ok(Content::Text(text))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Content, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(part) = seq.next_element()? {
-                    parts.push(part);
-                }
-                Ok(Content::Parts(parts))
-            }
-        }
-        deserializer.deserialize_any(Visitor)
-    }
-}
-
-/// One content part as sent; [`part`] checks what it must hold, naming the
-/// field.
-#[derive(Deserialize)]
-struct RawPart {
-    #[serde(rename = "type", default)]
-    kind: String,
-    text: Option<String>,
-    image_url: Option<MediaUrl>,
-    video_url: Option<MediaUrl>,
-}
-
-#[derive(Deserialize)]
-struct MediaUrl {
-    url: Option<String>,
-    detail: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ResponseFormat {
-    Text,
-    JsonObject,
-    JsonSchema { json_schema: JsonSchema },
-}
-
-#[derive(Deserialize)]
-struct JsonSchema {
-    schema: Option<Value>,
-}
-
-/// One content part (`text`, `image_url`, `video_url`) as a proto part;
-/// `param` names it.
-fn part(value: &RawPart, param: &str) -> Result<proto::Content, ApiError> {
-    use proto::content::Part;
-    let url = |key: &str, media: &Option<MediaUrl>| -> Result<(String, Option<String>), ApiError> {
-        let media = media.as_ref();
-        let url = media
-            .and_then(|m| m.url.clone())
-            .ok_or_else(|| bad_request(Some(&format!("{param}.{key}.url")), "a URL is required"))?;
-        Ok((url, media.and_then(|m| m.detail.clone())))
-    };
-    let part =
-        match value.kind.as_str() {
-            "text" => Part::Text(value.text.clone().ok_or_else(|| {
-                bad_request(Some(&format!("{param}.text")), "a string is required")
-            })?),
-            "image_url" => {
-                let (url, detail) = url("image_url", &value.image_url)?;
-                let max_tiles = match detail.as_deref() {
-                    None | Some("auto") | Some("high") => 0,
-                    // The reference's thumbnail: one tile of the whole image.
-                    Some("low") => 1,
-                    Some(other) => {
-                        return Err(bad_request(
-                            Some(&format!("{param}.image_url.detail")),
-                            format!("{other:?}: expected \"low\", \"high\" or \"auto\""),
-                        ))
-                    }
-                };
-                Part::Image(proto::Image {
-                    url,
-                    max_tiles,
-                    ..Default::default()
-                })
-            }
-            "video_url" => Part::Video(proto::Video {
-                url: url("video_url", &value.video_url)?.0,
-                ..Default::default()
-            }),
-            other => {
-                return Err(bad_request(
-                    Some(&format!("{param}.type")),
-                    format!("{other:?}: this API takes text, image_url and video_url parts"),
-                ))
-            }
-        };
-    Ok(proto::Content { part: Some(part) })
-}
-
-fn content(content: &Content, param: &str) -> Result<Vec<proto::Content>, ApiError> {
-    match content {
-        Content::Text(text) => Ok(vec![proto::Content {
-            part: Some(proto::content::Part::Text(text.clone())),
-        }]),
-        Content::Parts(parts) => parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| part(p, &format!("{param}[{i}]")))
-            .collect(),
-    }
-}
-
-impl ChatRequest {
-    /// The proto request gRPC would carry.
-    fn to_proto(&self, request_id: String) -> Result<proto::GenerateRequest, ApiError> {
-        for (name, set) in [
-            ("tools", self.tools.is_some()),
-            ("tool_choice", self.tool_choice.is_some()),
-            ("functions", self.functions.is_some()),
-            ("function_call", self.function_call.is_some()),
-            ("logit_bias", self.logit_bias.is_some()),
-            ("audio", self.audio.is_some()),
-            ("prediction", self.prediction.is_some()),
-        ] {
-            if set {
-                return Err(bad_request(Some(name), format!("{name} is not supported")));
-            }
-        }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(bad_request(Some("n"), "only n = 1 is supported"));
-        }
-        if self.top_logprobs.is_some() && self.logprobs != Some(true) {
-            return Err(bad_request(
-                Some("top_logprobs"),
-                "top_logprobs needs logprobs = true",
-            ));
-        }
-        let seed = match self.seed {
-            Some(seed) => Some(
-                u64::try_from(seed)
-                    .map_err(|_| bad_request(Some("seed"), "must be a non-negative integer"))?,
-            ),
-            None => None,
-        };
-        let messages = self
-            .messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let role = match m.role.as_str() {
-                    "system" | "developer" => "system",
-                    "user" => "user",
-                    "assistant" => "assistant",
-                    other => {
-                        return Err(bad_request(
-                            Some(&format!("messages[{i}].role")),
-                            format!("{other:?}: expected system, developer, user or assistant"),
-                        ))
-                    }
-                };
-                let param = format!("messages[{i}].content");
-                let content = match &m.content {
-                    Some(c) => content(c, &param)?,
-                    None => return Err(bad_request(Some(&param), "content is required")),
-                };
-                Ok(proto::Message {
-                    role: role.into(),
-                    content,
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let response_format = match &self.response_format {
-            None | Some(ResponseFormat::Text) => None,
-            Some(ResponseFormat::JsonObject) => Some(proto::response_format::Format::JsonObject(
-                proto::JsonObject {},
-            )),
-            Some(ResponseFormat::JsonSchema { json_schema }) => {
-                let schema = json_schema.schema.as_ref().ok_or_else(|| {
-                    bad_request(
-                        Some("response_format.json_schema.schema"),
-                        "a schema is required",
-                    )
-                })?;
-                Some(proto::response_format::Format::JsonSchema(
-                    schema.to_string(),
-                ))
-            }
-        };
-        Ok(proto::GenerateRequest {
-            messages,
-            sampling: Some(proto::SamplingParams {
-                // OpenAI's defaults: temperature 1, top_p 1.
-                temperature: self.temperature.unwrap_or(1.0),
-                top_p: self.top_p.unwrap_or(1.0),
-                presence_penalty: self.presence_penalty.unwrap_or(0.0),
-                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-                seed,
-                ..Default::default()
-            }),
-            max_new_tokens: self
-                .max_completion_tokens
-                .or(self.max_tokens)
-                .unwrap_or(UNTIL_CONTEXT_FULL),
-            stop: match &self.stop {
-                None => Vec::new(),
-                Some(Stop::One(s)) => vec![s.clone()],
-                Some(Stop::Many(v)) => v.clone(),
-            },
-            ignore_eos: self.ignore_eos,
-            top_logprobs: self.top_logprobs.unwrap_or(0),
-            request_id,
-            logprobs: self.logprobs.unwrap_or(false),
-            response_format: response_format.map(|format| proto::ResponseFormat {
-                format: Some(format),
-            }),
-            cache_salt: self.cache_salt.clone(),
-        })
-    }
-}
 
 fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
@@ -848,55 +555,6 @@ fn sse(
 
 // ---- embeddings ---------------------------------------------------------------
 
-#[derive(Deserialize)]
-struct EmbeddingsRequest {
-    model: Option<String>,
-    input: Value,
-    encoding_format: Option<String>,
-    dimensions: Option<u32>,
-    /// As the chat request's `cache_salt`.
-    #[serde(default)]
-    cache_salt: String,
-}
-
-/// One `input` entry: a string, or (this service's extension) a chat-style
-/// `{"content": [parts]}` with text, image_url and video_url parts.
-fn embed_input(value: &Value, param: &str) -> Result<proto::EmbedInput, ApiError> {
-    let content = match value {
-        Value::String(text) => vec![proto::Content {
-            part: Some(proto::content::Part::Text(text.clone())),
-        }],
-        Value::Object(object) => {
-            let parts = object.get("content").ok_or_else(|| {
-                bad_request(
-                    Some(&format!("{param}.content")),
-                    "an input object needs content",
-                )
-            })?;
-            let parts: Content = serde_json::from_value(parts.clone()).map_err(|_| {
-                bad_request(
-                    Some(&format!("{param}.content")),
-                    "a string or a list of content parts",
-                )
-            })?;
-            content(&parts, &format!("{param}.content"))?
-        }
-        Value::Number(_) | Value::Array(_) => {
-            return Err(bad_request(
-                Some(param),
-                "token ids are not taken as input; send text",
-            ))
-        }
-        _ => {
-            return Err(bad_request(
-                Some(param),
-                "a string or an object with content",
-            ))
-        }
-    };
-    Ok(proto::EmbedInput { content })
-}
-
 async fn embeddings(
     State(api): State<OpenAi>,
     Extension(caller): Extension<Caller>,
@@ -944,12 +602,18 @@ async fn run_embeddings(
         }
     };
     let inputs = match &request.input {
-        Value::Array(items) if items.iter().all(|i| !i.is_number()) => items
+        EmbedInputs::Many(items) => items
             .iter()
             .enumerate()
             .map(|(i, item)| embed_input(item, &format!("input[{i}]")))
             .collect::<Result<Vec<_>, _>>()?,
-        other => vec![embed_input(other, "input")?],
+        EmbedInputs::One(item) => vec![embed_input(item, "input")?],
+        EmbedInputs::TokenIds => {
+            return Err(bad_request(
+                Some("input"),
+                "token ids are not taken as input; send text",
+            ))
+        }
     };
     let message = proto::EmbedRequest {
         inputs,
@@ -1031,47 +695,6 @@ mod tests {
         assert_eq!(openai_param("sampling.temperature"), "temperature");
         assert_eq!(openai_param("inputs[3].content[0]"), "input[3].content[0]");
         assert_eq!(openai_param("stop[0]"), "stop[0]");
-    }
-
-    fn raw(value: Value) -> RawPart {
-        serde_json::from_value(value).unwrap()
-    }
-
-    #[test]
-    fn a_list_of_anything_but_parts_is_refused_at_its_first_element() {
-        let zeros = format!("[{}0]", "0,".repeat(100_000));
-        let err = serde_json::from_str::<Content>(&zeros).err().unwrap();
-        assert_eq!(err.column(), 2, "{err}");
-        assert!(matches!(
-            serde_json::from_str::<Content>("\"hi\"").unwrap(),
-            Content::Text(t) if t == "hi"
-        ));
-    }
-
-    #[test]
-    fn parts_become_proto_parts() {
-        let low = json!({"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}});
-        match part(&raw(low), "p").unwrap().part {
-            Some(proto::content::Part::Image(image)) => {
-                assert_eq!((image.url.as_str(), image.max_tiles), ("data:x", 1));
-            }
-            other => panic!("{other:?}"),
-        }
-        let video = json!({"type": "video_url", "video_url": {"url": "https://v/clip.mp4"}});
-        assert!(matches!(
-            part(&raw(video), "p").unwrap().part,
-            Some(proto::content::Part::Video(v)) if v.url == "https://v/clip.mp4"
-        ));
-        let bad = json!({"type": "image_url", "image_url": {"url": "data:x", "detail": "max"}});
-        assert_eq!(
-            part(&raw(bad), "p").unwrap_err().param.as_deref(),
-            Some("p.image_url.detail")
-        );
-        let audio = json!({"type": "input_audio", "input_audio": {}});
-        assert_eq!(
-            part(&raw(audio), "p").unwrap_err().param.as_deref(),
-            Some("p.type")
-        );
     }
 
     #[test]
