@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,7 +31,10 @@ use crate::service::auth::{ApiKeys, Caller};
 use crate::service::{proto, InternVlService};
 
 mod body;
+mod error;
 mod gate;
+
+use error::{bad_request, not_found, ApiError};
 
 use body::{embed_input, ChatRequest, EmbedInputs, EmbeddingsRequest};
 
@@ -103,146 +106,6 @@ pub fn model_id(model: &str) -> String {
     }
     let file = model.rsplit('/').next().unwrap_or(model);
     file.strip_suffix(".gguf").unwrap_or(file).to_string()
-}
-
-/// An error as OpenAI's API writes it, with the gRPC code it came from.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    code: Option<String>,
-    message: String,
-    param: Option<String>,
-    retry_after_ms: Option<u64>,
-    grpc: Code,
-}
-
-fn not_found(name: &str) -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        kind: "invalid_request_error",
-        code: Some("model_not_found".into()),
-        message: format!("The model `{name}` does not exist or you do not have access to it."),
-        param: Some("model".into()),
-        retry_after_ms: None,
-        grpc: Code::NotFound,
-    }
-}
-
-fn bad_request(param: Option<&str>, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status: StatusCode::BAD_REQUEST,
-        kind: "invalid_request_error",
-        code: None,
-        message: message.into(),
-        param: param.map(str::to_string),
-        retry_after_ms: None,
-        grpc: Code::InvalidArgument,
-    }
-}
-
-/// A proto field path (`messages[0].content[1].image.url`) as the OpenAI
-/// request named it (`messages[0].content[1].image_url.url`).
-fn openai_param(field: &str) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut after_media = false;
-    for segment in field.split('.') {
-        let renamed = match segment {
-            "image" => "image_url",
-            "video" => "video_url",
-            "url" | "data" if after_media => "url",
-            "max_tiles" | "min_tiles" if after_media => "detail",
-            other => other,
-        };
-        after_media = matches!(segment, "image" | "video");
-        out.push(renamed.to_string());
-    }
-    if out.first().is_some_and(|s| s == "sampling") {
-        out.remove(0);
-    }
-    if let Some(first) = out.first_mut() {
-        if let Some(rest) = first.strip_prefix("inputs") {
-            *first = format!("input{rest}");
-        } else if first == "max_new_tokens" {
-            *first = "max_tokens".into();
-        }
-    }
-    out.join(".")
-}
-
-impl From<EngineError> for ApiError {
-    fn from(error: EngineError) -> Self {
-        let retry_after_ms = match &error {
-            EngineError::QueueFull { retry_after_ms }
-            | EngineError::MediaMemoryFull { retry_after_ms, .. } => Some(*retry_after_ms),
-            _ => None,
-        };
-        // The one mapping gRPC uses; the HTTP status follows from its code.
-        let status = crate::service::status(error);
-        let code = status.code();
-        let message = status.message().to_string();
-        // "field: why", the field in proto terms; OpenAI's name replaces it.
-        let (field, message) = match message.split_once(": ") {
-            Some((field, why)) if !field.contains(' ') => {
-                (Some(field), format!("{}: {why}", openai_param(field)))
-            }
-            _ => (None, message.clone()),
-        };
-        let (http, kind, param) = match code {
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                field.map(openai_param),
-            ),
-            Code::PermissionDenied => (
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
-                field.map(openai_param),
-            ),
-            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_request_error", None),
-            Code::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", None),
-            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None),
-            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", None),
-            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
-            Code::Cancelled => (StatusCode::from_u16(499).expect("valid"), "cancelled", None),
-            Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, "invalid_request_error", None),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
-        };
-        ApiError {
-            status: http,
-            kind,
-            code: Some(format!("{code:?}")),
-            message,
-            param,
-            retry_after_ms,
-            grpc: code,
-        }
-    }
-}
-
-impl ApiError {
-    fn body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
-        if let Some(ms) = self.retry_after_ms {
-            let headers = response.headers_mut();
-            // Seconds for any client; milliseconds for OpenAI's SDKs, which read it first.
-            let secs = ms.div_ceil(1000).max(1);
-            headers.insert("retry-after", HeaderValue::from(secs));
-            headers.insert("retry-after-ms", HeaderValue::from(ms));
-        }
-        response
-    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -676,26 +539,6 @@ async fn model(State(api): State<OpenAi>, Path(id): Path<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proto_fields_are_named_as_the_openai_request_names_them() {
-        assert_eq!(
-            openai_param("messages[0].content[1].image.url"),
-            "messages[0].content[1].image_url.url"
-        );
-        assert_eq!(
-            openai_param("messages[0].content[1].image.data"),
-            "messages[0].content[1].image_url.url"
-        );
-        assert_eq!(
-            openai_param("messages[2].content[0].video.url"),
-            "messages[2].content[0].video_url.url"
-        );
-        assert_eq!(openai_param("max_new_tokens"), "max_tokens");
-        assert_eq!(openai_param("sampling.temperature"), "temperature");
-        assert_eq!(openai_param("inputs[3].content[0]"), "input[3].content[0]");
-        assert_eq!(openai_param("stop[0]"), "stop[0]");
-    }
 
     #[test]
     fn model_ids_are_catalog_names_or_file_names() {

@@ -23,7 +23,7 @@ use crate::media::Fetcher;
 use crate::metrics::Metrics;
 use crate::video::VideoDecoder;
 use auth::Caller;
-pub use error::status;
+pub use error::{code, retry_after_ms, status};
 
 // The contract (proto, codec, validation) is the `internvl-api` crate's.
 pub use internvl_api::{codec, proto, validation};

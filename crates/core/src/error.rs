@@ -150,6 +150,19 @@ impl EngineError {
         }
     }
 
+    /// The request field at fault and what is wrong with it, for the errors
+    /// that name one (a transport renames the field in its own terms).
+    pub fn field(&self) -> Option<(&str, &str)> {
+        match self {
+            Self::InvalidArgument { field, message } | Self::Media { field, message, .. }
+                if !field.is_empty() =>
+            {
+                Some((field, message))
+            }
+            _ => None,
+        }
+    }
+
     /// Prefixes the field path of an invalid-argument or image error with `prefix`.
     pub fn in_field(self, prefix: &str) -> Self {
         match self {
