@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod front;
 pub mod media;
 pub use internvl_engine as engine;
 pub mod metrics;
@@ -269,14 +270,13 @@ async fn routes(
         Ok(version) => tracing::info!(ffmpeg = %version, "video files on"),
         Err(why) => tracing::warn!("video files off: {why}"),
     }
-    let handlers = InternVlService::new(
+    let front = front::Front::new(
         engine.clone(),
         config.request_limits(),
-        metrics.clone(),
         std::sync::Arc::new(fetcher),
         std::sync::Arc::new(videos),
     );
-    let service = InternVlServer::new(handlers.clone())
+    let service = InternVlServer::new(InternVlService::new(front.clone(), metrics.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let mut keys = ApiKeys::new(&config.all_api_keys()?);
@@ -286,7 +286,7 @@ async fn routes(
         keys.clone()
     };
     let http_api = openai::OpenAi::new(
-        handlers,
+        front,
         keys.clone(),
         metrics,
         openai::model_id(&config.model),

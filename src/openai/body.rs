@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{bad_request, ApiError};
 use crate::engine::UNTIL_CONTEXT_FULL;
-use crate::service::proto;
+use internvl_api::proto;
 
 /// Most elements any list in a body may have (messages, content parts,
 /// inputs): the gRPC codec's bound on the wire, for the same reason.

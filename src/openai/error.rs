@@ -77,8 +77,8 @@ pub(super) fn openai_param(field: &str) -> String {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         // The one mapping gRPC uses; the HTTP status follows from its code.
-        let code = crate::service::code(&error);
-        let retry_after_ms = crate::service::retry_after_ms(&error);
+        let code = crate::front::code(&error);
+        let retry_after_ms = crate::front::retry_after_ms(&error);
         // The field in proto terms; OpenAI's name replaces it.
         let (field, message) = match error.field() {
             Some((field, why)) => (Some(field), format!("{}: {why}", openai_param(field))),

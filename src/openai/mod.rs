@@ -2,11 +2,12 @@
 //! HTTP/2): `POST /v1/chat/completions`, `POST /v1/embeddings`,
 //! `GET /v1/models`.
 //!
-//! A thin transport like `service/`: each request becomes the proto request
-//! gRPC would carry and goes through the same [`InternVlService`] steps
-//! (fetch, validation, video decoding, the engine), so both protocols refuse
-//! and answer alike. Errors are mapped once, by `service::error::status`,
-//! then from gRPC's code to OpenAI's HTTP status and error body.
+//! A thin transport beside `service/`: each request is authenticated and its
+//! body bounded ([`gate`]), read as typed structs ([`body`]), turned into the
+//! proto request gRPC would carry and sent through the same [`Front`] steps
+//! (bounds, admission, fetch, validation, video decoding, the engine), so
+//! both protocols refuse and answer alike. Errors get the front's one code
+//! mapping, then OpenAI's HTTP status and error body ([`error`]).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -26,9 +27,9 @@ use tonic::Code;
 use tracing::Instrument;
 
 use crate::engine::{EngineError, FinishReason, GenerateEvent, GeneratedToken, Usage};
+use crate::front::{within, ApiKeys, Caller, Front};
 use crate::metrics::Metrics;
-use crate::service::auth::{ApiKeys, Caller};
-use crate::service::{proto, InternVlService};
+use internvl_api::proto;
 
 mod body;
 mod error;
@@ -41,7 +42,7 @@ use body::{embed_input, ChatRequest, EmbedInputs, EmbeddingsRequest};
 /// What the HTTP routes share.
 #[derive(Clone)]
 pub struct OpenAi {
-    service: InternVlService,
+    front: Front,
     keys: ApiKeys,
     metrics: Arc<Metrics>,
     /// `GET /v1/models`' one id; a request naming another is refused.
@@ -51,10 +52,10 @@ pub struct OpenAi {
 }
 
 impl OpenAi {
-    /// The API over `service`, answering as `model`, checking `keys`,
+    /// The API over `front`, answering as `model`, checking `keys`,
     /// reading bodies of at most `max_body` bytes within `body_timeout`.
     pub fn new(
-        service: InternVlService,
+        front: Front,
         keys: ApiKeys,
         metrics: Arc<Metrics>,
         model: String,
@@ -62,7 +63,7 @@ impl OpenAi {
         body_timeout: std::time::Duration,
     ) -> Self {
         Self {
-            service,
+            front,
             keys,
             metrics,
             model: model.into(),
@@ -166,10 +167,10 @@ fn request_id(headers: &HeaderMap) -> String {
         .to_string()
 }
 
-/// The call's span, as gRPC calls get theirs (`service/trace.rs`).
+/// The call's span, as gRPC calls get theirs (`front/trace.rs`).
 fn span(method: &'static str, headers: &HeaderMap) -> tracing::Span {
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-    crate::service::trace::span_for(method, traceparent)
+    crate::front::trace::span_for(method, traceparent)
 }
 
 /// A body axum refused, as OpenAI's error.
@@ -229,10 +230,10 @@ async fn start_chat(
         .is_some_and(|o| o.include_usage);
     let message = request.to_proto(request_id(headers))?;
     let want_logprobs = message.logprobs;
-    let deadline = arrived.checked_add(api.service.limits().max_deadline);
-    let events = crate::service::deadline::within_engine(
+    let deadline = arrived.checked_add(api.front.limits().max_deadline);
+    let events = within(
         deadline,
-        api.service.start_generate(message, caller, deadline),
+        api.front.start_generate(message, caller, deadline),
     )
     .await?;
     let id = format!("chatcmpl-{:x}", rand_id());
@@ -485,12 +486,8 @@ async fn run_embeddings(
         cache_salt: request.cache_salt.clone(),
         ..Default::default()
     };
-    let deadline = arrived.checked_add(api.service.limits().max_deadline);
-    let embeddings = crate::service::deadline::within_engine(
-        deadline,
-        api.service.run_embed(message, caller, deadline),
-    )
-    .await?;
+    let deadline = arrived.checked_add(api.front.limits().max_deadline);
+    let embeddings = within(deadline, api.front.run_embed(message, caller, deadline)).await?;
     let tokens: u32 = embeddings.iter().map(|e| e.tokens).sum();
     let data: Vec<Value> = embeddings
         .into_iter()

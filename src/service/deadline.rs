@@ -81,20 +81,6 @@ pub async fn within<T>(
     }
 }
 
-/// [`within`] for work whose errors are the engine's (the HTTP API maps
-/// them itself).
-pub async fn within_engine<T>(
-    deadline: Option<Instant>,
-    work: impl Future<Output = Result<T, EngineError>>,
-) -> Result<T, EngineError> {
-    match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline.into(), work)
-            .await
-            .unwrap_or(Err(EngineError::DeadlineBeforeResponse)),
-        None => work.await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

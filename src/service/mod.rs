@@ -1,11 +1,10 @@
-//! The gRPC transport: thin tonic handlers that validate, call the engine and
-//! convert. No llama.cpp types here.
+//! The gRPC transport: thin tonic handlers over the [`Front`] (deadlines
+//! from `grpc-timeout`, proto conversion, statuses). No llama.cpp types here.
 
 pub mod auth;
 mod convert;
 pub mod deadline;
 mod error;
-pub mod trace;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,106 +17,37 @@ use tracing::{Instrument, Span};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::engine::{Embedding, Engine, EngineError, GenerateEvent, GenerateEvents};
-use crate::media::Fetcher;
+use crate::engine::{EngineError, GenerateEvent};
+use crate::front::trace::span_for;
+use crate::front::Front;
 use crate::metrics::Metrics;
-use crate::video::VideoDecoder;
-use auth::Caller;
-pub use error::{code, retry_after_ms, status};
+pub use error::status;
 
 // The contract (proto, codec, validation) is the `internvl-api` crate's.
 pub use internvl_api::{codec, proto, validation};
 
 use proto::intern_vl_server::InternVl;
 
-/// The `internvl.v1.InternVL` service.
+/// The span of a call to `method`, with the trace id of its `traceparent`
+/// metadata when that is well-formed.
+fn request_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -> Span {
+    span_for(
+        method,
+        metadata.get("traceparent").and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// The `internvl.v1.InternVL` service: the [`Front`] over gRPC.
 #[derive(Clone)]
 pub struct InternVlService {
-    engine: Engine,
-    limits: validation::Limits,
+    front: Front,
     metrics: Arc<Metrics>,
-    media: Arc<Fetcher>,
-    videos: Arc<VideoDecoder>,
 }
 
 impl InternVlService {
-    /// A service answering from `engine` within `limits`, recording into
-    /// `metrics`, fetching media URLs with `media` and decoding video files
-    /// with `videos`.
-    pub fn new(
-        engine: Engine,
-        limits: validation::Limits,
-        metrics: Arc<Metrics>,
-        media: Arc<Fetcher>,
-        videos: Arc<VideoDecoder>,
-    ) -> Self {
-        Self {
-            engine,
-            limits,
-            metrics,
-            media,
-            videos,
-        }
-    }
-
-    /// The per-request limits this service checks.
-    pub(crate) fn limits(&self) -> &validation::Limits {
-        &self.limits
-    }
-
-    /// A Generate request from its proto form to the engine's events: its
-    /// counts bounded, a place in flight taken, media URLs fetched,
-    /// validated, video files decoded, queued. Every transport (gRPC here,
-    /// the OpenAI-compatible HTTP API) starts a generation here, so they
-    /// refuse and answer alike.
-    pub(crate) async fn start_generate(
-        &self,
-        mut message: proto::GenerateRequest,
-        caller: Caller,
-        deadline: Option<Instant>,
-    ) -> Result<GenerateEvents, EngineError> {
-        validation::bound_messages(&message.messages, &self.limits)?;
-        let mut admitted = self.engine.admit()?;
-        let fetched = self.media.messages(&mut message.messages).await?;
-        let relabel = |e| fetched.relabel(self.engine.hinted(e));
-        let cache_salt = message.cache_salt.clone();
-        let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
-        Span::current().record("request_id", request.request_id.as_str());
-        let videos = self
-            .videos
-            .messages(&mut request.messages, admitted.media())
-            .await;
-        videos.map_err(relabel)?;
-        request.deadline = deadline;
-        request.partition = caller.partition(&cache_salt);
-        self.engine
-            .generate(request, admitted)
-            .await
-            .map_err(relabel)
-    }
-
-    /// [`InternVlService::start_generate`] for Embed: the embeddings.
-    pub(crate) async fn run_embed(
-        &self,
-        mut message: proto::EmbedRequest,
-        caller: Caller,
-        deadline: Option<Instant>,
-    ) -> Result<Vec<Embedding>, EngineError> {
-        validation::bound_embed(&message.inputs, &self.limits)?;
-        let mut admitted = self.engine.admit()?;
-        let fetched = self.media.embed_inputs(&mut message.inputs).await?;
-        let relabel = |e| fetched.relabel(self.engine.hinted(e));
-        let cache_salt = message.cache_salt.clone();
-        let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
-        Span::current().record("request_id", request.request_id.as_str());
-        let videos = self
-            .videos
-            .embed_inputs(&mut request.inputs, admitted.media())
-            .await;
-        videos.map_err(relabel)?;
-        request.deadline = deadline;
-        request.partition = caller.partition(&cache_salt);
-        self.engine.embed(request, admitted).await.map_err(relabel)
+    /// The service of `front`, recording into `metrics`.
+    pub fn new(front: Front, metrics: Arc<Metrics>) -> Self {
+        Self { front, metrics }
     }
 
     /// Counts the outcome of a call and records it on the call's span.
@@ -147,8 +77,12 @@ impl InternVlService {
     where
         Fut: Future<Output = Result<T, Status>>,
     {
-        let deadline =
-            deadline::of(request.metadata(), request.extensions(), &self.limits).map_err(status)?;
+        let deadline = deadline::of(
+            request.metadata(),
+            request.extensions(),
+            self.front.limits(),
+        )
+        .map_err(status)?;
         deadline::within(deadline, work(request.into_inner(), deadline))
             .instrument(span.clone())
             .await
@@ -164,7 +98,7 @@ impl InternVlService {
     where
         Fut: Future<Output = Result<T, Status>>,
     {
-        let span = trace::request_span(method, request.metadata());
+        let span = request_span(method, request.metadata());
         let result = self.prepare(&span, request, work).await.map(Response::new);
         self.counted(&span, method, result)
     }
@@ -180,11 +114,12 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let span = trace::request_span("Generate", request.metadata());
+        let span = request_span("Generate", request.metadata());
         let caller = auth::caller_of(&request);
         let started = self
             .prepare(&span, request, |message, deadline| async move {
-                self.start_generate(message, caller, deadline)
+                self.front
+                    .start_generate(message, caller, deadline)
                     .await
                     .map_err(status)
             })
@@ -241,7 +176,7 @@ impl InternVl for InternVlService {
     ) -> Result<Response<proto::EmbedResponse>, Status> {
         let caller = auth::caller_of(&request);
         self.unary("Embed", request, |message, deadline| async move {
-            let embeddings = self.run_embed(message, caller, deadline).await;
+            let embeddings = self.front.run_embed(message, caller, deadline).await;
             let embeddings = embeddings.map_err(status)?;
             Ok(convert::embed_response(embeddings))
         })
@@ -252,22 +187,9 @@ impl InternVl for InternVlService {
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        self.unary("CountTokens", request, |mut message, _| async move {
-            validation::bound_messages(&message.messages, &self.limits).map_err(status)?;
-            let mut admitted = self.engine.admit().map_err(status)?;
-            let fetched = self.media.messages(&mut message.messages).await;
-            let fetched = fetched.map_err(status)?;
-            let relabel = |e| status(fetched.relabel(self.engine.hinted(e)));
-            let mut messages =
-                validation::messages(message.messages, &self.limits).map_err(relabel)?;
-            let videos = self.videos.messages(&mut messages, admitted.media()).await;
-            videos.map_err(relabel)?;
-            Ok(convert::count_response(
-                self.engine
-                    .count_tokens(messages, &mut admitted)
-                    .await
-                    .map_err(relabel)?,
-            ))
+        self.unary("CountTokens", request, |message, _| async move {
+            let count = self.front.count_tokens(message).await.map_err(status)?;
+            Ok(convert::count_response(count))
         })
         .await
     }
@@ -277,10 +199,7 @@ impl InternVl for InternVlService {
         request: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         self.unary("Tokenize", request, |message, _| async move {
-            validation::bound_tokenize(&message.text, &self.limits).map_err(status)?;
-            let mut admitted = self.engine.admit().map_err(status)?;
-            let ids = self.engine.tokenize(message.text, &mut admitted).await;
-            let ids = ids.map_err(status)?;
+            let ids = self.front.tokenize(message.text).await.map_err(status)?;
             Ok(proto::TokenizeResponse { ids })
         })
         .await
@@ -291,8 +210,8 @@ impl InternVl for InternVlService {
         request: Request<proto::GetModelInfoRequest>,
     ) -> Result<Response<proto::ModelInfo>, Status> {
         self.unary("GetModelInfo", request, |_, _| async move {
-            let info = self.engine.info().map_err(status)?;
-            Ok(convert::model_info(info, self.media.schemes()))
+            let info = self.front.engine().info().map_err(status)?;
+            Ok(convert::model_info(info, self.front.schemes()))
         })
         .await
     }

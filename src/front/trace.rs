@@ -3,19 +3,11 @@
 //! (the job carries it to the engine thread), so one request can be followed
 //! through the logs and joined with the mesh's traces.
 
-use tonic::metadata::MetadataMap;
 use tracing::field::Empty;
 use tracing::Span;
 
 /// The span of a call to `method`, with the trace id of its `traceparent`
-/// header when that header is well-formed.
-pub fn request_span(method: &'static str, metadata: &MetadataMap) -> Span {
-    let traceparent = metadata.get("traceparent").and_then(|v| v.to_str().ok());
-    span_for(method, traceparent)
-}
-
-/// [`request_span`] from a `traceparent` value however the transport carried
-/// it (the HTTP API reads it from a header map).
+/// value (however the transport carried it) when that value is well-formed.
 pub fn span_for(method: &'static str, traceparent: Option<&str>) -> Span {
     let span = tracing::info_span!(
         "request",
