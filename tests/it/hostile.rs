@@ -460,6 +460,36 @@ async fn an_http_body_is_read_only_for_a_key_and_only_for_so_long() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_body_of_untyped_values_is_refused_at_its_first() {
+    let replica = Replica::start(&[]).await;
+    // 27 MiB of `[0,0,0,…]` as a message's content parts: read as untyped
+    // JSON values, 1.4 GiB before any check.
+    let zeros = "0,".repeat(14 << 20);
+    let body = format!("{{\"messages\":[{{\"role\":\"user\",\"content\":[{zeros}0]}}]}}");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+         authorization: Bearer {KEY_A}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let base = replica.reset_peak();
+    let status = raw_http(
+        replica.addr,
+        &head,
+        body.as_bytes(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let grew = replica.growth_mib(base);
+    println!("27 MiB of zeros as parts: {status:?}, peak RSS +{grew:.0} MiB");
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 400 ")),
+        "{status:?}"
+    );
+    // The body itself is held (27 MiB, then its buffer), nothing of it decoded.
+    assert!(grew < 128.0, "peak RSS rose {grew:.0} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_that_stop_reading_let_their_slots_go() {
     let replica = Replica::start(&[
         ("parallel", "2"),
