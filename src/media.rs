@@ -526,3 +526,37 @@ fn open_beneath(root: &Path, relative: &Path) -> Result<rustix::fd::OwnedFd, Fil
         _ => Err(FileError::NotRegular("not a file")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file checked by the policy, then swapped for a symlink that leads
+    /// out of the root before it is opened: the open refuses it (the check
+    /// and the open were by name before, so the swap escaped).
+    #[test]
+    fn a_file_swapped_for_a_symlink_after_its_check_is_not_read() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("a.png"), b"inside").unwrap();
+        std::fs::write(base.path().join("secret"), b"outside").unwrap();
+        let policy = MediaPolicy::new(&[], Some(&root)).unwrap();
+        let url = format!("file://{}", root.join("a.png").display());
+        let Ok(Target::File { root, relative }) = policy.check_url(&url) else {
+            panic!("a file under the root");
+        };
+        assert!(open_beneath(&root, &relative).is_ok());
+        std::fs::remove_file(root.join("a.png")).unwrap();
+        std::os::unix::fs::symlink(base.path().join("secret"), root.join("a.png")).unwrap();
+        assert!(matches!(
+            open_beneath(&root, &relative),
+            Err(FileError::Outside)
+        ));
+        // A link that stays inside is followed.
+        std::fs::write(root.join("b.png"), b"inside").unwrap();
+        std::fs::remove_file(root.join("a.png")).unwrap();
+        std::os::unix::fs::symlink("b.png", root.join("a.png")).unwrap();
+        assert!(open_beneath(&root, &relative).is_ok());
+    }
+}

@@ -178,13 +178,14 @@ async fn a_video_that_lies_about_its_frames_costs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiles_are_bounded_per_request_and_counted_as_they_are_cut() {
     let mut replica = Replica::start(&[("max_tiles_per_request", "24")]).await;
-    // 64x1 pixels at max_tiles 64: 65 tiles (16 MiB of tile pixels) from 70
-    // bytes of PNG, sixteen times per request, six requests at once.
+    // 64x1 pixels at the model's max_tiles (12): 13 tiles (7.5 MiB of tile
+    // pixels) from 70 bytes of PNG, sixteen times per request, six requests
+    // at once. (Before, max_tiles went to 64: 65 tiles an image.)
     let wide = png(64, 1);
     let part = || proto::Content {
         part: Some(proto::content::Part::Image(proto::Image {
             data: wide.clone(),
-            max_tiles: 64,
+            max_tiles: 12,
             ..Default::default()
         })),
     };
@@ -206,15 +207,31 @@ async fn tiles_are_bounded_per_request_and_counted_as_they_are_cut() {
     let grew = replica.growth_mib(base);
     println!("tile amplification: peak RSS +{grew:.0} MiB");
     for answer in answers {
-        let status = answer.expect_err("65 tiles is past 24");
+        let status = answer.expect_err("26 tiles is past 24");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert_eq!(field_of(&status), "messages[0].content[0].image");
+        assert_eq!(field_of(&status), "messages[0].content[1].image");
         assert!(
             status.message().contains("max_tiles_per_request"),
             "{status:?}"
         );
     }
     assert!(grew < 128.0, "peak RSS rose {grew:.0} MiB");
+    // More tiles than the model takes are refused by name.
+    let mut client = replica.client().await;
+    let mut beyond = part();
+    if let Some(proto::content::Part::Image(image)) = &mut beyond.part {
+        image.max_tiles = 64;
+    }
+    let status = client
+        .count_tokens(keyed(
+            proto::CountTokensRequest {
+                messages: vec![user(vec![beyond])],
+            },
+            KEY_A,
+        ))
+        .await
+        .expect_err("64 tiles for a 12-tile model");
+    assert_eq!(field_of(&status), "messages[0].content[0].image.max_tiles");
     replica.assert_alive();
 }
 

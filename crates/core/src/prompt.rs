@@ -587,6 +587,17 @@ impl<'a> PromptBuilder<'a> {
         } else {
             image.max_tiles
         };
+        if max > self.spec.max_tiles {
+            // More tiles than the model was trained to take cost memory and
+            // encoder time in proportion and help no answer.
+            return Err(EngineError::invalid(
+                format!("{field}.max_tiles"),
+                format!(
+                    "{max} is above this model's maximum of {} tiles",
+                    self.spec.max_tiles
+                ),
+            ));
+        }
         if min > max {
             return Err(EngineError::invalid(
                 format!("{field}.min_tiles"),
