@@ -56,35 +56,6 @@ pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
 type Result<T> = std::result::Result<T, EngineError>;
 
-/// Images and sampled video frames among `parts`: each becomes at least one tile.
-fn images_in<'a>(parts: impl Iterator<Item = &'a Part>) -> usize {
-    parts
-        .map(|p| match p {
-            Part::Text(_) => 0,
-            Part::Image(_) => 1,
-            Part::Video(v) => v.frames_hint(),
-        })
-        .sum()
-}
-
-fn check_images<'a>(
-    parts: impl Iterator<Item = &'a Part>,
-    field: &str,
-    limits: &Limits,
-) -> Result<()> {
-    let n = images_in(parts);
-    if n > limits.max_images {
-        return Err(invalid(
-            field,
-            format!(
-                "{n} images and video frames, at most {} per request",
-                limits.max_images
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> EngineError {
     EngineError::invalid(field, message)
 }
@@ -275,8 +246,9 @@ pub fn bound_tokenize(text: &str, limits: &Limits) -> Result<()> {
     Ok(())
 }
 
-/// Images and video frames among proto parts, counted as
-/// [`VideoInput::frames_hint`] counts them once validated.
+/// Images and video frames among proto parts (each at least one tile),
+/// counted as [`internvl_core::VideoInput::frames_hint`] counts them once
+/// validated.
 fn bound_media<'a>(
     content: impl Iterator<Item = &'a proto::Content>,
     field: &str,
@@ -321,11 +293,6 @@ pub fn messages(messages: Vec<proto::Message>, limits: &Limits) -> Result<Vec<Ch
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    check_images(
-        messages.iter().flat_map(|m| m.parts.iter()),
-        "messages",
-        limits,
-    )?;
     Ok(messages)
 }
 
@@ -482,9 +449,7 @@ pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedReque
             if input.content.is_empty() {
                 return Err(invalid(field, "input has no content"));
             }
-            let parts = parts(input.content, &field)?;
-            check_images(parts.iter(), &field, limits)?;
-            Ok(parts)
+            parts(input.content, &field)
         })
         .collect::<Result<Vec<_>>>()?;
     check_request_id(&request.request_id)?;
