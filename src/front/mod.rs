@@ -80,7 +80,7 @@ impl Front {
         validation::bound_messages(&message.messages, &self.limits)?;
         let mut admitted = self.engine.admit()?;
         let fetched = self.media.messages(&mut message.messages).await?;
-        let relabel = |e| fetched.relabel(self.engine.hinted(e));
+        let relabel = |e| fetched.relabel(e);
         let cache_salt = message.cache_salt.clone();
         let mut request = validation::generate(message, &self.limits).map_err(relabel)?;
         Span::current().record("request_id", request.request_id.as_str());
@@ -88,7 +88,8 @@ impl Front {
             .videos
             .messages(&mut request.messages, admitted.media())
             .await;
-        videos.map_err(relabel)?;
+        // The engine hints its own refusals; a decoder's needs the hint here.
+        videos.map_err(|e| relabel(self.engine.hinted(e)))?;
         request.deadline = deadline;
         request.partition = caller.partition(&cache_salt);
         self.engine
@@ -107,7 +108,7 @@ impl Front {
         validation::bound_embed(&message.inputs, &self.limits)?;
         let mut admitted = self.engine.admit()?;
         let fetched = self.media.embed_inputs(&mut message.inputs).await?;
-        let relabel = |e| fetched.relabel(self.engine.hinted(e));
+        let relabel = |e| fetched.relabel(e);
         let cache_salt = message.cache_salt.clone();
         let mut request = validation::embed(message, &self.limits).map_err(relabel)?;
         Span::current().record("request_id", request.request_id.as_str());
@@ -115,7 +116,7 @@ impl Front {
             .videos
             .embed_inputs(&mut request.inputs, admitted.media())
             .await;
-        videos.map_err(relabel)?;
+        videos.map_err(|e| relabel(self.engine.hinted(e)))?;
         request.deadline = deadline;
         request.partition = caller.partition(&cache_salt);
         self.engine.embed(request, admitted).await.map_err(relabel)
@@ -130,10 +131,10 @@ impl Front {
         validation::bound_messages(&message.messages, &self.limits)?;
         let mut admitted = self.engine.admit()?;
         let fetched = self.media.messages(&mut message.messages).await?;
-        let relabel = |e| fetched.relabel(self.engine.hinted(e));
+        let relabel = |e| fetched.relabel(e);
         let mut messages = validation::messages(message.messages, &self.limits).map_err(relabel)?;
         let videos = self.videos.messages(&mut messages, admitted.media()).await;
-        videos.map_err(relabel)?;
+        videos.map_err(|e| relabel(self.engine.hinted(e)))?;
         self.engine
             .count_tokens(messages, &mut admitted)
             .await

@@ -8,8 +8,6 @@
 //! `http_body_timeout_secs` and `max_message_bytes`; the handler gets the
 //! bytes and the [`Caller`].
 
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -95,15 +93,12 @@ async fn admit(api: &OpenAi, request: Request) -> Result<Request, ApiError> {
                 None,
                 format!(
                     "request body: not received within {} s (http_body_timeout_secs)",
-                    secs(api.body_timeout)
+                    api.body_timeout.as_secs_f64()
                 ),
             ))
         }
         Ok(Err(e)) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.into_inner().is::<http_body_util::LengthLimitError>();
-            if over {
+            if past_limit(e) {
                 return Err(too_large());
             }
             return Err(refused(
@@ -119,6 +114,23 @@ async fn admit(api: &OpenAi, request: Request) -> Result<Request, ApiError> {
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
+/// Whether reading a body failed because it passed its limit (a body that
+/// declared no length, or less than it sent).
+fn past_limit(error: axum::Error) -> bool {
+    error.into_inner().is::<http_body_util::LengthLimitError>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_past_its_limit_is_told_from_other_failures() {
+        let over = axum::body::to_bytes(Body::from(vec![0u8; 10]), 5);
+        let over = tokio::runtime::Runtime::new().unwrap().block_on(over);
+        assert!(past_limit(over.unwrap_err()));
+        assert!(!past_limit(axum::Error::new(std::io::Error::other(
+            "reset"
+        ))));
+    }
 }

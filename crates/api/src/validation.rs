@@ -369,8 +369,8 @@ pub fn generate(request: proto::GenerateRequest, limits: &Limits) -> Result<Gene
             ));
         }
     }
-    check_request_id(&request.request_id)?;
-    check_cache_salt(&request.cache_salt)?;
+    check_label("request_id", &request.request_id)?;
+    check_label("cache_salt", &request.cache_salt)?;
     Ok(GenerateRequest {
         sampling: sampling(request.sampling)?,
         messages: messages(request.messages, limits)?,
@@ -405,22 +405,12 @@ fn response_format(format: proto::ResponseFormat) -> Result<ResponseFormat> {
     })
 }
 
-/// A `request_id` goes into every log line of its request: bounded.
-fn check_request_id(id: &str) -> Result<()> {
-    if id.len() > MAX_REQUEST_ID_BYTES {
+/// A short label of the caller's: `request_id` goes into every log line
+/// of its request, `cache_salt` is hashed once per request; both bounded.
+fn check_label(field: &str, value: &str) -> Result<()> {
+    if value.len() > MAX_REQUEST_ID_BYTES {
         return Err(invalid(
-            "request_id",
-            format!("longer than {MAX_REQUEST_ID_BYTES} bytes"),
-        ));
-    }
-    Ok(())
-}
-
-/// A `cache_salt` is hashed once per request: bounded all the same.
-fn check_cache_salt(salt: &str) -> Result<()> {
-    if salt.len() > MAX_REQUEST_ID_BYTES {
-        return Err(invalid(
-            "cache_salt",
+            field,
             format!("longer than {MAX_REQUEST_ID_BYTES} bytes"),
         ));
     }
@@ -452,8 +442,8 @@ pub fn embed(request: proto::EmbedRequest, limits: &Limits) -> Result<EmbedReque
             parts(input.content, &field)
         })
         .collect::<Result<Vec<_>>>()?;
-    check_request_id(&request.request_id)?;
-    check_cache_salt(&request.cache_salt)?;
+    check_label("request_id", &request.request_id)?;
+    check_label("cache_salt", &request.cache_salt)?;
     Ok(EmbedRequest {
         inputs,
         pooling,

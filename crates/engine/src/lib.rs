@@ -47,7 +47,7 @@ pub use worker::SlotPhase;
 
 use internvl_core::media_budget::{MediaBudget, MediaHold};
 use prompt::Prompt;
-use protocol::{EmbedJob, GenerateJob, InFlight, Job, Lifecycle};
+use protocol::{EmbedJob, GenerateJob, Job, Lifecycle};
 
 /// ggml's devices, after adding those of `rpc_servers` (`internvl-grpc
 /// devices`), with its Vulkan backend on `vulkan_devices`.
@@ -105,7 +105,7 @@ impl Engine {
         let (state_tx, state) = watch::channel(EngineState::Loading);
         let stream_buffer = settings.stream_buffer.max(1);
         let stream_stall = settings.stream_stall;
-        let settings_media = settings.media_memory_bytes;
+        let media_budget = MediaBudget::new(settings.media_memory_bytes);
         let lifecycle = Arc::new(Lifecycle::new(settings.context.n_seq_max, capacity));
         let worker_lifecycle = lifecycle.clone();
         std::thread::Builder::new()
@@ -118,7 +118,7 @@ impl Engine {
             stream_buffer,
             stream_stall,
             lifecycle,
-            media_budget: MediaBudget::new(settings_media),
+            media_budget,
         })
     }
 
@@ -272,8 +272,15 @@ impl Engine {
     /// drains. Taken first, before the request's media are fetched or
     /// decoded: its place is held until it is answered, with the request's
     /// share of `media_memory_mb` ([`Admission::media`]).
+    ///
+    /// Counted before it is queued, so a drain never sees a job in neither
+    /// place; and checked against capacity in the same step, so a burst of
+    /// calls cannot overshoot it while the engine thread is still waking.
     pub fn admit(&self) -> Result<Admission, EngineError> {
-        let mut place = self.take_place()?;
+        if self.is_draining() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let mut place = self.lifecycle.admit().ok_or_else(|| self.full())?;
         place.media = MediaHold::new(&self.media_budget);
         Ok(Admission(place))
     }
@@ -505,17 +512,6 @@ impl Engine {
                 .map_err(|_| EngineError::Fault("the engine ended without answering".into()))?,
             why = protocol::faulted(self.state.clone()) => Err(why),
         }
-    }
-
-    /// Counts a request in flight, or refuses it while draining or full.
-    /// Counted before it is queued, so a drain never sees a job in neither
-    /// place; and checked against capacity in the same step, so a burst of
-    /// calls cannot overshoot it while the engine thread is still waking.
-    fn take_place(&self) -> Result<InFlight, EngineError> {
-        if self.is_draining() {
-            return Err(EngineError::ShuttingDown);
-        }
-        self.lifecycle.admit().ok_or_else(|| self.full())
     }
 
     fn full(&self) -> EngineError {

@@ -22,14 +22,15 @@ pub(super) struct Outbox {
     /// No event will be added: the last pending one ends the stream.
     closed: bool,
     /// A place kept in the channel from the start, for the one event a
-    /// stalled stream still gets: why it ended.
+    /// stream ended early still gets: why it ended.
     last_word: Option<mpsc::OwnedPermit<EventResult>>,
     /// How long the client may take no event while events wait.
     stall: Duration,
     /// Since when events have waited on a full channel.
     full_since: Option<Instant>,
-    /// Ended for a client that stopped reading: nothing more is sent.
-    stalled: bool,
+    /// Ended early (its client stopped reading, or the engine failed):
+    /// nothing more is sent.
+    ended: bool,
 }
 
 impl Outbox {
@@ -50,7 +51,7 @@ impl Outbox {
             closed: false,
             stall,
             full_since: None,
-            stalled: false,
+            ended: false,
         }
     }
 
@@ -68,7 +69,7 @@ impl Outbox {
     /// why once it reads on. Nothing is sent after it.
     pub(super) fn end_with(&mut self, error: EngineError) {
         let _ = self.hand_over();
-        self.stalled = true;
+        self.ended = true;
         self.pending.clear();
         self.in_flight = None;
         match self.last_word.take() {
@@ -91,7 +92,7 @@ impl Outbox {
     /// ([`EngineError::StreamStalled`]: the stream is over, its slot to be
     /// freed).
     pub(super) fn flush(&mut self) -> Result<(), EngineError> {
-        if self.stalled {
+        if self.ended {
             self.pending.clear();
             return Err(EngineError::ClientGone);
         }
