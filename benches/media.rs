@@ -2,12 +2,13 @@
 //! service runs them (`internvl_grpc::media::Fetcher`,
 //! `internvl_grpc::video::VideoDecoder`), median of the repeats:
 //!
-//! - one FFmpeg call: `ffmpeg -version` under `prlimit` alone, and under
-//!   `prlimit` and `bwrap` (`media_video_sandbox`): what the subprocess and
-//!   its sandbox cost per call, before any decoding;
+//! - one FFmpeg call: `ffmpeg -version` under each `media_video_sandbox`
+//!   (`off`: resource limits; `landlock`: Landlock and seccomp; `auto`:
+//!   those inside bubblewrap): what the subprocess and its confinement cost
+//!   per call, before any decoding;
 //! - decoding: the fixture clips (320x240, 16 frames) and a generated
 //!   1280x720 H.264 clip (`INTERNVL_BENCH_VIDEO_SECS`, 10 s at 30 fps),
-//!   8 frames sampled, sandbox on and off; per MB of file and per sampled
+//!   8 frames sampled, under each; per MB of file and per sampled
 //!   frame;
 //! - fetching: `INTERNVL_BENCH_FETCH_MB` (32) MiB from a loopback HTTP
 //!   server, per MB.
@@ -22,7 +23,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use internvl_core::Sampling;
+use internvl_core::{Sampling, VideoSandbox};
 use internvl_grpc::config::Config;
 use internvl_grpc::media::Fetcher;
 use internvl_grpc::video::VideoDecoder;
@@ -35,9 +36,10 @@ fn ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1e3
 }
 
-fn decoder(sandbox: bool) -> VideoDecoder {
+fn decoder(sandbox: VideoSandbox) -> VideoDecoder {
     VideoDecoder::new(&Config {
         media_video_sandbox: sandbox,
+        media_confine_program: Some(env!("CARGO_BIN_EXE_internvl-grpc").into()),
         ..Config::default()
     })
 }
@@ -95,7 +97,11 @@ async fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("media bench: {cores} cores, {repeats} repeats, medians");
 
-    for sandbox in [false, true] {
+    for sandbox in [
+        VideoSandbox::Off,
+        VideoSandbox::Landlock,
+        VideoSandbox::Auto,
+    ] {
         let mut decoder = decoder(sandbox);
         let version = decoder.check().await.expect("ffmpeg runs");
         let mut times = Vec::new();
@@ -105,7 +111,8 @@ async fn main() {
             times.push(ms(started));
         }
         println!(
-            "ffmpeg -version, sandbox {sandbox:5}: {:6.1} ms per call ({version})",
+            "ffmpeg -version, sandbox {:8}: {:6.1} ms per call ({version})",
+            sandbox.to_string(),
             median(times)
         );
     }
@@ -126,8 +133,13 @@ async fn main() {
         fps: 0.0,
     };
     for (name, data) in &clips {
-        for sandbox in [false, true] {
-            let decoder = decoder(sandbox);
+        for sandbox in [
+            VideoSandbox::Off,
+            VideoSandbox::Landlock,
+            VideoSandbox::Auto,
+        ] {
+            let mut decoder = decoder(sandbox);
+            decoder.check().await.expect("ffmpeg runs");
             let mut times = Vec::new();
             for _ in 0..repeats {
                 let started = Instant::now();
@@ -142,9 +154,10 @@ async fn main() {
             let t = median(times);
             let mb = data.len() as f64 / (1024.0 * 1024.0);
             println!(
-                "decode {name:18} ({:7.2} MiB), 8 frames, sandbox {sandbox:5}: {t:7.1} ms \
+                "decode {name:18} ({:7.2} MiB), 8 frames, sandbox {:8}: {t:7.1} ms \
                  = {:7.1} ms/MiB, {:5.1} ms/frame",
                 mb,
+                sandbox.to_string(),
                 t / mb,
                 t / 8.0
             );

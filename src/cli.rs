@@ -46,6 +46,37 @@ pub enum Command {
     /// `rpc_servers`), as llama.cpp's rpc-server does. The protocol has no
     /// authentication: private networks only.
     RpcServer(RpcServerArgs),
+    /// Run a program under the video decoder's confinement (the server
+    /// starts FFmpeg this way; see `media_video_sandbox`).
+    #[command(hide = true)]
+    Confine(ConfineArgs),
+}
+
+/// Flags of `confine` (src/confine.rs).
+#[derive(Debug, Args)]
+pub struct ConfineArgs {
+    /// Address space the program may map, in bytes.
+    #[arg(long)]
+    pub memory_bytes: u64,
+    /// Resource limits only: no Landlock, no seccomp filter.
+    #[arg(long)]
+    pub limits_only: bool,
+    /// The program, by path, and its arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+impl ConfineArgs {
+    /// The run these flags ask for.
+    pub fn request(self) -> crate::confine::Request {
+        let mut command = self.command.into_iter();
+        crate::confine::Request {
+            memory_bytes: self.memory_bytes,
+            limits_only: self.limits_only,
+            program: command.next().unwrap_or_default().into(),
+            args: command.collect(),
+        }
+    }
 }
 
 /// Flags of `devices`.
@@ -116,8 +147,9 @@ pub fn rpc_server(args: RpcServerArgs) -> ClientResult {
 /// Flags of `health`.
 #[derive(Debug, Args)]
 pub struct HealthArgs {
-    /// Server address; https:// for TLS.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// Server address: host:port (plain TCP, as grpc-health-probe takes it),
+    /// http://host:port, or https://host:port for TLS.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     pub addr: String,
     /// Service to ask about: "" is the whole server, `internvl.v1.InternVL` the model service.
     #[arg(long, default_value = "")]
@@ -311,11 +343,21 @@ pub fn config(args: ConfigArgs) -> ClientResult {
     Ok(())
 }
 
+/// `addr` as a URI: `host:port` (as grpc-health-probe's `-addr` takes it)
+/// is plain TCP, `http://host:port` too; `https://` selects TLS.
+pub fn uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 /// Where the server is.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Server address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// Server address: host:port, or http:// or https:// before it.
+    #[arg(long, default_value = "127.0.0.1:50051")]
     pub addr: String,
 }
 
@@ -363,7 +405,7 @@ type ClientResult = Result<(), Box<dyn std::error::Error>>;
 async fn connect(
     args: &ClientArgs,
 ) -> Result<InternVlClient<tonic::transport::Channel>, Box<dyn std::error::Error>> {
-    Ok(InternVlClient::connect(args.addr.clone())
+    Ok(InternVlClient::connect(uri(&args.addr))
         .await?
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
@@ -478,7 +520,7 @@ pub async fn health(args: HealthArgs) -> ClientResult {
         return Err("--timeout must be a positive number of seconds".into());
     }
     let timeout = std::time::Duration::from_secs_f64(args.timeout);
-    let mut endpoint = Endpoint::from_shared(args.addr.clone())
+    let mut endpoint = Endpoint::from_shared(uri(&args.addr))
         .map_err(|e| format!("--addr {}: {e}", args.addr))?
         .connect_timeout(timeout)
         .timeout(timeout);
@@ -558,6 +600,10 @@ pub async fn info(args: ClientArgs) -> ClientResult {
     println!("offload:       {}", info.offload);
     println!("parallel:      {} sequences", info.parallel);
     println!("media URLs:    {}", info.media_schemes.join(", "));
+    match info.video_files.unwrap_or_default() {
+        v if v.enabled => println!("video files:   on, {} ({})", v.confinement, v.detail),
+        v => println!("video files:   off: {}", v.detail),
+    }
     Ok(())
 }
 
@@ -626,4 +672,17 @@ pub fn pull(args: PullArgs) -> ClientResult {
     println!("{}", paths.model.display());
     println!("{}", paths.mmproj.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_without_a_scheme_is_plain_tcp() {
+        assert_eq!(uri("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(uri("[::1]:50051"), "http://[::1]:50051");
+        assert_eq!(uri("http://host:1"), "http://host:1");
+        assert_eq!(uri("https://host:1"), "https://host:1");
+    }
 }

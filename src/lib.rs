@@ -10,10 +10,13 @@
 //! (llama.cpp), all on `internvl-core`. `docs/ARCHITECTURE.md` walks one
 //! request through them, file by file.
 
-// llama.cpp's unsafe code lives in `internvl-llama` alone.
-#![forbid(unsafe_code)]
+// llama.cpp's unsafe code lives in `internvl-llama`; the one exception is
+// `confine::close_from_3` (closing inherited descriptors before FFmpeg's
+// exec), allowed there by name.
+#![deny(unsafe_code)]
 
 pub mod cli;
+pub mod confine;
 pub mod front;
 pub mod media;
 pub use internvl_engine as engine;
@@ -267,7 +270,11 @@ async fn routes(
     // sandbox cannot run still serves everything else, says why once here,
     // and answers each video file with FAILED_PRECONDITION and that reason.
     match videos.check().await {
-        Ok(version) => tracing::info!(ffmpeg = %version, "video files on"),
+        Ok(version) => tracing::info!(
+            ffmpeg = %version,
+            confinement = videos.confinement().map(|(how, _)| how).unwrap_or_default(),
+            "video files on"
+        ),
         Err(why) => tracing::warn!("video files off: {why}"),
     }
     let front = front::Front::new(

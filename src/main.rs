@@ -55,10 +55,30 @@ async fn serve(args: cli::ServeArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    // Before any thread exists: the confinement applies to the calling
+    // thread, then becomes FFmpeg by exec.
+    if let Command::Confine(args) = cli.command {
+        let error = internvl_grpc::confine::exec(&args.request());
+        eprintln!("internvl-grpc confine: {error}");
+        return ExitCode::from(126);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    let result = match command {
         Command::Serve(args) => serve(*args).await,
         Command::Generate(args) => cli::generate(args).await.map_err(|e| e.to_string()),
         Command::Embed(args) => cli::embed(args).await.map_err(|e| e.to_string()),
@@ -80,6 +100,7 @@ async fn main() -> ExitCode {
                 .await
                 .unwrap_or_else(|e| Err(format!("pull panicked: {e}")))
         }
+        Command::Confine(_) => unreachable!("handled before the runtime starts"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,10 +12,14 @@
 //! - may read it through the `file` protocol only, with the demuxers and
 //!   decoders in [`FORMATS`] and [`CODECS`] (no network, no `concat`, no
 //!   playlists);
-//! - runs under `prlimit` (address space `media_video_memory_mb`, no core
-//!   file) and, with `media_video_sandbox`, under bubblewrap: no network, no
-//!   file but the system's read-only `/usr`, a new session, no capabilities,
-//!   killed with the server;
+//! - is started by this binary's `confine` subcommand (`crate::confine`):
+//!   resource limits (address space `media_video_memory_mb`, no core file,
+//!   no file written), no inherited descriptor, then, unless
+//!   `media_video_sandbox = off`, Landlock (nothing read but the system's
+//!   `/usr`, nothing written) and a seccomp filter (no socket, no other
+//!   process, no namespace); with `auto`, inside bubblewrap's namespaces too
+//!   where this machine lets it make them (not in a pod under the
+//!   runtime's default seccomp profile);
 //! - is killed past `media_video_timeout_secs`.
 //!
 //! `ffprobe` reads the stream's size, frame count and rate first (demuxing
@@ -30,7 +34,7 @@ use image::RgbImage;
 use internvl_api::config::Config;
 use internvl_core::error::{EngineError, MediaFailure};
 use internvl_core::media_budget::MediaHold;
-use internvl_core::{ChatMessage, DecodeLimits, Part, Sampling, VideoSource};
+use internvl_core::{ChatMessage, DecodeLimits, Part, Sampling, VideoSandbox, VideoSource};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::Semaphore;
@@ -45,11 +49,48 @@ pub const CODECS: &str = "h264,hevc,vp8,vp9,libdav1d,av1,mpeg4,\
 /// Most of FFmpeg's error output kept for a message.
 const STDERR_BYTES: usize = 4096;
 
+/// How each FFmpeg run is started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Launch {
+    /// bubblewrap's namespaces, and inside them the confinement.
+    Namespaces,
+    /// The confinement alone (`src/confine.rs`).
+    Confined,
+    /// Resource limits only.
+    LimitsOnly,
+}
+
+impl Launch {
+    /// What `sandbox` allows, strongest first.
+    fn candidates(sandbox: VideoSandbox) -> &'static [Launch] {
+        match sandbox {
+            VideoSandbox::Auto => &[Launch::Namespaces, Launch::Confined],
+            VideoSandbox::Landlock => &[Launch::Confined],
+            VideoSandbox::Off => &[Launch::LimitsOnly],
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Launch::Namespaces => "bubblewrap namespaces, Landlock and seccomp",
+            Launch::Confined => "Landlock and seccomp",
+            Launch::LimitsOnly => "resource limits only (media_video_sandbox = off)",
+        }
+    }
+}
+
 /// Decodes video files for requests.
 pub struct VideoDecoder {
     /// FFmpeg and ffprobe, or why video files are off.
     programs: Result<(PathBuf, PathBuf), String>,
-    sandbox: bool,
+    sandbox: VideoSandbox,
+    /// How FFmpeg is started: the strongest of `sandbox`'s candidates, once
+    /// [`Self::check`] has found which runs.
+    launch: Launch,
+    /// The binary whose `confine` subcommand starts FFmpeg.
+    helper: PathBuf,
+    /// FFmpeg's version line, once checked.
+    version: String,
     timeout: Duration,
     memory_bytes: u64,
     max_decoded_bytes: u64,
@@ -149,6 +190,13 @@ impl VideoDecoder {
         Self {
             programs,
             sandbox: config.media_video_sandbox,
+            launch: Launch::candidates(config.media_video_sandbox)[0],
+            helper: config
+                .media_confine_program
+                .clone()
+                .or_else(|| std::env::current_exe().ok())
+                .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
+            version: String::new(),
             timeout: Duration::from_secs_f64(config.media_video_timeout_secs),
             memory_bytes: config.media_video_memory_mb.saturating_mul(1024 * 1024),
             max_decoded_bytes: config
@@ -169,26 +217,37 @@ impl VideoDecoder {
     /// reason (decided here, once: a sandbox that cannot start is the
     /// deployment's fault, not the file's).
     pub async fn check(&mut self) -> Result<String, String> {
-        let checked = self.try_run().await;
-        if let Err(why) = &checked {
+        let mut failures = Vec::new();
+        for &launch in Launch::candidates(self.sandbox) {
+            match self.try_run(launch).await {
+                Ok(version) => {
+                    self.launch = launch;
+                    self.version.clone_from(&version);
+                    return Ok(version);
+                }
+                Err(why) => failures.push(why),
+            }
+        }
+        let why = failures.join("; ");
+        if self.programs.is_ok() {
             self.programs = Err(why.clone());
         }
-        checked
+        Err(why)
     }
 
-    async fn try_run(&self) -> Result<String, String> {
+    async fn try_run(&self, launch: Launch) -> Result<String, String> {
         let (ffmpeg, _) = self.programs.as_ref().map_err(Clone::clone)?;
         let input = Self::input(&[]).map_err(|e| e.to_string())?;
         let output = self
-            .command(ffmpeg, &["-version".to_string()], input)
+            .command(launch, ffmpeg, &["-version".to_string()], input)
             .output()
             .await
-            .map_err(|e| format!("cannot run {}: {e}", self.launcher()))?;
+            .map_err(|e| format!("cannot run {}: {e}", launch.describe()))?;
         if !output.status.success() {
             return Err(format!(
                 "{} -version failed under {}: {}",
                 ffmpeg.display(),
-                self.launcher(),
+                launch.describe(),
                 complaint(&output.stderr)
             ));
         }
@@ -199,24 +258,26 @@ impl VideoDecoder {
             .to_string())
     }
 
-    fn launcher(&self) -> &'static str {
-        if self.sandbox {
-            "prlimit and bwrap (media_video_sandbox)"
-        } else {
-            "prlimit"
+    /// How FFmpeg runs here and its version line (after [`Self::check`]),
+    /// or why video files are off.
+    pub fn confinement(&self) -> Result<(&'static str, &str), &str> {
+        match &self.programs {
+            Ok(_) => Ok((self.launch.describe(), &self.version)),
+            Err(why) => Err(why),
         }
     }
 
-    /// `program args…` under the limits and, when configured, the sandbox,
-    /// reading `input` on stdin.
-    fn command(&self, program: &Path, args: &[String], input: std::fs::File) -> Command {
-        let mut command = Command::new("prlimit");
-        command
-            .arg(format!("--as={}", self.memory_bytes))
-            .arg("--core=0")
-            .arg("--");
-        if self.sandbox {
-            command.arg("bwrap").args([
+    /// `program args…` as `launch` starts it, reading `input` on stdin.
+    fn command(
+        &self,
+        launch: Launch,
+        program: &Path,
+        args: &[String],
+        input: std::fs::File,
+    ) -> Command {
+        let mut command = if launch == Launch::Namespaces {
+            let mut bwrap = Command::new("bwrap");
+            bwrap.args([
                 "--unshare-all",
                 "--die-with-parent",
                 "--new-session",
@@ -234,10 +295,6 @@ impl VideoDecoder {
                 "--symlink",
                 "usr/bin",
                 "/bin",
-                // Debian's BLAS and LAPACK, which FFmpeg links, resolve through these.
-                "--ro-bind-try",
-                "/etc/alternatives",
-                "/etc/alternatives",
                 "--ro-bind-try",
                 "/etc/ld.so.cache",
                 "/etc/ld.so.cache",
@@ -246,15 +303,28 @@ impl VideoDecoder {
                 "--dev",
                 "/dev",
             ]);
-            // A program outside /usr brings its own folder, read-only.
-            if let Some(dir) = program.parent().filter(|d| !d.starts_with("/usr")) {
-                command.arg("--ro-bind").arg(dir).arg(dir);
+            // A program outside /usr brings its own folder, read-only; so
+            // does the confining binary (with the libraries beside it).
+            for folder in [program.parent(), self.helper.parent()]
+                .into_iter()
+                .flatten()
+                .filter(|d| !d.starts_with("/usr"))
+            {
+                bwrap.arg("--ro-bind").arg(folder).arg(folder);
             }
-            command.arg("--");
-        }
+            bwrap.arg("--").arg(&self.helper);
+            bwrap
+        } else {
+            Command::new(&self.helper)
+        };
+        let request = crate::confine::Request {
+            memory_bytes: self.memory_bytes,
+            limits_only: launch == Launch::LimitsOnly,
+            program: program.to_path_buf(),
+            args: args.iter().map(Into::into).collect(),
+        };
         command
-            .arg(program)
-            .args(args)
+            .args(request.to_args())
             .env_clear()
             .stdin(Stdio::from(input))
             .stdout(Stdio::piped())
@@ -406,7 +476,7 @@ impl VideoDecoder {
             .map(String::from),
         );
         let output = self
-            .command(ffprobe, &args, Self::stdin(input)?)
+            .command(self.launch, ffprobe, &args, Self::stdin(input)?)
             .output()
             .await
             .map_err(|e| failure(field, MediaFailure::Unavailable, format!("ffprobe: {e}")))?;
@@ -449,7 +519,7 @@ impl VideoDecoder {
         )?;
         let args = Self::decode_args(&indices);
         let mut child = self
-            .command(ffmpeg, &args, Self::stdin(input)?)
+            .command(self.launch, ffmpeg, &args, Self::stdin(input)?)
             .spawn()
             .map_err(|e| failure(field, MediaFailure::Unavailable, format!("ffmpeg: {e}")))?;
         let mut stdout = child.stdout.take().expect("piped");

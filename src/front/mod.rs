@@ -66,6 +66,11 @@ impl Front {
         self.media.schemes()
     }
 
+    /// Whether video files are decoded here, and how.
+    pub fn videos(&self) -> &VideoDecoder {
+        &self.videos
+    }
+
     /// A Generate request from its proto form to the engine's events: its
     /// counts bounded, a place in flight taken, media URLs fetched,
     /// validated, video files decoded, queued. Every transport (gRPC, the

@@ -98,9 +98,26 @@ pub(super) fn count_response(count: TokenCount) -> proto::CountTokensResponse {
 }
 
 /// GetModelInfo's answer; `media_schemes` are the fetcher's.
-pub(super) fn model_info(info: ModelInfo, media_schemes: Vec<&str>) -> proto::ModelInfo {
+pub(super) fn model_info(
+    info: ModelInfo,
+    media_schemes: Vec<&str>,
+    videos: &crate::video::VideoDecoder,
+) -> proto::ModelInfo {
     let tiles = info.tiles;
+    let video_files = match videos.confinement() {
+        Ok((confinement, version)) => proto::VideoFiles {
+            enabled: true,
+            confinement: confinement.to_string(),
+            detail: version.to_string(),
+        },
+        Err(why) => proto::VideoFiles {
+            enabled: false,
+            confinement: String::new(),
+            detail: why.to_string(),
+        },
+    };
     proto::ModelInfo {
+        video_files: Some(video_files),
         media_schemes: media_schemes.into_iter().map(String::from).collect(),
         name: info.name,
         architecture: info.architecture,

@@ -211,7 +211,11 @@ impl InternVl for InternVlService {
     ) -> Result<Response<proto::ModelInfo>, Status> {
         self.unary("GetModelInfo", request, |_, _| async move {
             let info = self.front.engine().info().map_err(status)?;
-            Ok(convert::model_info(info, self.front.schemes()))
+            Ok(convert::model_info(
+                info,
+                self.front.schemes(),
+                self.front.videos(),
+            ))
         })
         .await
     }

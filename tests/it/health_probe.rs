@@ -48,6 +48,11 @@ async fn the_probe_follows_loading_serving_and_drain() {
 
     let out = probe(&["--addr", &addr, "--service", "internvl.v1.InternVL"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // host:port, as grpc-health-probe's -addr and most probes write it.
+    let bare = server.addr.to_string();
+    let out = probe(&["--addr", &bare]).await;
+    assert!(out.status.success(), "--addr {bare}: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "SERVING");
     let out = probe(&["--addr", &addr, "--service", "no.such.Service"]).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);

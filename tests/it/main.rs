@@ -10,6 +10,7 @@ mod bad_input;
 mod batching;
 mod cancel;
 mod catalog;
+mod confine;
 mod drain;
 mod health_probe;
 mod hostile;

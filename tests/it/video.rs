@@ -14,7 +14,8 @@ use tonic::Code;
 
 use crate::common;
 use common::*;
-use internvl_core::Sampling;
+use internvl_core::{Sampling, VideoSandbox};
+use internvl_grpc::config::Config;
 use internvl_grpc::service::proto;
 use internvl_grpc::video::VideoDecoder;
 
@@ -59,8 +60,20 @@ fn field_of(status: &tonic::Status) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoded_frames_are_pyavs_bit_for_bit() {
-    let mut decoder = VideoDecoder::new(&tiny_config());
-    decoder.check().await.expect("FFmpeg runs in its sandbox");
+    for sandbox in [VideoSandbox::Landlock, VideoSandbox::Auto] {
+        let config = Config {
+            media_video_sandbox: sandbox,
+            ..tiny_config()
+        };
+        let mut decoder = VideoDecoder::new(&config);
+        let version = decoder.check().await.expect("FFmpeg runs in its sandbox");
+        let (how, _) = decoder.confinement().unwrap();
+        eprintln!("media_video_sandbox = {sandbox}: {how} ({version})");
+        frames_match_pyav(&decoder).await;
+    }
+}
+
+async fn frames_match_pyav(decoder: &VideoDecoder) {
     for name in CLIPS {
         let data = clip(name);
         let every = Sampling {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use internvl_core::settings::{ContextParams, ModelParams, VisionParams};
 use internvl_core::{
-    DecodeLimits, EngineSettings, FlashAttn, FormatLimits, KvCacheType, SplitMode,
+    DecodeLimits, EngineSettings, FlashAttn, FormatLimits, KvCacheType, SplitMode, VideoSandbox,
 };
 
 /// Everything a deployment can set. Field names are the TOML keys and, upper-cased
@@ -213,10 +213,17 @@ pub struct Config {
     /// `Video.url`): a path, or a name found on `PATH`; `ffprobe` must be
     /// beside it. Empty = video files are refused.
     pub media_ffmpeg: String,
-    /// Run FFmpeg under bubblewrap (`bwrap`): no network, no files but the
-    /// read-only `/usr`, no capabilities. Turn off only where the platform
-    /// cannot create user namespaces and isolates the server itself.
-    pub media_video_sandbox: bool,
+    /// How FFmpeg is confined: `auto` = Landlock and a seccomp filter of the
+    /// server's own (no network, no socket, nothing read but `/usr`, nothing
+    /// written, no other process touched), inside bubblewrap's namespaces
+    /// where they can be made; `landlock` = never bubblewrap; `off` =
+    /// resource limits only. When the chosen confinement cannot run, video
+    /// files are off, never unconfined.
+    pub media_video_sandbox: VideoSandbox,
+    /// The program that confines FFmpeg (`PROGRAM confine …`); unset = this
+    /// server's own binary. For a test harness or a build that installs it
+    /// apart.
+    pub media_confine_program: Option<PathBuf>,
     /// Seconds one video file's decoding may take (the call's deadline
     /// bounds it too).
     pub media_video_timeout_secs: f64,
@@ -305,7 +312,8 @@ impl Default for Config {
             media_fetch_timeout_secs: 30.0,
             media_max_redirects: 3,
             media_ffmpeg: "ffmpeg".into(),
-            media_video_sandbox: true,
+            media_video_sandbox: VideoSandbox::Auto,
+            media_confine_program: None,
             media_video_timeout_secs: 30.0,
             media_video_memory_mb: 1024,
             media_video_max_decoded_mb: 256,

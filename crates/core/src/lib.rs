@@ -36,7 +36,7 @@ pub use error::EngineError;
 pub use placement::{Buffer, BufferKind, Device, DeviceKind, Placement};
 pub use prompt::{ChatMessage, ImageGrid, ImageInput, Part, Role, VideoInput, VideoSource};
 pub use sampling::SamplingParams;
-pub use settings::{EngineSettings, FlashAttn, KvCacheType, SplitMode};
+pub use settings::{EngineSettings, FlashAttn, KvCacheType, SplitMode, VideoSandbox};
 pub use types::*;
 pub use video::Sampling;
 pub use vision::{DecodeLimits, TileSpec};

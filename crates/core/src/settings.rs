@@ -161,6 +161,22 @@ pub enum FlashAttn {
     Off,
 }
 
+/// How FFmpeg is confined when it decodes a video file (`src/confine.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VideoSandbox {
+    /// Landlock and a seccomp filter, inside bubblewrap's namespaces where
+    /// this machine lets an unprivileged process make them; Landlock and
+    /// seccomp alone where it does not (a pod under the runtime's default
+    /// seccomp profile). Video files are off when neither can run.
+    #[default]
+    Auto,
+    /// Landlock and a seccomp filter, never bubblewrap.
+    Landlock,
+    /// Resource limits only: FFmpeg reads what the server can read and
+    /// reaches what it can reach.
+    Off,
+}
+
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvCacheType {
@@ -256,6 +272,8 @@ macro_rules! choice_names {
 
 choice_names!(SplitMode { None => "none", Layer => "layer", Row => "row" });
 choice_names!(FlashAttn { Auto => "auto", On => "on" | "true", Off => "off" | "false" });
+// "true" and "false" are what the key took when it was a switch.
+choice_names!(VideoSandbox { Auto => "auto" | "true", Landlock => "landlock", Off => "off" | "false" });
 choice_names!(KvCacheType {
     Auto => "auto",
     F32 => "f32",

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod hub;
+pub mod oci;
 pub mod parity;
 pub mod rpc;
 
@@ -167,6 +168,9 @@ impl Family {
             model: self.preset.into(),
             threads: 1,
             cache_dir: Some(test_cache_dir()),
+            // The server runs inside this test binary; FFmpeg's confinement
+            // is the server binary's subcommand.
+            media_confine_program: Some(env!("CARGO_BIN_EXE_internvl-grpc").into()),
             ..Config::default()
         };
         if std::env::var_os("TEST_INTERNVL_FROM_ENV").is_none() {
@@ -178,6 +182,10 @@ impl Family {
             (
                 "cache_dir".to_string(),
                 test_cache_dir().display().to_string(),
+            ),
+            (
+                "media_confine_program".to_string(),
+                env!("CARGO_BIN_EXE_internvl-grpc").to_string(),
             ),
         ];
         Config::load(None, &fixed).expect("INTERNVL_* settings")
