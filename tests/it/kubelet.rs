@@ -10,19 +10,28 @@
 //! - the image's `/opt/internvl-grpc`: the binary, ggml's libraries and CPU
 //!   plugins in one folder, as the Dockerfile copies them, and nothing of the
 //!   build folder (the binary must find them beside itself);
-//! - the pod's user and group, a read-only root and the `models` volume
-//!   writable (bubblewrap, where the machine allows user namespaces; else
-//!   `setpriv` to that user, root still writable).
+//! - the pod's security context under a real OCI runtime (`runc`, from a
+//!   bundle translated from the rendered spec: `common/oci.rs` says what is
+//!   translated): its user, groups and read-only root, no capabilities,
+//!   `no_new_privs`, the runtime's masked `/proc` paths, and RuntimeDefault
+//!   seccomp as containers-common's profile;
+//! - the `models` emptyDir, and the API keys Secret, which the test creates
+//!   as `deploy/README.md` says to.
 //!
 //! Then the startup, readiness and liveness probes as written (gRPC health,
 //! the probe's service name, its timeout, within `periodSeconds ×
-//! failureThreshold`), and SIGTERM, which must end the server with status 0
-//! within `terminationGracePeriodSeconds`.
+//! failureThreshold`); a call without the key (refused), an image by URL, a
+//! video by bytes and by URL (the tokens its frames get as images: FFmpeg
+//! confined inside the pod); the confinement probe
+//! (tests/python/confine_probe.py) run in the pod by `runc exec`; and
+//! SIGTERM, which must end the server with status 0 within
+//! `terminationGracePeriodSeconds`.
 //!
-//! Two changes to what the overlay renders, both outside the pod: the
-//! ConfigMap's model is one the fake hub serves (the tiny InternVL3 under
-//! `internvl3-1b`'s names: the real files cannot be downloaded here), and
-//! `HF_ENDPOINT` points at that hub (the internet's stand-in).
+//! Three changes to what the overlay renders, all outside the pod's
+//! security: the ConfigMap's model is one the fake hub serves (the tiny
+//! InternVL3 under `internvl3-1b`'s names: the real files cannot be
+//! downloaded here), `HF_ENDPOINT` points at that hub (the internet's
+//! stand-in), and `INTERNVL_MEDIA_ALLOW` lists the test's media servers.
 //!
 //! The ports are the manifests' own (50051 and 9090) on this machine's
 //! network, so the overlays run one after the other in one test.
@@ -35,6 +44,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::hub::*;
+use common::oci;
 use common::*;
 use serde_json::Value;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -194,24 +204,6 @@ fn expand(arg: &str, env: &[(String, String)]) -> String {
     out
 }
 
-/// Whether bubblewrap can make user namespaces here.
-fn bwrap_works() -> bool {
-    Command::new("bwrap")
-        .args([
-            "--ro-bind",
-            "/",
-            "/",
-            "--unshare-user",
-            "--uid",
-            "10001",
-            "true",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// `/opt/internvl-grpc` as `deploy/docker/Dockerfile` lays it out: the
 /// binary, ggml's shared libraries and its CPU plugins in one folder (the
 /// binary finds them beside itself). Returns the binary's path in `dir`.
@@ -235,84 +227,6 @@ fn image_folder(dir: &Path) -> PathBuf {
         }
     }
     binary
-}
-
-/// The image's folder in the pod's sandbox at `/opt/internvl-grpc`: its user
-/// and group, a read-only root with the system's files and the image's,
-/// `models` writable at `/models`.
-fn in_pod(
-    binary: &Path,
-    uid: u64,
-    gid: u64,
-    models: &Path,
-    read_only_root: bool,
-    env: &[(String, String)],
-    args: &[String],
-) -> Command {
-    let mut command = if bwrap_works() {
-        let mut c = Command::new("bwrap");
-        c.args([
-            "--tmpfs",
-            "/",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--ro-bind",
-            "/etc",
-            "/etc",
-        ]);
-        for link in ["lib", "lib64", "bin", "sbin"] {
-            if Path::new("/").join(link).is_symlink() {
-                c.args(["--symlink", &format!("usr/{link}"), &format!("/{link}")]);
-            } else if Path::new("/").join(link).exists() {
-                c.args(["--ro-bind", &format!("/{link}"), &format!("/{link}")]);
-            }
-        }
-        c.arg("--ro-bind")
-            .arg(binary.parent().unwrap())
-            .arg("/opt/internvl-grpc");
-        c.args(["--dev", "/dev", "--proc", "/proc"]);
-        c.arg("--bind").arg(models).arg("/models");
-        if read_only_root {
-            c.args(["--remount-ro", "/"]);
-        }
-        c.args([
-            "--unshare-user",
-            "--uid",
-            &uid.to_string(),
-            "--gid",
-            &gid.to_string(),
-        ]);
-        c.args(["--die-with-parent", "--clearenv"]);
-        for (k, v) in env {
-            c.args(["--setenv", k, v]);
-        }
-        c.arg("/opt/internvl-grpc/internvl-grpc");
-        c
-    } else {
-        eprintln!("kubelet test: no user namespaces here; setpriv without a read-only root");
-        let mut c = Command::new("setpriv");
-        c.args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={gid}"),
-            "--clear-groups",
-        ]);
-        c.arg(binary).env_clear().envs(env.iter().cloned());
-        c
-    };
-    command.args(args).stdin(Stdio::null());
-    command
-}
-
-/// The PID the kubelet's runtime would signal: the server, not bwrap (which
-/// does not pass SIGTERM on); `setpriv` execs, so there it is the child.
-fn container_pid(child: &Child) -> u32 {
-    let pid = child.id();
-    let children = format!("/proc/{pid}/task/{pid}/children");
-    std::fs::read_to_string(children)
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse().ok())
-        .unwrap_or(pid)
 }
 
 /// One gRPC probe as the kubelet runs it: connect and Check within
@@ -371,7 +285,17 @@ async fn until_success(spec: &Value, what: &str, server: &mut Child, log: &Path)
     }
 }
 
-async fn run_overlay(overlay: &str, hub_url: &str) {
+/// The loopback servers of the media the pod fetches by URL.
+#[derive(Clone, Copy)]
+struct Media {
+    video: u16,
+    image: u16,
+}
+
+/// The API key the test's Secret holds (`deploy/README.md`'s recipe).
+const KEY: &str = "kubelet-test-key-3f9a";
+
+async fn run_overlay(overlay: &str, hub_url: &str, media: Media) {
     let docs = render(overlay);
     let deployment = of_kind(&docs, "Deployment")[0];
     let mut config_map = of_kind(&docs, "ConfigMap")[0].clone();
@@ -384,20 +308,33 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
         security["runAsGroup"].as_u64().expect("runAsGroup"),
     );
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
-    let image = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("kubelet-image-{overlay}-{}", std::process::id()));
-    let binary = image_folder(&image);
-    let volume = Path::new(env!("CARGO_TARGET_TMPDIR"))
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("kubelet-{overlay}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&volume);
-    std::fs::create_dir_all(&volume).unwrap();
-    // An emptyDir the pod's fsGroup may write.
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let image = work.join("image");
+    image_folder(&image);
+    // The emptyDir, which the pod's fsGroup may write.
+    let models = work.join("models");
+    std::fs::create_dir_all(&models).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&models, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let empty_dirs = HashMap::from([("models".to_string(), models.clone())]);
+    let secrets = HashMap::from([(
+        "internvl-grpc-api-keys".to_string(),
+        HashMap::from([("api-keys".to_string(), format!("{KEY}\n"))]),
+    )]);
+    let pod_files = oci::Pod {
+        spec: pod,
+        image: &image,
+        empty_dirs: &empty_dirs,
+        secrets: &secrets,
+        work: &work,
+    };
 
     // A container as the kubelet starts it: the image's and the spec's
     // environment (and the service links), `$(VAR)` expanded in its args.
-    let in_container = |container: &Value| {
+    let in_container = |id: &str, container: &Value| {
         let mut env = vec![
             (
                 "PATH".to_string(),
@@ -405,6 +342,15 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
             ),
             ("HOME".to_string(), "/".to_string()),
             ("HF_ENDPOINT".to_string(), hub_url.to_string()),
+            // Media URLs of this test's loopback server (a deployment lists
+            // its own hosts).
+            (
+                "INTERNVL_MEDIA_ALLOW".to_string(),
+                format!(
+                    "http://127.0.0.1:{}/,http://127.0.0.1:{}/",
+                    media.video, media.image
+                ),
+            ),
         ];
         env.extend(image_env());
         env.extend(service_links(&services));
@@ -415,19 +361,19 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
             .iter()
             .map(|a| expand(a.as_str().unwrap(), &env))
             .collect();
-        let read_only = container["securityContext"]["readOnlyRootFilesystem"] == true;
-        let command = in_pod(&binary, uid, gid, &volume, read_only, &env, &args);
-        (command, args)
+        (pod_files.bundle(id, container, &env, &args), args)
     };
 
     // The init container, to completion.
-    let (mut init, args) = in_container(&pod["initContainers"][0]);
-    let pulled = init.output().expect("the init container starts");
+    let id = format!("internvl-{overlay}-{}", std::process::id());
+    let (init, args) = in_container(&format!("{id}-pull"), &pod["initContainers"][0]);
+    let pulled = init.run().output().expect("runc runs the init container");
     assert!(
         pulled.status.success(),
         "{overlay}: init container {args:?} failed: {}",
         String::from_utf8_lossy(&pulled.stderr)
     );
+    drop(init);
 
     // The server, and its probes in the kubelet's order.
     let server_spec = pod["containers"]
@@ -436,13 +382,14 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
         .iter()
         .find(|c| c["name"] == "server")
         .expect("a server container");
-    let stderr = volume.with_extension("err");
-    let mut server = in_container(server_spec)
-        .0
+    let stderr = work.join("server.err");
+    let (container, _) = in_container(&id, server_spec);
+    let mut server = container
+        .run()
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
-        .expect("the server container starts");
+        .expect("runc runs the server container");
     for (probe, what) in [
         ("startupProbe", "startup"),
         ("readinessProbe", "readiness"),
@@ -451,25 +398,87 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
         until_success(&server_spec[probe], what, &mut server, &stderr).await;
     }
 
+    // The security context holds on the running server: its user, no
+    // capabilities, no_new_privs, the runtime's seccomp filter.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", container.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(field("Uid").starts_with(&format!("{uid}\t")), "{status}");
+    assert_eq!(field("CapEff"), "0000000000000000", "{status}");
+    assert_eq!(field("CapBnd"), "0000000000000000", "{status}");
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    assert_eq!(field("Seccomp"), "2", "{status}");
+    assert_eq!(field("Seccomp_filters"), "1", "{status}");
+
+    // Closed by default: a call without the Secret's key is refused, one
+    // with it answered; video files decode inside the pod.
+    let log = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    in_the_pod(overlay, media).await;
+    let probe = container.exec(
+        uid,
+        gid,
+        &[
+            "/opt/internvl-grpc/internvl-grpc",
+            "confine",
+            "--memory-bytes",
+            "1073741824",
+            "--",
+            "/usr/bin/python3",
+            "-I",
+            "-S",
+            "-c",
+            &std::fs::read_to_string(repo_root().join("tests/python/confine_probe.py")).unwrap(),
+            &first_gguf(&models),
+            "/etc/internvl-grpc/keys/api-keys",
+            "1",
+        ],
+    );
+    assert!(
+        probe.status.success(),
+        "{overlay}: the probe in the pod failed: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let found: Value = serde_json::from_slice(&probe.stdout).unwrap();
+    eprintln!("{overlay}: FFmpeg's confinement in the pod: {found}");
+    for refused in [
+        "socket_inet",
+        "socket_unix",
+        "signal_server",
+        "ptrace_server",
+        "unshare_user",
+    ] {
+        assert_eq!(found[refused], "EPERM", "{overlay}, {refused}: {found}");
+    }
+    for refused in [
+        "read_secret_0",
+        "read_secret_1",
+        "write_beside_secret_0",
+        "read_server_environ",
+    ] {
+        assert_eq!(found[refused], "EACCES", "{overlay}, {refused}: {found}");
+    }
+    assert_eq!(found["read_dev_stdin"], "ok", "{found}");
+
     // A rollout: SIGTERM, then the grace period before the kubelet kills.
-    let pid = container_pid(&server);
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(container.kill("TERM"), "runc kill");
     let deadline = Instant::now() + Duration::from_secs(grace);
     let status = loop {
         if let Some(status) = server.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
-            server.kill().ok();
+            container.kill("KILL");
             panic!("{overlay}: still running {grace} s after SIGTERM");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+    let err = log();
     assert!(
         status.success(),
         "{overlay}: exit {status} after SIGTERM:\n{err}"
@@ -478,7 +487,145 @@ async fn run_overlay(overlay: &str, hub_url: &str) {
         err.contains("drained"),
         "{overlay}: no drain in the log:\n{err}"
     );
-    let _ = std::fs::remove_dir_all(&volume);
+    drop(container);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The first `.gguf` file the init container downloaded, as the pod sees it.
+fn first_gguf(models: &Path) -> String {
+    fn find(dir: &Path) -> Option<PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()? {
+            let path = entry.ok()?.path();
+            if path.extension().is_some_and(|e| e == "gguf") {
+                return Some(path);
+            }
+            if path.is_dir() {
+                if let Some(found) = find(&path) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+    let found = find(models).expect("the init container downloaded a .gguf");
+    Path::new("/models")
+        .join(found.strip_prefix(models).unwrap())
+        .display()
+        .to_string()
+}
+
+/// The calls a deployment exists for, made as a client behind the gateway
+/// makes them: refused without the key; with it, an image by URL, and a
+/// video by bytes and by URL answered with the tokens its frames get as
+/// images (FFmpeg confined inside the pod's own seccomp profile).
+async fn in_the_pod(overlay: &str, media: Media) {
+    use internvl_grpc::service::proto;
+    let channel = tonic::transport::Channel::from_static("http://127.0.0.1:50051")
+        .connect()
+        .await
+        .unwrap();
+    let mut anonymous = proto::intern_vl_client::InternVlClient::new(channel.clone());
+    let refused = anonymous
+        .get_model_info(proto::GetModelInfoRequest {})
+        .await
+        .expect_err("a call without a key");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unauthenticated,
+        "{overlay}: {refused:?}"
+    );
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {KEY}").parse().unwrap();
+    let mut client = proto::intern_vl_client::InternVlClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+            Ok(request)
+        },
+    )
+    .max_decoding_message_size(64 << 20);
+    let info = client
+        .get_model_info(proto::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let videos = info.video_files.unwrap_or_default();
+    eprintln!("{overlay}: video files in the pod: {videos:?}");
+    assert!(
+        videos.enabled,
+        "{overlay}: video files off in the pod: {}",
+        videos.detail
+    );
+
+    let ask = |part: proto::Content| {
+        greedy(
+            vec![user(vec![part, text("What happens in the video?")])],
+            8,
+        )
+    };
+    let video = |v: proto::Video| proto::Content {
+        part: Some(proto::content::Part::Video(v)),
+    };
+    let fixtures = repo_root().join("tests/fixtures/video");
+    let frames: Vec<Vec<u8>> = (0..16)
+        .map(|i| std::fs::read(fixtures.join(format!("pyav/clip_mp4/frame_{i:02}.png"))).unwrap())
+        .collect();
+    let collect = |stream| async move { collect(stream).await.expect("stream completes") };
+    let want = collect(
+        client
+            .generate(ask(video(proto::Video {
+                frames,
+                num_frames: 8,
+                ..Default::default()
+            })))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    for (case, v) in [
+        (
+            "bytes",
+            proto::Video {
+                data: std::fs::read(fixtures.join("clip.mp4")).unwrap(),
+                num_frames: 8,
+                ..Default::default()
+            },
+        ),
+        (
+            "URL",
+            proto::Video {
+                url: format!("http://127.0.0.1:{}/clip.mp4", media.video),
+                num_frames: 8,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let got = client.generate(ask(video(v))).await;
+        let got = collect(
+            got.unwrap_or_else(|e| panic!("{overlay}, video by {case}: {e:?}"))
+                .into_inner(),
+        )
+        .await;
+        assert_eq!(got.ids, want.ids, "{overlay}, video by {case}");
+    }
+    let by_url = client
+        .generate(greedy(
+            vec![user(vec![
+                proto::Content {
+                    part: Some(proto::content::Part::Image(proto::Image {
+                        url: format!("http://127.0.0.1:{}/image.png", media.image),
+                        ..Default::default()
+                    })),
+                },
+                text("Describe the image."),
+            ])],
+            4,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{overlay}, image by URL: {e:?}"));
+    assert_eq!(collect(by_url.into_inner()).await.ids.len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,7 +649,21 @@ async fn both_overlays_start_probe_and_stop_as_the_kubelet_runs_them() {
         ),
     ]);
     let hub = fake_hub(files).await;
+    if let Err(why) = oci::usable() {
+        panic!("the kubelet-style test runs its pods with runc: {why}");
+    }
+    let media = Media {
+        video: serve_bytes(std::sync::Arc::new(
+            std::fs::read(repo_root().join("tests/fixtures/video/clip.mp4")).unwrap(),
+        ))
+        .await,
+        image: serve_bytes(std::sync::Arc::new(
+            std::fs::read(repo_root().join("tests/fixtures/tiny-internvl/images/small_64x48.png"))
+                .unwrap(),
+        ))
+        .await,
+    };
     for overlay in ["cpu", "gpu"] {
-        run_overlay(overlay, &hub.url).await;
+        run_overlay(overlay, &hub.url, media).await;
     }
 }
