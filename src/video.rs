@@ -217,6 +217,9 @@ impl VideoDecoder {
     /// reason (decided here, once: a sandbox that cannot start is the
     /// deployment's fault, not the file's).
     pub async fn check(&mut self) -> Result<String, String> {
+        if let Err(why) = &self.programs {
+            return Err(why.clone());
+        }
         let mut failures = Vec::new();
         for &launch in Launch::candidates(self.sandbox) {
             match self.try_run(launch).await {
@@ -229,9 +232,7 @@ impl VideoDecoder {
             }
         }
         let why = failures.join("; ");
-        if self.programs.is_ok() {
-            self.programs = Err(why.clone());
-        }
+        self.programs = Err(why.clone());
         Err(why)
     }
 
