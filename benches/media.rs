@@ -13,8 +13,8 @@
 //! - fetching: `INTERNVL_BENCH_FETCH_MB` (32) MiB from a loopback HTTP
 //!   server, per MB.
 //!
-//! `cargo bench --bench media` (needs `ffmpeg`, `ffprobe`, `bwrap`,
-//! `prlimit`). Knobs: INTERNVL_BENCH_REPEATS (7).
+//! `cargo bench --bench media` (needs `ffmpeg`, `ffprobe` and `bwrap`; the
+//! test profile's `cargo test --bench media` serves too). Knobs: INTERNVL_BENCH_REPEATS (7).
 
 // The model-pair helpers are for the benches that load one.
 #[allow(dead_code)]

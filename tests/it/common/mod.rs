@@ -5,6 +5,7 @@
 pub mod hub;
 pub mod oci;
 pub mod parity;
+pub mod probe;
 pub mod rpc;
 
 use std::net::SocketAddr;
